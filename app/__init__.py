@@ -1,0 +1,1 @@
+"""MoeBar desktop app (PySide6)."""

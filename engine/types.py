@@ -1,0 +1,114 @@
+"""Plain data shared by the engine's stages and front-ends: options, sampling, per-token figures."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass
+class EngineOptions:
+    """How a model is loaded and streamed."""
+
+    cache_mb: float = 0.0  # in-process expert cache budget (MiB); the OS page cache is beyond it
+    experts_per_token: int | None = None  # override K; None keeps the model's trained value
+    cold: bool = False  # bypass the OS page cache on expert reads (honest disk figures)
+    io_threads: int = 4  # parallel pread workers
+    prefill_chunk: int = 128  # prompt tokens routed together during prefill
+    prefetch: bool = False  # read layer l+1's predicted experts while layer l computes
+    device: str = "auto"  # "auto", "cpu" or "gpu"
+    use_packed: bool = True  # use the packed per-expert layout when present
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the options as a JSON-ready dict."""
+        return asdict(self)
+
+
+@dataclass
+class SamplingParams:
+    """Sampling settings for one generation."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    max_tokens: int = 256
+    seed: int | None = None
+
+
+@dataclass
+class StepFigures:
+    """What one forward step (a decode token or a prefill chunk) cost."""
+
+    tokens: int = 0  # tokens processed by this step
+    bytes_read: int = 0  # expert bytes read from disk (or page cache) by the engine
+    cache_hits: int = 0  # expert lookups served by the in-process cache
+    cache_misses: int = 0  # expert lookups that needed a read
+    io_wait_s: float = 0.0  # time the compute thread waited for expert reads
+    sync_s: float = 0.0  # time spent evaluating up to the router (host synchronisation)
+    compute_s: float = 0.0  # time spent in the rest of the forward pass
+    elapsed_s: float = 0.0  # wall time of the step
+
+    def add(self, other: "StepFigures") -> None:
+        """Accumulate another step's figures into this one."""
+        for name in self.__dataclass_fields__:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the figures as a JSON-ready dict."""
+        return asdict(self)
+
+
+@dataclass
+class GenerationStats:
+    """Running figures of one generation (kept for the message when it ends)."""
+
+    prompt_tokens: int = 0  # prompt tokens prefilled in this generation (not reused ones)
+    reused_tokens: int = 0  # prompt tokens served by the prompt cache
+    generated_tokens: int = 0
+    prompt_s: float = 0.0  # prefill wall time
+    decode_s: float = 0.0  # wall time from first token to last
+    ttft_s: float = 0.0  # request start to first token
+    prefill: StepFigures = field(default_factory=StepFigures)
+    decode: StepFigures = field(default_factory=StepFigures)
+    peak_rss_bytes: int = 0
+
+    @property
+    def prompt_tps(self) -> float:
+        """Prompt tokens per second (prefill only)."""
+        return self.prompt_tokens / self.prompt_s if self.prompt_s > 0 else 0.0
+
+    @property
+    def decode_tps(self) -> float:
+        """Decode tokens per second, not counting the wait before the first token."""
+        n = self.generated_tokens - 1
+        return n / self.decode_s if n > 0 and self.decode_s > 0 else 0.0
+
+    @property
+    def cache_hit_rate(self) -> float:
+        """Share of expert lookups served by the in-process cache."""
+        hits = self.prefill.cache_hits + self.decode.cache_hits
+        total = hits + self.prefill.cache_misses + self.decode.cache_misses
+        return hits / total if total else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the stats, with derived rates, as a JSON-ready dict."""
+        d = asdict(self)
+        d.update(
+            prompt_tps=self.prompt_tps,
+            decode_tps=self.decode_tps,
+            cache_hit_rate=self.cache_hit_rate,
+            bytes_read=self.prefill.bytes_read + self.decode.bytes_read,
+        )
+        return d
+
+
+@dataclass
+class TokenEvent:
+    """One generated token with the figures of the step that made it."""
+
+    token: int
+    step: StepFigures
+    stats: GenerationStats  # running totals (same object through one generation)
+    finish_reason: str | None = None  # "stop", "length" or "cancelled" on the last event
