@@ -1,0 +1,462 @@
+"""The app <-> engine protocol: typed requests and events, one JSON object per line.
+
+Every line is a JSON object with ``"v"`` (PROTOCOL_VERSION), ``"type"`` and the fields of the
+dataclass named by that type. Both sides import this module; it needs no MLX.
+
+Requests (app -> engine): load, chat, cancel, unload, shutdown.
+Events (engine -> app): hello, loaded, progress, token, tool_call, stats, done, error, unloaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal, Union
+
+from engine.errors import RequestError
+from engine.types import EngineOptions, SamplingParams
+
+PROTOCOL_VERSION = 1
+MAX_LINE_CHARS = 16 * 1024 * 1024  # one request line (a whole conversation) may not exceed this
+
+
+class ProtocolError(RequestError):
+    """A line is not a valid protocol message; `field` names the offending field when known."""
+
+    code = "bad_request"
+
+    def __init__(self, message: str, field: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+        if code is not None:
+            self.code = code
+
+
+# ---------------------------------------------------------------- shared pieces
+
+
+@dataclass
+class ToolCall:
+    """One tool call made by the assistant; `arguments` is the parsed JSON object."""
+
+    id: str
+    name: str
+    arguments: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ChatMessage:
+    """One conversation message (OpenAI roles: system, user, assistant, tool)."""
+
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str = ""
+    reasoning: str | None = None  # the assistant's <think> text, when the app kept it
+    tool_calls: list[ToolCall] | None = None  # assistant messages only
+    tool_call_id: str | None = None  # tool messages: which call this result answers
+    name: str | None = None  # tool messages: the tool's name
+
+
+@dataclass
+class LiveFigures:
+    """Live gauges of the engine, sent at least twice a second while it works."""
+
+    decode_tps: float = 0.0  # decode tokens per second (excluding the wait for the first token)
+    prompt_tps: float = 0.0  # prefill tokens per second
+    ttft_s: float = 0.0  # time to first token of the current request
+    engine_read_bps: float = 0.0  # expert bytes the engine read per second (recent window)
+    disk_read_bps: float | None = None  # the disk's own read counter, bytes per second
+    cache_hit_rate: float = 0.0  # expert cache hits / lookups (cumulative since load)
+    resident_bytes: int = 0  # bytes held by the in-process expert cache
+    rss_bytes: int = 0  # process resident set size
+    pressure_level: Literal["normal", "warning", "critical", "unknown"] = "unknown"
+    pressure_raw: str = ""  # the platform's raw reading (macOS level, Linux PSI line)
+    prompt_tokens: int = 0  # of the current request: prefilled so far
+    generated_tokens: int = 0  # of the current request: generated so far
+
+
+@dataclass
+class MessageFigures:
+    """Figures of one finished message, kept with it."""
+
+    prompt_tokens: int = 0  # prompt tokens prefilled (not counting reused ones)
+    reused_tokens: int = 0  # prompt tokens served by the prompt cache
+    generated_tokens: int = 0
+    prompt_tps: float = 0.0
+    decode_tps: float = 0.0
+    ttft_s: float = 0.0
+    elapsed_s: float = 0.0
+    bytes_read: int = 0  # expert bytes read during this message
+    cache_hit_rate: float = 0.0
+    peak_rss_bytes: int = 0
+
+
+# ---------------------------------------------------------------- requests
+
+
+@dataclass
+class LoadRequest:
+    """Load a model directory (replaces any loaded model)."""
+
+    TYPE: ClassVar[str] = "load"
+    model_dir: str
+    options: EngineOptions = field(default_factory=EngineOptions)
+
+    def check(self) -> None:
+        """Raise ProtocolError when a value is out of range."""
+        o = self.options
+        _require(bool(self.model_dir.strip()), "load.model_dir", "must not be empty")
+        _require(o.cache_mb >= 0, "load.options.cache_mb", f"must be >= 0, got {o.cache_mb}")
+        _require(
+            o.experts_per_token is None or o.experts_per_token >= 1,
+            "load.options.experts_per_token",
+            f"must be >= 1 or null, got {o.experts_per_token}",
+        )
+        _require(o.io_threads >= 1, "load.options.io_threads", f"must be >= 1, got {o.io_threads}")
+        _require(
+            o.prefill_chunk >= 1, "load.options.prefill_chunk", f"must be >= 1, got {o.prefill_chunk}"
+        )
+        _require(
+            o.device in ("auto", "cpu", "gpu"),
+            "load.options.device",
+            f"must be auto, cpu or gpu, got {o.device!r}",
+        )
+
+
+@dataclass
+class ChatRequest:
+    """Generate the assistant's next message for a whole conversation."""
+
+    TYPE: ClassVar[str] = "chat"
+    id: str
+    messages: list[ChatMessage]
+    tools: list[dict[str, Any]] = field(default_factory=list)  # OpenAI function-tool schemas
+    sampling: SamplingParams = field(default_factory=SamplingParams)  # max_tokens lives here
+    thinking: bool | None = None  # None keeps the chat template's default
+
+    def check(self) -> None:
+        """Raise ProtocolError when a value is out of range or a tool schema is malformed."""
+        s = self.sampling
+        _require(bool(self.id), "chat.id", "must not be empty")
+        _require(bool(self.messages), "chat.messages", "must hold at least one message")
+        _require(s.max_tokens >= 1, "chat.sampling.max_tokens", f"must be >= 1, got {s.max_tokens}")
+        _require(s.temperature >= 0, "chat.sampling.temperature", f"must be >= 0, got {s.temperature}")
+        _require(0 < s.top_p <= 1, "chat.sampling.top_p", f"must be in (0, 1], got {s.top_p}")
+        _require(s.top_k >= 0, "chat.sampling.top_k", f"must be >= 0, got {s.top_k}")
+        _require(0 <= s.min_p <= 1, "chat.sampling.min_p", f"must be in [0, 1], got {s.min_p}")
+        _require(
+            s.repetition_penalty > 0,
+            "chat.sampling.repetition_penalty",
+            f"must be > 0, got {s.repetition_penalty}",
+        )
+        for i, tool in enumerate(self.tools):
+            check_tool_schema(tool, f"chat.tools[{i}]")
+
+
+@dataclass
+class CancelRequest:
+    """Stop the chat request `id` (its done event says finish_reason "cancelled")."""
+
+    TYPE: ClassVar[str] = "cancel"
+    id: str
+
+
+@dataclass
+class UnloadRequest:
+    """Free the loaded model."""
+
+    TYPE: ClassVar[str] = "unload"
+
+
+@dataclass
+class ShutdownRequest:
+    """Stop the engine process."""
+
+    TYPE: ClassVar[str] = "shutdown"
+
+
+Request = Union[LoadRequest, ChatRequest, CancelRequest, UnloadRequest, ShutdownRequest]
+
+# ---------------------------------------------------------------- events
+
+
+@dataclass
+class HelloEvent:
+    """First line the engine writes: its protocol version and process id."""
+
+    TYPE: ClassVar[str] = "hello"
+    protocol: int = PROTOCOL_VERSION
+    pid: int = 0
+
+
+@dataclass
+class LoadedEvent:
+    """A model is loaded: its facts and the memory plan."""
+
+    TYPE: ClassVar[str] = "loaded"
+    model_dir: str
+    name: str
+    model_type: str
+    num_layers: int = 0
+    num_experts: int = 0
+    experts_per_token: int = 0
+    context_length: int = 0
+    supports_tools: bool = False
+    supports_thinking: bool = False
+    plan: dict[str, Any] = field(default_factory=dict)
+    load_s: float = 0.0
+
+
+@dataclass
+class ProgressEvent:
+    """Loading progress: a stage name and a fraction in [0, 1]."""
+
+    TYPE: ClassVar[str] = "progress"
+    stage: str
+    fraction: float
+
+
+@dataclass
+class TokenTextEvent:
+    """A piece of generated text; `kind` says whether it is reasoning or answer."""
+
+    TYPE: ClassVar[str] = "token"
+    id: str
+    text: str
+    kind: Literal["reasoning", "answer"] = "answer"
+
+
+@dataclass
+class ToolCallEvent:
+    """The model called a tool; `arguments` is the parsed JSON object."""
+
+    TYPE: ClassVar[str] = "tool_call"
+    id: str
+    call_id: str
+    name: str
+    arguments: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class StatsEvent:
+    """Live figures; `id` is the request being served, None when idle."""
+
+    TYPE: ClassVar[str] = "stats"
+    figures: LiveFigures
+    id: str | None = None
+
+
+@dataclass
+class DoneEvent:
+    """A chat request ended: finish_reason is stop, length, tool_calls, cancelled or error."""
+
+    TYPE: ClassVar[str] = "done"
+    id: str
+    finish_reason: Literal["stop", "length", "tool_calls", "cancelled", "error"]
+    figures: MessageFigures = field(default_factory=MessageFigures)
+
+
+@dataclass
+class ErrorEvent:
+    """Something failed; `usable` says whether the engine can still serve requests."""
+
+    TYPE: ClassVar[str] = "error"
+    code: str
+    message: str
+    usable: bool = True
+    id: str | None = None  # the request it concerns, when known
+    field: str | None = None  # the offending field of a bad request, when known
+
+
+@dataclass
+class UnloadedEvent:
+    """The model was unloaded (answer to unload)."""
+
+    TYPE: ClassVar[str] = "unloaded"
+
+
+Event = Union[
+    HelloEvent,
+    LoadedEvent,
+    ProgressEvent,
+    TokenTextEvent,
+    ToolCallEvent,
+    StatsEvent,
+    DoneEvent,
+    ErrorEvent,
+    UnloadedEvent,
+]
+
+REQUEST_TYPES: dict[str, type] = {
+    c.TYPE: c for c in (LoadRequest, ChatRequest, CancelRequest, UnloadRequest, ShutdownRequest)
+}
+EVENT_TYPES: dict[str, type] = {c.TYPE: c for c in typing.get_args(Event)}
+
+# ---------------------------------------------------------------- encode / decode
+
+
+def to_json_obj(message: Request | Event) -> dict[str, Any]:
+    """Return the JSON object (with "v" and "type") of a request or event."""
+    return {"v": PROTOCOL_VERSION, "type": type(message).TYPE, **dataclasses.asdict(message)}
+
+
+def encode(message: Request | Event) -> str:
+    """Encode a request or event as one JSON line (ending in a newline)."""
+    return json.dumps(to_json_obj(message), ensure_ascii=False, allow_nan=False) + "\n"
+
+
+def decode_request(line: str | bytes) -> Request:
+    """Decode one request line; raises ProtocolError naming the bad field."""
+    return typing.cast(Request, _decode(line, REQUEST_TYPES, "request"))
+
+
+def decode_event(line: str | bytes) -> Event:
+    """Decode one event line; raises ProtocolError naming the bad field."""
+    return typing.cast(Event, _decode(line, EVENT_TYPES, "event"))
+
+
+def peek_id(line: str | bytes) -> str | None:
+    """Return the "id" of a line if it has a string one (to tag errors of a bad request)."""
+    try:
+        obj = json.loads(line)
+    except (ValueError, RecursionError):
+        return None
+    value = obj.get("id") if isinstance(obj, dict) else None
+    return value if isinstance(value, str) else None
+
+
+def _decode(line: str | bytes, kinds: dict[str, type], what: str) -> Any:
+    if len(line) > MAX_LINE_CHARS:
+        raise ProtocolError(f"line too long ({len(line)} > {MAX_LINE_CHARS} characters)")
+    try:
+        obj = json.loads(line)
+    except (ValueError, RecursionError) as exc:
+        raise ProtocolError(f"line is not valid JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError(f"a {what} must be a JSON object, got {_json_kind(obj)}")
+    version = obj.pop("v", None)
+    if version != PROTOCOL_VERSION or isinstance(version, bool):
+        raise ProtocolError(
+            f"protocol version {version!r} is not supported (this side speaks {PROTOCOL_VERSION})",
+            field="v",
+            code="version_mismatch",
+        )
+    kind = obj.pop("type", None)
+    if not isinstance(kind, str) or kind not in kinds:
+        raise ProtocolError(
+            f"unknown {what} type {kind!r}; expected one of {sorted(kinds)}",
+            field="type",
+            code="unknown_type",
+        )
+    message = _build(kinds[kind], obj, kind)
+    check = getattr(message, "check", None)
+    if check is not None:
+        check()
+    return message
+
+
+def check_tool_schema(tool: Any, where: str = "tools[0]") -> None:
+    """Raise ProtocolError unless `tool` is an OpenAI function tool with a name."""
+    _require(isinstance(tool, dict), where, "must be an object")
+    _require(tool.get("type") == "function", f"{where}.type", 'must be "function"')
+    function = tool.get("function")
+    _require(isinstance(function, dict), f"{where}.function", "must be an object")
+    name = function.get("name")
+    _require(isinstance(name, str) and bool(name), f"{where}.function.name", "must be a non-empty string")
+    params = function.get("parameters", {})
+    _require(isinstance(params, dict), f"{where}.function.parameters", "must be an object (JSON schema)")
+
+
+def _require(ok: bool, where: str, problem: str) -> None:
+    if not ok:
+        raise ProtocolError(f"{where} {problem}", field=where)
+
+
+def _build(cls: type, obj: Any, path: str) -> Any:
+    if not isinstance(obj, dict):
+        raise ProtocolError(f"{path}: expected an object, got {_json_kind(obj)}", field=path)
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(obj) - set(fields))
+    if unknown:
+        raise ProtocolError(f"{path}.{unknown[0]} is not a known field", field=f"{path}.{unknown[0]}")
+    kwargs: dict[str, Any] = {}
+    for name, f in fields.items():
+        where = f"{path}.{name}"
+        if name not in obj:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ProtocolError(f"{where} is required", field=where)
+            continue
+        kwargs[name] = _convert(hints[name], obj[name], where)
+    return cls(**kwargs)
+
+
+def _convert(hint: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        options = [a for a in args if a is not type(None)]
+        errors = []
+        for option in options:
+            try:
+                return _convert(option, value, where)
+            except ProtocolError as exc:
+                errors.append(str(exc))
+        raise ProtocolError(errors[0] if len(errors) == 1 else f"{where}: bad value {_short(value)}", field=where)
+    if origin is Literal:
+        if value in args and type(value) is type(args[0]):
+            return value
+        raise ProtocolError(f"{where} must be one of {list(args)}, got {_short(value)}", field=where)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ProtocolError(f"{where} must be a list, got {_json_kind(value)}", field=where)
+        return [_convert(args[0], item, f"{where}[{i}]") for i, item in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ProtocolError(f"{where} must be an object, got {_json_kind(value)}", field=where)
+        return dict(value)
+    if hint is Any:
+        return value
+    if dataclasses.is_dataclass(hint):
+        return _build(typing.cast(type, hint), value, where)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ProtocolError(f"{where} must be true or false, got {_short(value)}", field=where)
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ProtocolError(f"{where} must be an integer, got {_short(value)}", field=where)
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            return float(value)
+        raise ProtocolError(f"{where} must be a finite number, got {_short(value)}", field=where)
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise ProtocolError(f"{where} must be a string, got {_short(value)}", field=where)
+    raise ProtocolError(f"{where}: unsupported field type {hint!r}", field=where)
+
+
+def _json_kind(value: Any) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean"}.get(
+        type(value), "null" if value is None else "a number"
+    )
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, ensure_ascii=False, default=str) if _jsonable(value) else repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _jsonable(value: Any) -> bool:
+    try:
+        json.dumps(value, allow_nan=True)
+    except (TypeError, ValueError, RecursionError):
+        return False
+    return True

@@ -1,0 +1,123 @@
+"""The JSON-lines protocol: round trips, clear errors naming the field, no MLX import."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from engine import protocol as p
+from engine.types import EngineOptions, SamplingParams
+
+REQUESTS = [
+    p.LoadRequest(model_dir="/models/q", options=EngineOptions(cache_mb=512, experts_per_token=4)),
+    p.ChatRequest(
+        id="r1",
+        messages=[
+            p.ChatMessage(role="system", content="be brief"),
+            p.ChatMessage(role="user", content="weather?"),
+            p.ChatMessage(
+                role="assistant",
+                content="",
+                reasoning="need a tool",
+                tool_calls=[p.ToolCall(id="c1", name="get_weather", arguments={"city": "Oslo"})],
+            ),
+            p.ChatMessage(role="tool", content='{"t": 3}', tool_call_id="c1", name="get_weather"),
+        ],
+        tools=[{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}],
+        sampling=SamplingParams(temperature=0.7, max_tokens=32, seed=3),
+        thinking=False,
+    ),
+    p.CancelRequest(id="r1"),
+    p.UnloadRequest(),
+    p.ShutdownRequest(),
+]
+
+EVENTS = [
+    p.HelloEvent(pid=12),
+    p.LoadedEvent(model_dir="/m", name="m", model_type="qwen3_moe", num_layers=2, plan={"resident_bytes": 5}),
+    p.ProgressEvent(stage="dense", fraction=0.5),
+    p.TokenTextEvent(id="r1", text="Hé", kind="reasoning"),
+    p.ToolCallEvent(id="r1", call_id="call_1", name="f", arguments={"a": [1, 2]}),
+    p.StatsEvent(figures=p.LiveFigures(decode_tps=3.5, pressure_level="warning", disk_read_bps=None), id=None),
+    p.DoneEvent(id="r1", finish_reason="tool_calls", figures=p.MessageFigures(reused_tokens=7)),
+    p.ErrorEvent(code="bad_request", message="x", usable=True, field="chat.id"),
+    p.UnloadedEvent(),
+]
+
+
+@pytest.mark.parametrize("message", REQUESTS, ids=lambda m: type(m).__name__)
+def test_request_round_trip(message: object) -> None:
+    line = p.encode(message)  # type: ignore[arg-type]
+    assert line.endswith("\n") and line.count("\n") == 1
+    assert json.loads(line)["v"] == p.PROTOCOL_VERSION
+    assert p.decode_request(line) == message
+
+
+@pytest.mark.parametrize("message", EVENTS, ids=lambda m: type(m).__name__)
+def test_event_round_trip(message: object) -> None:
+    assert p.decode_event(p.encode(message)) == message  # type: ignore[arg-type]
+
+
+def test_minimal_chat_takes_defaults() -> None:
+    req = p.decode_request('{"v":1,"type":"chat","id":"a","messages":[{"role":"user","content":"hi"}]}')
+    assert isinstance(req, p.ChatRequest)
+    assert req.sampling == SamplingParams() and req.tools == [] and req.thinking is None
+
+
+@pytest.mark.parametrize(
+    ("line", "code", "field"),
+    [
+        ("{", "bad_request", None),
+        ("[1]", "bad_request", None),
+        ('{"type":"chat"}', "version_mismatch", "v"),
+        ('{"v":true,"type":"unload"}', "version_mismatch", "v"),
+        ('{"v":1,"type":"dance"}', "unknown_type", "type"),
+        ('{"v":1,"type":"load"}', "bad_request", "load.model_dir"),
+        ('{"v":1,"type":"load","model_dir":" "}', "bad_request", "load.model_dir"),
+        ('{"v":1,"type":"load","model_dir":"m","options":{"cache_mb":-1}}', "bad_request", "load.options.cache_mb"),
+        ('{"v":1,"type":"load","model_dir":"m","options":{"device":"tpu"}}', "bad_request", "load.options.device"),
+        ('{"v":1,"type":"load","model_dir":"m","options":{"bogus":1}}', "bad_request", "load.options.bogus"),
+        ('{"v":1,"type":"chat","id":"a","messages":[]}', "bad_request", "chat.messages"),
+        ('{"v":1,"type":"chat","id":"a","messages":[{"role":"bot"}]}', "bad_request", "chat.messages[0].role"),
+        ('{"v":1,"type":"chat","id":"a","messages":[{"role":"user","content":1}]}', "bad_request", "chat.messages[0].content"),
+        ('{"v":1,"type":"chat","id":7,"messages":[{"role":"user"}]}', "bad_request", "chat.id"),
+        ('{"v":1,"type":"chat","id":"a","messages":[{"role":"user"}],"sampling":{"max_tokens":0}}', "bad_request", "chat.sampling.max_tokens"),
+        ('{"v":1,"type":"chat","id":"a","messages":[{"role":"user"}],"sampling":{"max_tokens":1.5}}', "bad_request", "chat.sampling.max_tokens"),
+        ('{"v":1,"type":"chat","id":"a","messages":[{"role":"user"}],"sampling":{"top_p":0}}', "bad_request", "chat.sampling.top_p"),
+        ('{"v":1,"type":"chat","id":"a","messages":[{"role":"user"}],"tools":[{"type":"x"}]}', "bad_request", "chat.tools[0].type"),
+        ('{"v":1,"type":"chat","id":"a","messages":[{"role":"user"}],"tools":[{"type":"function","function":{}}]}', "bad_request", "chat.tools[0].function.name"),
+        ('{"v":1,"type":"chat","id":"a","messages":[{"role":"user"}],"thinking":"yes"}', "bad_request", "chat.thinking"),
+        ('{"v":1,"type":"cancel"}', "bad_request", "cancel.id"),
+    ],
+)
+def test_bad_lines_name_the_field(line: str, code: str, field: str | None) -> None:
+    with pytest.raises(p.ProtocolError) as info:
+        p.decode_request(line)
+    assert info.value.code == code
+    assert info.value.field == field
+    if field:
+        assert field in str(info.value)
+
+
+def test_non_finite_numbers_are_rejected() -> None:
+    line = '{"v":1,"type":"chat","id":"a","messages":[{"role":"user"}],"sampling":{"temperature":NaN}}'
+    with pytest.raises(p.ProtocolError, match="chat.sampling.temperature"):
+        p.decode_request(line)
+
+
+def test_events_are_not_requests() -> None:
+    with pytest.raises(p.ProtocolError, match="unknown request type 'token'"):
+        p.decode_request(p.encode(p.TokenTextEvent(id="a", text="x")))
+
+
+def test_peek_id() -> None:
+    assert p.peek_id('{"id":"z","type":1}') == "z"
+    assert p.peek_id('{"id":3}') is None and p.peek_id("{") is None
+
+
+def test_importable_without_mlx() -> None:
+    code = "import sys, engine.protocol; assert not [m for m in sys.modules if m.split('.')[0] in ('mlx', 'mlx_lm')]"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=str(__import__("pathlib").Path(__file__).parents[2]))
