@@ -1,0 +1,95 @@
+"""Throttle and gauges panel: figures coalesce into a few repaints a second, never per event."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from app.throttle import Throttle
+from app.ui.gauges import REFRESH_MS, GaugesPanel
+from engine.protocol import LiveFigures
+
+
+def test_throttle_runs_first_call_at_once_and_merges_a_burst(qtbot: pytest.FixtureRequest) -> None:
+    calls: list[int] = []
+    throttle = Throttle(calls.append, 100)
+    for i in range(50):
+        throttle(i)
+    assert calls == [0]  # first call immediately, the rest merged
+    assert throttle.has_pending()
+    qtbot.waitUntil(lambda: calls == [0, 49], timeout=1000)
+    assert not throttle.has_pending()
+
+
+def test_throttle_flush_and_cancel(qtbot: pytest.FixtureRequest) -> None:
+    calls: list[str] = []
+    throttle = Throttle(calls.append, 10_000)
+    throttle("a")
+    throttle("b")
+    throttle.flush()
+    assert calls == ["a", "b"]
+    throttle("c")
+    throttle.cancel()
+    qtbot.wait(50)
+    assert calls == ["a", "b"]
+
+
+def test_throttle_steady_stream_is_limited_to_its_rate(qtbot: pytest.FixtureRequest) -> None:
+    calls: list[int] = []
+    throttle = Throttle(calls.append, 50)
+    start = time.monotonic()
+    i = 0
+    while time.monotonic() - start < 0.5:  # ~1000 calls/s for half a second
+        throttle(i)
+        i += 1
+        qtbot.wait(1)
+    throttle.flush()
+    assert calls[-1] == i - 1  # the last value is never lost
+    assert len(calls) <= 0.5 / 0.05 + 3
+    assert i > 5 * len(calls)
+
+
+def test_gauges_show_latest_figures_on_timer_not_per_event(qtbot: pytest.FixtureRequest) -> None:
+    panel = GaugesPanel()
+    qtbot.addWidget(panel)
+    panel.set_working(True)
+    for n in range(200):  # a burst of stats events inside one refresh period
+        panel.set_figures(
+            LiveFigures(
+                decode_tps=3.0 + n / 100,
+                prompt_tps=40.0,
+                ttft_s=0.8,
+                engine_read_bps=2.5e9,
+                disk_read_bps=2.6e9,
+                cache_hit_rate=0.71,
+                resident_bytes=512_000_000,
+                rss_bytes=5_500_000_000,
+                pressure_level="warning",
+                pressure_raw="some avg10=4.00",
+            )
+        )
+    assert panel.repaint_count == 0
+    qtbot.waitUntil(lambda: panel.repaint_count >= 1, timeout=2 * REFRESH_MS + 500)
+    assert panel.repaint_count == 1
+    assert panel.value_text("decode") == "4.99 tok/s"
+    assert panel.value_text("prompt") == "40.0 tok/s · 800 ms"
+    assert panel.value_text("ssd") == "2.5 GB/s · 2.6 GB/s"
+    assert panel.value_text("pressure") == "warning"
+    assert panel.pressure_bar.level() == "warning"
+    assert panel.value_text("cache") == "71%"
+    assert panel.value_text("memory") == "5.5 GB · 512.0 MB"
+    qtbot.wait(3 * REFRESH_MS)
+    assert panel.repaint_count == 1  # nothing new, no repaint of the labels
+    assert panel.sparkline.values()[-1] == pytest.approx(4.99)
+
+
+def test_history_line_stops_when_idle(qtbot: pytest.FixtureRequest) -> None:
+    panel = GaugesPanel()
+    qtbot.addWidget(panel)
+    panel.set_figures(LiveFigures(decode_tps=2.0))
+    panel.set_working(False)
+    qtbot.wait(3 * REFRESH_MS)
+    assert panel.sparkline.values() == []
+    panel.set_working(True)
+    qtbot.waitUntil(lambda: len(panel.sparkline.values()) >= 2, timeout=2000)
