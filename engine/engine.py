@@ -1,0 +1,137 @@
+"""Engine: the one object both front-ends use — load a model, generate, report figures."""
+
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+
+from .expert_layout import LayerExperts
+from .expert_store import ExpertStore
+from .generate import generate_tokens
+from .loader import ProgressFn, StreamedModel, load_streamed_model
+from .plan import MemoryPlan, make_plan
+from .types import EngineOptions, SamplingParams, TokenEvent
+
+
+def measure_expert_read_speed(
+    layers: Sequence[LayerExperts], *, io_threads: int = 4, samples: int = 32, seed: int = 0
+) -> float:
+    """Read ``samples`` random experts cold, in parallel, through the store; return bytes/s."""
+    rng = random.Random(seed)
+    picks = [(rng.randrange(len(layers)), 0) for _ in range(samples)]
+    picks = [(l, rng.randrange(layers[l].num_experts)) for l, _ in picks]
+    store = ExpertStore(layers, io_threads=io_threads, cold=True)
+    try:
+        store.drop_page_cache()
+        buffers = [[np.empty(p.nbytes, dtype=np.uint8) for p in layers[l].params] for l, _ in picks]
+        t0 = time.perf_counter()
+        futures = [store.submit(l, e, bufs) for (l, e), bufs in zip(picks, buffers)]
+        total = sum(f.result() for f in futures)
+        elapsed = time.perf_counter() - t0
+    finally:
+        store.close()
+    return total / elapsed if elapsed > 0 else 0.0
+
+
+class Engine:
+    """A streamed MoE model ready to generate: tokenizer, KV caches, expert figures and plan."""
+
+    def __init__(self, loaded: StreamedModel, model_dir: Path, options: EngineOptions, plan: MemoryPlan) -> None:
+        self._loaded = loaded
+        self.model = loaded.model
+        self.tokenizer = loaded.tokenizer
+        self.config = loaded.config
+        self.model_type: str = loaded.config["model_type"]
+        self.model_dir = model_dir
+        self.options = options
+        self.plan = plan
+
+    @classmethod
+    def load(
+        cls,
+        model_dir: str | Path,
+        options: EngineOptions | None = None,
+        progress: ProgressFn | None = None,
+        *,
+        measure_disk: bool = True,
+    ) -> "Engine":
+        """Load ``model_dir`` with its experts streamed; raises ModelError subclasses on bad input."""
+        options = options or EngineOptions()
+        path = Path(model_dir).expanduser().resolve()
+        loaded = load_streamed_model(path, options, progress)
+        disk = None
+        if measure_disk:
+            disk = measure_expert_read_speed(loaded.layers, io_threads=options.io_threads, samples=16)
+        plan = make_plan(
+            model_type=loaded.config["model_type"],
+            moe_layers=len(loaded.layers),
+            experts_per_layer=loaded.layers[0].num_experts,
+            k=loaded.k,
+            trained_k=loaded.trained_k,
+            dense_bytes=loaded.dense_bytes,
+            expert_bytes_total=loaded.expert_bytes_total,
+            expert_bytes=loaded.layers[0].expert_bytes,
+            cache_budget_bytes=loaded.streamer.resident_bytes,
+            disk_read_bytes_per_s=disk,
+            layout=loaded.store.layout,
+        )
+        return cls(loaded, path, options, plan)
+
+    @property
+    def experts_per_token(self) -> int:
+        """K in use (the trained value unless overridden)."""
+        return self._loaded.k
+
+    @property
+    def eos_token_ids(self) -> set[int]:
+        """Token ids that end an answer."""
+        return set(self.tokenizer.eos_token_ids)
+
+    def make_kv_cache(self) -> list[Any]:
+        """A fresh KV (and linear-attention) cache for this model."""
+        from mlx_lm.models.cache import make_prompt_cache
+
+        return make_prompt_cache(self.model)
+
+    def generate(
+        self,
+        prompt_tokens: Sequence[int],
+        sampling: SamplingParams,
+        stop: Callable[[], bool] | None = None,
+        kv_cache: list[Any] | None = None,
+        reused_tokens: int = 0,
+    ) -> Iterator[TokenEvent]:
+        """Prefill ``prompt_tokens`` (after what ``kv_cache`` holds) and yield generated tokens."""
+        cache = kv_cache if kv_cache is not None else self.make_kv_cache()
+        return generate_tokens(
+            self.model,
+            self._loaded.streamer,
+            cache,
+            prompt_tokens,
+            sampling,
+            eos_token_ids=self.eos_token_ids,
+            stop=stop,
+            reused_tokens=reused_tokens,
+            prefill_chunk=self.options.prefill_chunk,
+        )
+
+    def expert_counters(self) -> dict[str, int]:
+        """Cumulative expert figures since load: bytes read, cache hits and misses, resident bytes."""
+        s = self._loaded.streamer
+        return {
+            "bytes_read": self._loaded.store.bytes_read,
+            "cache_hits": s.hits,
+            "cache_misses": s.misses,
+            "prefetched_hits": s.prefetched_hits,
+            "resident_bytes": s.resident_bytes + self._loaded.dense_bytes,
+            "expert_cache_bytes": s.resident_bytes,
+        }
+
+    def close(self) -> None:
+        """Release the I/O threads and files."""
+        self._loaded.streamer.drain_prefetch()
+        self._loaded.store.close()

@@ -1,0 +1,170 @@
+"""What is resident: stacked MLX slot arrays that hold experts, and which expert is in which slot.
+
+A ``SlotPool`` is one set of stacked arrays (``[slots, *per_expert_shape]`` per parameter) that
+the compute reads with ``gather_qmm`` and the I/O threads write through NumPy views of the same
+memory (no copy into MLX). An ``ExpertCache`` maps ``(layer, expert)`` to a slot with a
+pluggable replacement policy and counts hits and misses. Slots used by computation that is not
+yet evaluated are pinned and never chosen as victims.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Hashable, Iterable, Protocol
+
+import mlx.core as mx
+import numpy as np
+
+from .expert_layout import ExpertParam
+
+_MX_DTYPES = {
+    "BOOL": mx.bool_, "U8": mx.uint8, "I8": mx.int8, "U16": mx.uint16, "I16": mx.int16,
+    "F16": mx.float16, "BF16": mx.bfloat16, "U32": mx.uint32, "I32": mx.int32, "F32": mx.float32,
+    "U64": mx.uint64, "I64": mx.int64,
+}  # fmt: skip
+
+Key = tuple[int, int]  # (layer, expert)
+
+
+class ReplacementPolicy(Protocol):
+    """Chooses which resident expert to evict."""
+
+    def touch(self, key: Key) -> None:
+        """Record a use of a resident key."""
+
+    def insert(self, key: Key) -> None:
+        """Record a newly resident key."""
+
+    def remove(self, key: Key) -> None:
+        """Forget a key that left the cache."""
+
+    def victim(self, exclude: set[Key]) -> Key | None:
+        """The key to evict next, never one in ``exclude``; None when every key is excluded."""
+
+
+class LRUPolicy:
+    """Evict the least recently used expert."""
+
+    def __init__(self) -> None:
+        self._order: OrderedDict[Key, None] = OrderedDict()
+
+    def touch(self, key: Key) -> None:
+        """Mark ``key`` most recently used."""
+        self._order.move_to_end(key)
+
+    def insert(self, key: Key) -> None:
+        """Add ``key`` as most recently used."""
+        self._order[key] = None
+
+    def remove(self, key: Key) -> None:
+        """Forget ``key``."""
+        self._order.pop(key, None)
+
+    def victim(self, exclude: set[Key]) -> Key | None:
+        """Least recently used key not in ``exclude``."""
+        for key in self._order:
+            if key not in exclude:
+                return key
+        return None
+
+
+POLICIES = {"lru": LRUPolicy}
+
+
+class SlotPool:
+    """Stacked MLX arrays with ``n_slots`` expert slots, writable from NumPy without copies."""
+
+    def __init__(self, params: list[ExpertParam], n_slots: int) -> None:
+        self.params = params
+        self.n_slots = n_slots
+        self.arrays: dict[str, mx.array] = {}
+        self._raw: list[mx.array] = []
+        self._views: list[np.ndarray] = []  # uint8 [n_slots, nbytes] per parameter
+        for p in params:
+            arr = mx.zeros((n_slots, *p.shape), dtype=_MX_DTYPES[p.dtype])
+            raw = mx.view(arr, mx.uint8)
+            mx.eval(arr, raw)
+            view = np.array(raw, copy=False).reshape(n_slots, p.nbytes)
+            self.arrays[p.key] = arr
+            self._raw.append(raw)
+            self._views.append(view)
+        self._check_shared_memory()
+
+    def _check_shared_memory(self) -> None:
+        """Writes through the NumPy view must land in the MLX array (a zero-copy contract)."""
+        if not self.params:
+            return
+        view, arr = self._views[0], self.arrays[self.params[0].key]
+        view[0, :1] = 1
+        probe = np.array(mx.view(arr[:1], mx.uint8)).reshape(-1)[0]
+        view[0, :1] = 0
+        if probe != 1:
+            raise RuntimeError("MLX slot arrays do not share memory with their NumPy views on this platform")
+
+    def dests(self, slot: int) -> list[np.ndarray]:
+        """The writable byte buffers of ``slot``, one per parameter, in parameter order."""
+        return [v[slot] for v in self._views]
+
+    def read_slot_bytes(self, slot: int) -> bytes:
+        """The bytes held in ``slot`` (for tests and packing)."""
+        return b"".join(v[slot].tobytes() for v in self._views)
+
+    @property
+    def nbytes(self) -> int:
+        """Resident bytes of the pool."""
+        return sum(v.nbytes for v in self._views)
+
+
+class ExpertCache:
+    """Maps (layer, expert) to slots of one pool; LRU (or another policy) over the slots."""
+
+    def __init__(self, pool: SlotPool, policy: str = "lru") -> None:
+        if policy not in POLICIES:
+            raise ValueError(f"unknown cache policy {policy!r}; known: {', '.join(POLICIES)}")
+        self.pool = pool
+        self.policy: ReplacementPolicy = POLICIES[policy]()
+        self._slot_of: dict[Key, int] = {}
+        self._key_of: dict[int, Key] = {}
+        self._free = list(range(pool.n_slots - 1, -1, -1))
+        self.hits = 0
+        self.misses = 0
+
+    def lookup(self, key: Key) -> int | None:
+        """The slot holding ``key`` (counted as a hit), or None."""
+        slot = self._slot_of.get(key)
+        if slot is not None:
+            self.policy.touch(key)
+        return slot
+
+    def assign(self, key: Key, pinned: set[Key]) -> int:
+        """Give ``key`` a slot (free, or evicted from an unpinned key); the caller fills it."""
+        if self._free:
+            slot = self._free.pop()
+        else:
+            victim = self.policy.victim(pinned)
+            if victim is None:
+                raise RuntimeError(
+                    f"expert cache: all {self.pool.n_slots} slots are pinned; cannot place {key}"
+                )
+            slot = self._slot_of.pop(victim)
+            self.policy.remove(victim)
+            del self._key_of[slot]
+        self._slot_of[key] = slot
+        self._key_of[slot] = key
+        self.policy.insert(key)
+        return slot
+
+    def forget(self, key: Key) -> None:
+        """Drop ``key`` (e.g. after a failed read) and free its slot."""
+        slot = self._slot_of.pop(key, None)
+        if slot is not None:
+            del self._key_of[slot]
+            self.policy.remove(key)
+            self._free.append(slot)
+
+    def resident(self) -> Iterable[Hashable]:
+        """Keys currently held."""
+        return self._slot_of.keys()
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._slot_of

@@ -1,0 +1,134 @@
+"""The generation loop: chunked prefill, then one token per step, with each step's figures."""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from typing import Any, Callable, Iterator, Sequence
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.sample_utils import make_logits_processors, make_sampler
+
+from .errors import RequestError
+from .streamed_moe import ExpertStreamer
+from .types import GenerationStats, SamplingParams, StepFigures, TokenEvent
+
+NO_TOKEN = -1  # token id of the event that only reports a cancellation
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+def _sampler(sampling: SamplingParams) -> Callable[[mx.array], mx.array]:
+    return make_sampler(
+        temp=sampling.temperature,
+        top_p=sampling.top_p if sampling.top_p < 1.0 else 0.0,
+        min_p=sampling.min_p,
+        top_k=sampling.top_k,
+    )
+
+
+def generate_tokens(
+    model: nn.Module,
+    streamer: ExpertStreamer,
+    kv_cache: list[Any],
+    prompt_tokens: Sequence[int],
+    sampling: SamplingParams,
+    *,
+    eos_token_ids: set[int],
+    stop: Callable[[], bool] | None = None,
+    reused_tokens: int = 0,
+    prefill_chunk: int = 128,
+) -> Iterator[TokenEvent]:
+    """Prefill ``prompt_tokens`` into ``kv_cache`` in chunks, then decode until eos or the limit.
+
+    Each event carries the token and the figures of the step that made it; the first token's
+    step is the whole prefill. A cancelled generation ends with an event whose token is NO_TOKEN.
+    """
+    if len(prompt_tokens) == 0:
+        raise RequestError("the prompt has no new tokens to process")
+    if sampling.max_tokens < 1:
+        raise RequestError(f"max_tokens must be at least 1, got {sampling.max_tokens}")
+    should_stop = stop or (lambda: False)
+    if sampling.seed is not None:
+        mx.random.seed(sampling.seed)
+    sampler = _sampler(sampling)
+    processors = (
+        make_logits_processors(repetition_penalty=sampling.repetition_penalty)
+        if sampling.repetition_penalty != 1.0
+        else []
+    )
+    history = list(prompt_tokens)
+    stats = GenerationStats(reused_tokens=reused_tokens)
+    t_start = time.perf_counter()
+    streamer.take_figures()
+
+    def sample(logits: mx.array) -> mx.array:
+        logits = logits[:, -1, :]
+        if processors:
+            context = mx.array(history)
+            for proc in processors:
+                logits = proc(context, logits)
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        return sampler(logprobs)
+
+    def finish_step(t0: float, tokens: int) -> StepFigures:
+        fig = streamer.take_figures()
+        fig.tokens = tokens
+        fig.elapsed_s = time.perf_counter() - t0
+        fig.compute_s = max(0.0, fig.elapsed_s - fig.io_wait_s - fig.sync_s)
+        return fig
+
+    # Prefill: route each chunk together, so each needed expert is read once per chunk.
+    t0 = time.perf_counter()
+    prompt = mx.array(list(prompt_tokens))
+    n = len(prompt_tokens)
+    chunk = max(1, prefill_chunk)
+    token: mx.array | None = None
+    for start in range(0, n, chunk):
+        if should_stop():
+            stats.prefill.add(finish_step(t0, start))
+            yield TokenEvent(NO_TOKEN, stats.prefill, stats, "cancelled")
+            return
+        piece = prompt[start : start + chunk][None]
+        out = model(piece, cache=kv_cache)
+        if start + chunk >= n:
+            token = sample(out)
+            mx.eval(token)
+        else:
+            mx.eval([c.state for c in kv_cache])
+        streamer.release_pins()
+    assert token is not None
+    fig = finish_step(t0, n)
+    stats.prefill = fig
+    stats.prompt_tokens = n
+    stats.prompt_s = fig.elapsed_s
+    stats.ttft_s = time.perf_counter() - t_start
+    t_first = time.perf_counter()
+    generated = 0
+    while True:
+        tok = int(token.item())
+        history.append(tok)
+        generated += 1
+        stats.generated_tokens = generated
+        stats.decode_s = time.perf_counter() - t_first
+        stats.peak_rss_bytes = peak_rss_bytes()
+        reason = "stop" if tok in eos_token_ids else ("length" if generated >= sampling.max_tokens else None)
+        yield TokenEvent(tok, fig, stats, reason)
+        if reason is not None:
+            return
+        if should_stop():
+            yield TokenEvent(NO_TOKEN, StepFigures(), stats, "cancelled")
+            return
+        t0 = time.perf_counter()
+        out = model(token.reshape(1, 1), cache=kv_cache)
+        token = sample(out)
+        mx.eval(token)
+        streamer.release_pins()
+        fig = finish_step(t0, 1)
+        stats.decode.add(fig)

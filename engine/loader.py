@@ -1,0 +1,283 @@
+"""Open an mlx-lm model directory with its experts streamed: lazy load, swap, evaluate the rest.
+
+The model is built by mlx-lm's own classes (``mlx_lm.utils.load_model(lazy=True)``): nothing
+is read yet. Every module that owns stacked expert linears (``SwitchGLU``, ``SwitchMLP`` or any
+module whose children are ``SwitchLinear``/``QuantizedSwitchLinear``) is replaced by a
+``StreamedSwitch`` before anything is evaluated, so only the dense weights are ever loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
+
+from .errors import CorruptModelError, MissingFileError, ModelError, TokenizerError, UnsupportedModelError
+from .expert_layout import LayerExperts, layer_experts_from_index
+from .expert_store import ExpertStore
+from .packed_layout import open_packed_layout
+from .safetensors_index import read_model_index
+from .streamed_moe import ExpertStreamer, StreamedSwitch
+from .types import EngineOptions
+
+log = logging.getLogger("moebar.engine")
+
+# config keys that hold the number of routed experts per token, by model family.
+_K_KEYS = ("num_experts_per_tok", "experts_per_token", "num_experts_per_token", "moe_top_k")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
+
+ProgressFn = Callable[[str, float], None]
+
+
+@dataclass
+class StreamedModel:
+    """A loaded model whose experts stream from disk, with what is needed to run and report it."""
+
+    model: nn.Module
+    config: dict[str, Any]
+    tokenizer: Any  # mlx_lm TokenizerWrapper
+    layers: list[LayerExperts]
+    streamer: ExpertStreamer
+    store: ExpertStore
+    switches: list[StreamedSwitch]
+    dense_bytes: int
+    expert_bytes_total: int
+    trained_k: int
+    k: int
+    activation_dtype: str
+
+
+def read_config(model_dir: Path) -> dict[str, Any]:
+    """Read config.json with clear errors for a missing or malformed file."""
+    if not model_dir.is_dir():
+        raise MissingFileError(f"{model_dir}: model directory not found")
+    path = model_dir / "config.json"
+    if not path.is_file():
+        raise MissingFileError(f"{path}: config.json not found; is this an mlx-lm model directory?")
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CorruptModelError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
+        raise CorruptModelError(f"{path}: field 'model_type' is missing")
+    return config
+
+
+def _k_sources(config: dict[str, Any]) -> list[dict[str, Any]]:
+    sources = [config]
+    if isinstance(config.get("text_config"), dict):
+        sources.append(config["text_config"])
+    return sources
+
+
+def trained_experts_per_token(config: dict[str, Any]) -> int:
+    """The model's trained number of routed experts per token, from config.json."""
+    for src in reversed(_k_sources(config)):
+        for key in _K_KEYS:
+            if isinstance(src.get(key), int):
+                return int(src[key])
+    raise UnsupportedModelError("config.json: no experts-per-token field (e.g. 'num_experts_per_tok')")
+
+
+def _k_override(config: dict[str, Any], k: int) -> dict[str, Any]:
+    """Config overrides that set experts-per-token to ``k`` wherever the model reads it."""
+    out: dict[str, Any] = {}
+    for key in _K_KEYS:
+        if key in config:
+            out[key] = k
+    if isinstance(config.get("text_config"), dict):
+        text = dict(config["text_config"])
+        for key in _K_KEYS:
+            if key in text:
+                text[key] = k
+        out["text_config"] = text
+    return out
+
+
+def _resolve_model_class(config: dict[str, Any], model_dir: Path) -> None:
+    from mlx_lm.utils import _get_classes
+
+    try:
+        _get_classes(config)
+    except ValueError as e:
+        raise UnsupportedModelError(
+            f"{model_dir / 'config.json'}: model_type {config['model_type']!r} is not supported by mlx-lm"
+        ) from e
+
+
+def _find_switch_modules(model: nn.Module) -> list[tuple[str, nn.Module, list[str]]]:
+    """(path, module, streamed parameter keys) of every module that owns stacked expert linears."""
+    found = []
+    for path, module in model.named_modules():
+        if isinstance(module, (SwitchLinear, QuantizedSwitchLinear)):
+            continue
+        linears = {
+            name: child
+            for name, child in module.children().items()
+            if isinstance(child, (SwitchLinear, QuantizedSwitchLinear))
+        }
+        if not linears:
+            continue
+        keys = []
+        for name, lin in linears.items():
+            if getattr(lin, "global_scale", None) is not None:
+                raise UnsupportedModelError(f"{path}.{name}: experts with a global scale (nvfp4) cannot stream yet")
+            for pname, _ in tree_flatten(lin.parameters()):
+                keys.append(f"{name}.{pname}")
+        found.append((path, module, sorted(keys)))
+    found.sort(key=lambda item: _natural_key(item[0]))
+    return found
+
+
+def _natural_key(path: str) -> list[Any]:
+    return [int(p) if p.isdigit() else p for p in path.split(".")]
+
+
+def _set_by_path(root: nn.Module, path: str, value: nn.Module) -> nn.Module:
+    """Replace the module at ``path``; return its parent."""
+    parts = path.split(".")
+    parent: Any = root
+    for part in parts[:-1]:
+        parent = parent[int(part)] if isinstance(parent, list) else getattr(parent, part)
+    setattr(parent, parts[-1], value)
+    return parent
+
+
+def _router_of(parent: nn.Module, num_experts: int) -> Callable[[mx.array], mx.array] | None:
+    """The parent block's router: a linear child that maps the hidden state to E scores."""
+    for child in parent.children().values():
+        if isinstance(child, (nn.Linear, nn.QuantizedLinear)):
+            out = child.weight.shape[0]
+            if out == num_experts:
+                return child
+    return None
+
+
+def _load_tokenizer(model_dir: Path, config: dict[str, Any]) -> Any:
+    if not any((model_dir / f).is_file() for f in _TOKENIZER_FILES):
+        raise TokenizerError(
+            f"{model_dir}: no tokenizer files (tokenizer.json and tokenizer_config.json); "
+            "copy them from the original model"
+        )
+    from mlx_lm.utils import load_tokenizer
+
+    try:
+        tokenizer = load_tokenizer(model_dir, eos_token_ids=config.get("eos_token_id"))
+    except Exception as e:  # transformers raises many types for bad tokenizer files
+        raise TokenizerError(f"{model_dir / 'tokenizer.json'}: cannot load the tokenizer ({e})") from e
+    if len(tokenizer.encode("hello world", add_special_tokens=False)) == 0:
+        raise TokenizerError(f"{model_dir}: the tokenizer is empty (it encodes text to no tokens)")
+    return tokenizer
+
+
+def pick_device(requested: str) -> str:
+    """Resolve ``auto``/``cpu``/``gpu`` to the device MLX will run on, and make it the default."""
+    has_gpu = False
+    try:
+        has_gpu = bool(mx.metal.is_available())
+    except Exception:
+        pass
+    try:
+        has_gpu = has_gpu or bool(mx.cuda.is_available())  # type: ignore[attr-defined]
+    except Exception:
+        pass
+    if requested == "gpu" and not has_gpu:
+        raise ModelError("--device gpu: MLX has no GPU on this machine (no Metal or CUDA)")
+    device = "gpu" if requested == "gpu" or (requested == "auto" and has_gpu) else "cpu"
+    mx.set_default_device(mx.gpu if device == "gpu" else mx.cpu)
+    return device
+
+
+def load_streamed_model(model_dir: Path, options: EngineOptions, progress: ProgressFn | None = None) -> StreamedModel:
+    """Load ``model_dir`` with only its dense weights resident and its experts streamed."""
+    from mlx_lm.utils import load_model
+
+    report = progress or (lambda stage, fraction: None)
+    model_dir = Path(model_dir)
+    config = read_config(model_dir)
+    _resolve_model_class(config, model_dir)
+    report("reading headers", 0.0)
+    index = read_model_index(model_dir)
+    tokenizer = _load_tokenizer(model_dir, config)
+    trained_k = trained_experts_per_token(config)
+    k = options.experts_per_token or trained_k
+    if k < 1:
+        raise ModelError(f"--experts-per-token must be at least 1, got {k}")
+    if k < trained_k:
+        print(
+            f"warning: {k} experts per token is below the model's trained {trained_k}; "
+            "answers will be worse (K<=3 often collapses)",
+            file=sys.stderr,
+        )
+    overrides = _k_override(config, k) if k != trained_k else None
+    device = pick_device(options.device)
+    report("building model", 0.05)
+    try:
+        model, config = load_model(model_dir, lazy=True, model_config=overrides)
+    except ValueError as e:
+        raise CorruptModelError(f"{model_dir}: the weights do not match config.json: {e}") from e
+    except KeyError as e:
+        raise CorruptModelError(f"{model_dir / 'config.json'}: missing field {e}") from e
+    except TypeError as e:
+        raise CorruptModelError(f"{model_dir / 'config.json'}: bad or missing field ({e})") from e
+
+    found = _find_switch_modules(model)
+    if not found:
+        raise UnsupportedModelError(
+            f"{model_dir}: model_type {config['model_type']!r} has no MoE layers with stacked experts to stream"
+        )
+    layers = [layer_experts_from_index(i, path, keys, index) for i, (path, _, keys) in enumerate(found)]
+    _check_shapes(found, layers)
+    packed = open_packed_layout(model_dir, layers) if options.use_packed else None
+    store = ExpertStore(layers, io_threads=options.io_threads, cold=options.cold, packed=packed)
+    streamer = ExpertStreamer(
+        layers, store, cache_bytes=int(options.cache_mb * 2**20), experts_per_token=k, prefetch=options.prefetch
+    )
+    switches: list[StreamedSwitch] = []
+    parents: list[nn.Module] = []
+    for i, (path, module, keys) in enumerate(found):
+        switch = StreamedSwitch(module, i, streamer, keys)
+        parents.append(_set_by_path(model, path, switch))
+        switches.append(switch)
+    for i in range(len(switches) - 1):
+        switches[i].set_next_router(_router_of(parents[i + 1], layers[i + 1].num_experts))
+
+    activation_dtype = "float32" if device == "cpu" else "model"
+    if device == "cpu":
+        # MLX's CPU kernels are several times faster with fp32 activations than bf16/fp16.
+        model.set_dtype(mx.float32)
+    params = tree_flatten(model.parameters())
+    dense_bytes = 0
+    for i, (_, arr) in enumerate(params):
+        mx.eval(arr)
+        dense_bytes += arr.nbytes
+        if i % 16 == 0:
+            report("loading dense weights", 0.1 + 0.9 * (i + 1) / max(1, len(params)))
+    report("ready", 1.0)
+    expert_total = sum(l.expert_bytes * l.num_experts for l in layers)
+    return StreamedModel(
+        model, config, tokenizer, layers, streamer, store, switches, dense_bytes, expert_total, trained_k, k,
+        activation_dtype,
+    )
+
+
+def _check_shapes(found: list[tuple[str, nn.Module, list[str]]], layers: list[LayerExperts]) -> None:
+    """The module built from config.json must match the expert tensors on disk."""
+    for (path, module, keys), layer in zip(found, layers):
+        declared = dict(tree_flatten(module.parameters()))
+        for key, param in zip(keys, layer.params):
+            want = tuple(declared[key].shape)
+            got = (layer.num_experts, *param.shape)
+            if want != got:
+                src = layer.sources[layer.params.index(param)].file
+                raise CorruptModelError(
+                    f"{src}: tensor '{path}.{key}' has shape {list(got)} but config.json implies {list(want)}"
+                )

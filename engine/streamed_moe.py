@@ -1,0 +1,262 @@
+"""The streamed MoE layer: routes, makes the chosen experts resident, runs mlx-lm's own kernels.
+
+``StreamedSwitch`` replaces an mlx-lm ``SwitchGLU``/``SwitchMLP``. The original module is kept,
+but its stacked ``[E, ...]`` expert tensors are swapped for slot arrays ``[S, ...]``; expert ids
+are remapped to slot ids and the original ``__call__`` runs unchanged, so the arithmetic is
+mlx-lm's. Each call synchronises once (the router's indices are needed on the host to know what
+to read), reads the missing experts in parallel, and queues the compute lazily.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Callable
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from .expert_cache import ExpertCache, Key, SlotPool
+from .expert_layout import LayerExperts
+from .expert_store import ExpertStore
+from .types import StepFigures
+
+# MLX indexes with 32-bit element counts in places; keep each stacked slot array below this.
+_MAX_ELEMENTS_PER_ARRAY = 2**31 - 1
+
+
+@dataclass
+class _Binding:
+    """What a StreamedSwitch needs but must not register as MLX parameters (not a Module)."""
+
+    inner: nn.Module
+    streamer: "ExpertStreamer"
+    next_router: Callable[[mx.array], mx.array] | None = None
+
+
+class ExpertStreamer:
+    """Owns the slot pools, the expert cache and the store; counts what each step cost."""
+
+    def __init__(
+        self,
+        layers: list[LayerExperts],
+        store: ExpertStore,
+        *,
+        cache_bytes: int,
+        experts_per_token: int,
+        prefetch: bool = False,
+        policy: str = "lru",
+    ) -> None:
+        self.layers = layers
+        self.store = store
+        self.k = experts_per_token
+        self.prefetch = prefetch
+        self.figures = StepFigures()
+        self.prefetched_hits = 0
+        self._pinned: set[Key] = set()
+        self._inflight: dict[Key, tuple[ExpertCache, "Future[int]"]] = {}
+        self.caches: list[ExpertCache] = []  # one per bank
+        self.cache_of_layer: list[ExpertCache] = [None] * len(layers)  # type: ignore[list-item]
+        self._build_banks(cache_bytes, policy)
+
+    def _build_banks(self, cache_bytes: int, policy: str) -> None:
+        """Split layers into banks of equal expert shapes; size each bank's pool from the budget."""
+        groups: dict[tuple, list[LayerExperts]] = {}
+        for layer in self.layers:
+            groups.setdefault(layer.signature, []).append(layer)
+        total_bytes = sum(l.expert_bytes * l.num_experts for l in self.layers)
+        working = self.k * (2 if self.prefetch else 1)
+        for members in groups.values():
+            per_expert = members[0].expert_bytes
+            group_total = per_expert * members[0].num_experts * len(members)
+            share = cache_bytes * group_total / total_bytes if total_bytes else 0
+            budget_slots = min(int(share // per_expert), members[0].num_experts * len(members))
+            largest = max(math.prod(p.shape) for p in members[0].params)
+            max_per_bank = max(working, _MAX_ELEMENTS_PER_ARRAY // max(1, largest))
+            n_banks = max(1, min(len(members), math.ceil(budget_slots / max_per_bank)))
+            for b in range(n_banks):
+                bank_layers = members[b::n_banks]
+                slots = max(working, budget_slots * len(bank_layers) // len(members))
+                cache = ExpertCache(SlotPool(members[0].params, slots), policy)
+                self.caches.append(cache)
+                for layer in bank_layers:
+                    self.cache_of_layer[layer.layer] = cache
+
+    @property
+    def resident_bytes(self) -> int:
+        """Bytes held by all slot pools."""
+        return sum(c.pool.nbytes for c in self.caches)
+
+    @property
+    def hits(self) -> int:
+        """Expert lookups served without a read, since load."""
+        return sum(c.hits for c in self.caches)
+
+    @property
+    def misses(self) -> int:
+        """Expert lookups that needed a read, since load."""
+        return sum(c.misses for c in self.caches)
+
+    def take_figures(self) -> StepFigures:
+        """Return the figures accumulated since the last call and start afresh."""
+        f, self.figures = self.figures, StepFigures()
+        return f
+
+    def release_pins(self) -> None:
+        """Everything queued so far has been evaluated: no slot is in use by pending compute."""
+        self._pinned.clear()
+
+    def capacity(self, layer: int) -> int:
+        """Slots available to one call of ``layer``."""
+        return self.cache_of_layer[layer].pool.n_slots
+
+    def ensure(self, layer: int, experts: np.ndarray) -> np.ndarray:
+        """Make ``experts`` of ``layer`` resident (reading misses in parallel); return their slots."""
+        cache = self.cache_of_layer[layer]
+        slots = np.empty(len(experts), dtype=np.int32)
+        waits: list[tuple[int, Key, Future[int]]] = []
+        keys = [(layer, int(e)) for e in experts]
+        self._pinned.update(keys)
+        for i, key in enumerate(keys):
+            inflight = self._inflight.pop(key, None)
+            if inflight is not None:
+                waits.append((i, key, inflight[1]))
+                slots[i] = cache.lookup(key)  # type: ignore[assignment]
+                cache.hits += 1
+                self.figures.cache_hits += 1
+                self.prefetched_hits += 1
+                continue
+            slot = cache.lookup(key)
+            if slot is not None:
+                cache.hits += 1
+                self.figures.cache_hits += 1
+                slots[i] = slot
+                continue
+            cache.misses += 1
+            self.figures.cache_misses += 1
+            slot = cache.assign(key, self._pinned | set(self._inflight))
+            slots[i] = slot
+            waits.append((i, key, self.store.submit(layer, key[1], cache.pool.dests(slot))))
+        t0 = time.perf_counter()
+        error: BaseException | None = None
+        for _, key, fut in waits:
+            try:
+                self.figures.bytes_read += fut.result()
+            except BaseException as e:  # keep waiting for the others, then report the first
+                cache.forget(key)
+                error = error or e
+        self.figures.io_wait_s += time.perf_counter() - t0
+        if error is not None:
+            raise error
+        return slots
+
+    def prefetch_experts(self, layer: int, experts: np.ndarray) -> None:
+        """Start reading predicted experts of ``layer`` into free or unpinned slots; never wait."""
+        cache = self.cache_of_layer[layer]
+        for e in experts:
+            key = (layer, int(e))
+            if key in cache or key in self._inflight:
+                continue
+            busy = self._pinned | set(self._inflight)
+            if len(busy) >= cache.pool.n_slots:
+                return
+            try:
+                slot = cache.assign(key, busy)
+            except RuntimeError:
+                return
+            self._inflight[key] = (cache, self.store.submit(layer, key[1], cache.pool.dests(slot)))
+
+    def drain_prefetch(self) -> None:
+        """Wait for outstanding prefetches (before anything else may overwrite their slots)."""
+        for key, (cache, fut) in list(self._inflight.items()):
+            try:
+                self.figures.bytes_read += fut.result()
+            except BaseException:
+                cache.forget(key)
+        self._inflight.clear()
+
+
+class StreamedSwitch(nn.Module):
+    """Drop-in replacement of an mlx-lm switch module whose experts stream from the SSD."""
+
+    def __init__(self, inner: nn.Module, layer: int, streamer: ExpertStreamer, param_keys: list[str]) -> None:
+        super().__init__()
+        self._binding = _Binding(inner, streamer)
+        self.layer = layer
+        cache = streamer.cache_of_layer[layer]
+        for key in param_keys:
+            owner_name, attr = key.rsplit(".", 1)
+            owner = inner
+            for part in owner_name.split("."):
+                owner = getattr(owner, part)
+            setattr(owner, attr, cache.pool.arrays[key])
+
+    def set_next_router(self, router: Callable[[mx.array], mx.array] | None) -> None:
+        """Give this layer the next MoE layer's router (for next-layer prefetch)."""
+        self._binding.next_router = router
+
+    def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
+        b = self._binding
+        streamer = b.streamer
+        t0 = time.perf_counter()
+        prediction = None
+        if streamer.prefetch and b.next_router is not None:
+            prediction = mx.argpartition(b.next_router(x), kth=-streamer.k, axis=-1)[..., -streamer.k :]
+            mx.eval(indices, prediction)
+        else:
+            mx.eval(indices)
+        t1 = time.perf_counter()
+        streamer.figures.compute_s += t1 - t0
+        io_before = streamer.figures.io_wait_s
+        streamer.release_pins()
+        host_idx = np.array(indices)
+        unique = np.unique(host_idx)
+        cap = streamer.capacity(self.layer)
+        if len(unique) <= cap:
+            y = self._run_group(x, host_idx, unique)
+        else:
+            y = self._run_grouped(x, host_idx, unique, cap)
+        if prediction is not None:
+            predicted = np.unique(np.array(prediction))
+            streamer.prefetch_experts(self.layer + 1, predicted)
+        # Host-side work at this sync point (remapping, bookkeeping), excluding the wait for reads.
+        streamer.figures.sync_s += time.perf_counter() - t1 - (streamer.figures.io_wait_s - io_before)
+        return y
+
+    def _slot_indices(self, host_idx: np.ndarray, unique: np.ndarray) -> mx.array:
+        slots = self._binding.streamer.ensure(self.layer, unique)
+        lut = np.zeros(int(unique.max()) + 1, dtype=np.int32)
+        lut[unique] = slots
+        return mx.array(lut[host_idx])
+
+    def _run_group(self, x: mx.array, host_idx: np.ndarray, unique: np.ndarray) -> mx.array:
+        return self._binding.inner(x, self._slot_indices(host_idx, unique))
+
+    def _run_grouped(self, x: mx.array, host_idx: np.ndarray, unique: np.ndarray, cap: int) -> mx.array:
+        """More distinct experts than slots (long prefill chunks with a small cache): go in groups.
+
+        Each (token, choice) pair is computed by the same kernel on the same rows; the pieces are
+        put back in their original order before the model's weighted sum.
+        """
+        k = host_idx.shape[-1]
+        d = x.shape[-1]
+        flat_idx = host_idx.reshape(-1)
+        x_rows = x.reshape(-1, d)
+        pieces: list[mx.array] = []
+        positions: list[np.ndarray] = []
+        for start in range(0, len(unique), cap):
+            if pieces:
+                mx.eval(pieces)  # the previous group's slots may be reused below
+                self._binding.streamer.release_pins()
+            group = unique[start : start + cap]
+            pos = np.nonzero(np.isin(flat_idx, group))[0]
+            slot_idx = self._slot_indices(flat_idx[pos], group)
+            rows = x_rows[mx.array(pos // k)]
+            pieces.append(self._binding.inner(rows, slot_idx[:, None])[:, 0, :])
+            positions.append(pos)
+        order = np.argsort(np.concatenate(positions))
+        y = mx.concatenate(pieces, axis=0)[mx.array(order)]
+        return y.reshape(*host_idx.shape, y.shape[-1])
