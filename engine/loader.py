@@ -196,30 +196,31 @@ def pick_device(requested: str) -> str:
     return device
 
 
-def load_streamed_model(model_dir: Path, options: EngineOptions, progress: ProgressFn | None = None) -> StreamedModel:
-    """Load ``model_dir`` with only its dense weights resident and its experts streamed."""
+@dataclass
+class ModelExperts:
+    """A model built lazily (nothing read) with its expert modules found and located on disk."""
+
+    model: nn.Module
+    config: dict[str, Any]
+    found: list[tuple[str, nn.Module, list[str]]]
+    layers: list[LayerExperts]
+    dense_bytes_on_disk: int
+    trained_k: int
+    k: int
+
+
+def inspect_experts(model_dir: Path, experts_per_token: int | None = None) -> ModelExperts:
+    """Build the model lazily with mlx-lm's classes and locate every expert tensor on disk."""
     from mlx_lm.utils import load_model
 
-    report = progress or (lambda stage, fraction: None)
-    model_dir = Path(model_dir)
     config = read_config(model_dir)
     _resolve_model_class(config, model_dir)
-    report("reading headers", 0.0)
     index = read_model_index(model_dir)
-    tokenizer = _load_tokenizer(model_dir, config)
     trained_k = trained_experts_per_token(config)
-    k = options.experts_per_token or trained_k
+    k = experts_per_token or trained_k
     if k < 1:
         raise ModelError(f"--experts-per-token must be at least 1, got {k}")
-    if k < trained_k:
-        print(
-            f"warning: {k} experts per token is below the model's trained {trained_k}; "
-            "answers will be worse (K<=3 often collapses)",
-            file=sys.stderr,
-        )
     overrides = _k_override(config, k) if k != trained_k else None
-    device = pick_device(options.device)
-    report("building model", 0.05)
     try:
         model, config = load_model(model_dir, lazy=True, model_config=overrides)
     except ValueError as e:
@@ -228,7 +229,6 @@ def load_streamed_model(model_dir: Path, options: EngineOptions, progress: Progr
         raise CorruptModelError(f"{model_dir / 'config.json'}: missing field {e}") from e
     except TypeError as e:
         raise CorruptModelError(f"{model_dir / 'config.json'}: bad or missing field ({e})") from e
-
     found = _find_switch_modules(model)
     if not found:
         raise UnsupportedModelError(
@@ -236,6 +236,29 @@ def load_streamed_model(model_dir: Path, options: EngineOptions, progress: Progr
         )
     layers = [layer_experts_from_index(i, path, keys, index) for i, (path, _, keys) in enumerate(found)]
     _check_shapes(found, layers)
+    expert_names = {s.name for layer in layers for s in layer.sources}
+    dense = sum(loc.nbytes for name, loc in index.items() if name not in expert_names)
+    return ModelExperts(model, config, found, layers, dense, trained_k, k)
+
+
+def load_streamed_model(model_dir: Path, options: EngineOptions, progress: ProgressFn | None = None) -> StreamedModel:
+    """Load ``model_dir`` with only its dense weights resident and its experts streamed."""
+    report = progress or (lambda stage, fraction: None)
+    model_dir = Path(model_dir)
+    report("reading headers", 0.0)
+    config = read_config(model_dir)
+    tokenizer = _load_tokenizer(model_dir, config)
+    device = pick_device(options.device)
+    report("building model", 0.05)
+    inspected = inspect_experts(model_dir, options.experts_per_token)
+    model, config, found, layers = inspected.model, inspected.config, inspected.found, inspected.layers
+    k, trained_k = inspected.k, inspected.trained_k
+    if k < trained_k:
+        print(
+            f"warning: {k} experts per token is below the model's trained {trained_k}; "
+            "answers will be worse (K<=3 often collapses)",
+            file=sys.stderr,
+        )
     packed = open_packed_layout(model_dir, layers) if options.use_packed else None
     store = ExpertStore(layers, io_threads=options.io_threads, cold=options.cold, packed=packed)
     streamer = ExpertStreamer(

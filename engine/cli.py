@@ -1,0 +1,252 @@
+"""``moebar-engine``: generate, plan, pack, demo-model, stdio, serve and bench from the shell."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from .errors import MoeBarError
+from .types import EngineOptions, SamplingParams
+
+
+def _add_engine_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cache-mb", type=float, default=0.0, help="in-process expert cache budget in MiB")
+    p.add_argument("--experts-per-token", type=int, default=None, help="override K (warns below trained K)")
+    p.add_argument("--cold", action="store_true", help="bypass the OS page cache for expert reads")
+    p.add_argument("--io-threads", type=int, default=4, help="parallel expert reads")
+    p.add_argument("--prefill-chunk", type=int, default=128, help="prompt tokens routed together")
+    p.add_argument("--prefetch", action="store_true", help="predict and read the next layer's experts")
+    p.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto")
+    p.add_argument("--no-packed", action="store_true", help="ignore a packed expert layout")
+
+
+def engine_options(args: argparse.Namespace) -> EngineOptions:
+    """EngineOptions from parsed command-line arguments."""
+    return EngineOptions(
+        cache_mb=args.cache_mb,
+        experts_per_token=args.experts_per_token,
+        cold=args.cold,
+        io_threads=args.io_threads,
+        prefill_chunk=args.prefill_chunk,
+        prefetch=args.prefetch,
+        device=args.device,
+        use_packed=not args.no_packed,
+    )
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Generate from a prompt and print the text (or JSON lines) and optionally the timing."""
+    from .engine import Engine
+    from .generate import NO_TOKEN
+
+    engine = Engine.load(args.model, engine_options(args), measure_disk=False)
+    tok = engine.tokenizer
+    if args.chat:
+        prompt = tok.apply_chat_template(
+            [{"role": "user", "content": args.prompt}], add_generation_prompt=True, tokenize=True
+        )
+    else:
+        prompt = tok.encode(args.prompt, add_special_tokens=False)
+    sampling = SamplingParams(temperature=args.temp, top_p=args.top_p, max_tokens=args.max_tokens, seed=args.seed)
+    detok = tok.detokenizer
+    detok.reset()
+    stats = None
+    for ev in engine.generate(list(prompt), sampling):
+        stats = ev.stats
+        if ev.token == NO_TOKEN:
+            break
+        if ev.token in engine.eos_token_ids:
+            piece = ""
+        else:
+            detok.add_token(ev.token)
+            piece = detok.last_segment
+        if args.json:
+            print(json.dumps({"token": ev.token, "text": piece}), flush=True)
+        else:
+            print(piece, end="", flush=True)
+    detok.finalize()
+    tail = detok.last_segment
+    if tail and not args.json:
+        print(tail, end="")
+    assert stats is not None
+    figures = stats.to_dict()
+    figures["expert_counters"] = engine.expert_counters()
+    if args.json:
+        print(json.dumps({"stats": figures}), flush=True)
+    else:
+        print()
+    if args.timing:
+        print(timing_report(figures), file=sys.stderr)
+    engine.close()
+    return 0
+
+
+def timing_report(s: dict[str, Any]) -> str:
+    """Where the time went, per decode token and for the prefill."""
+    lines = [
+        f"prompt: {s['prompt_tokens']} tokens in {s['prompt_s']:.2f} s ({s['prompt_tps']:.1f} tok/s), "
+        f"time to first token {s['ttft_s']:.2f} s",
+        f"decode: {s['generated_tokens']} tokens, {s['decode_tps']:.2f} tok/s",
+    ]
+    d = s["decode"]
+    n = max(1, d["tokens"])
+    if d["tokens"]:
+        lines.append(
+            "per decode token: "
+            f"compute {1000 * d['compute_s'] / n:.1f} ms, expert I/O wait {1000 * d['io_wait_s'] / n:.1f} ms, "
+            f"host sync {1000 * d['sync_s'] / n:.1f} ms, "
+            f"expert bytes {d['bytes_read'] / n / 2**20:.2f} MiB"
+        )
+    lines.append(f"expert cache hit rate: {100 * s['cache_hit_rate']:.1f}%, peak RSS {s['peak_rss_bytes'] / 2**20:.0f} MiB")
+    return "\n".join(lines)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    """Print the memory plan of a model directory without loading its weights."""
+    from .engine import measure_expert_read_speed
+    from .loader import inspect_experts
+    from .packed_layout import open_packed_layout
+    from .plan import make_plan
+
+    model_dir = Path(args.model).expanduser().resolve()
+    inspected = inspect_experts(model_dir, args.experts_per_token)
+    layers = inspected.layers
+    disk = measure_expert_read_speed(layers, io_threads=args.io_threads, samples=args.samples)
+    packed = open_packed_layout(model_dir, layers)
+    cache = int(args.cache_mb * 2**20)
+    plan = make_plan(
+        model_type=inspected.config["model_type"],
+        moe_layers=len(layers),
+        experts_per_layer=layers[0].num_experts,
+        k=inspected.k,
+        trained_k=inspected.trained_k,
+        dense_bytes=inspected.dense_bytes_on_disk,
+        expert_bytes_total=sum(l.expert_bytes * l.num_experts for l in layers),
+        expert_bytes=layers[0].expert_bytes,
+        cache_budget_bytes=cache,
+        disk_read_bytes_per_s=disk,
+        layout="packed" if packed else "safetensors",
+    )
+    print(json.dumps(plan.to_dict(), indent=2) if args.json else plan.describe())
+    return 0
+
+
+def cmd_pack(args: argparse.Namespace) -> int:
+    """Write the packed expert layout with a progress bar on stderr."""
+    import time
+
+    from .pack import pack_model
+
+    t0 = time.perf_counter()
+
+    def bar(done: int, total: int, written: int) -> None:
+        width = 30
+        fill = width * done // total
+        rate = written / max(1e-9, time.perf_counter() - t0) / 1e9
+        sys.stderr.write(f"\rpacking [{'#' * fill}{'.' * (width - fill)}] {done}/{total} layers, {rate:.2f} GB/s")
+        sys.stderr.flush()
+
+    out = pack_model(args.model, io_threads=args.io_threads, progress=None if args.quiet else bar)
+    if not args.quiet:
+        sys.stderr.write("\n")
+    print(out)
+    return 0
+
+
+def cmd_demo_model(args: argparse.Namespace) -> int:
+    """Build the random-weight demo model."""
+    from .demo_model import build_demo_model
+
+    out = build_demo_model(args.dir, preset=args.preset, overwrite=args.overwrite)
+    print(out)
+    print("note: the demo model's weights are random; it produces gibberish", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
+    parser = argparse.ArgumentParser(prog="moebar-engine", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate text from a prompt")
+    g.add_argument("model")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-tokens", type=int, default=128)
+    g.add_argument("--temp", type=float, default=0.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--chat", action="store_true", help="apply the model's chat template to the prompt")
+    g.add_argument("--json", action="store_true", help="one JSON object per token, then the stats")
+    g.add_argument("--timing", action="store_true", help="print where the time went (stderr)")
+    _add_engine_options(g)
+    g.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("plan", help="memory plan and disk-bound tok/s of a model directory")
+    p.add_argument("model")
+    p.add_argument("--cache-mb", type=float, default=0.0)
+    p.add_argument("--experts-per-token", type=int, default=None)
+    p.add_argument("--io-threads", type=int, default=4)
+    p.add_argument("--samples", type=int, default=32, help="experts read to measure the disk")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_plan)
+
+    k = sub.add_parser("pack", help="write one aligned blob per expert (one read per expert)")
+    k.add_argument("model")
+    k.add_argument("--io-threads", type=int, default=4)
+    k.add_argument("--quiet", action="store_true")
+    k.set_defaults(func=cmd_pack)
+
+    d = sub.add_parser("demo-model", help="build the random-weight demo model")
+    d.add_argument("dir")
+    d.add_argument("--preset", choices=["tiny", "small"], default="tiny")
+    d.add_argument("--overwrite", action="store_true")
+    d.set_defaults(func=cmd_demo_model)
+
+    for name, module, help_text in _DELEGATED:
+        sp = sub.add_parser(name, help=help_text, add_help=False)
+        sp.add_argument("rest", nargs=argparse.REMAINDER)
+        sp.set_defaults(func=_delegate(module))
+    return parser
+
+
+# Subcommands whose arguments and code live in their own modules (imported only when run).
+_DELEGATED = (
+    ("stdio", "stdio_server", "the JSON-lines protocol loop the app runs"),
+    ("serve", "http_server", "OpenAI-compatible HTTP server"),
+    ("bench", "bench", "benchmark the engine against mlx-lm and the disk"),
+)
+
+
+def _delegate(module: str) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        import importlib
+
+        return int(importlib.import_module(f"engine.{module}").main(args.rest) or 0)
+
+    return run
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: run a subcommand; user errors print one line and exit 2, never a traceback."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except MoeBarError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if os.environ.get("MOEBAR_DEBUG"):
+            raise
+        print(f"error: {type(e).__name__}: {e} (set MOEBAR_DEBUG=1 for a traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
