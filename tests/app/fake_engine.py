@@ -1,0 +1,128 @@
+"""A scripted engine process speaking the real protocol, for bridge and window tests that need
+exact control (crash at a chosen token, an out-of-memory exit, a tool call) without MLX.
+
+Run as ``python tests/app/fake_engine.py``. The last user message steers it:
+  "crash"        -> SIGKILL itself after three answer tokens
+  "oom"          -> print a MemoryError traceback after two tokens and exit 1
+  "fatal"        -> send an error event with usable=false after two tokens, then wait
+  "tool:NAME"    -> call tool NAME with {"path": "notes.txt"}
+  "slow"         -> 100 tokens, 30 ms apart (to test Stop)
+Anything else is echoed back word by word after a short reasoning. After a tool result the
+answer quotes the result.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from engine import protocol  # noqa: E402
+from engine.protocol import (  # noqa: E402
+    ChatRequest,
+    DoneEvent,
+    ErrorEvent,
+    HelloEvent,
+    LiveFigures,
+    LoadedEvent,
+    LoadRequest,
+    MessageFigures,
+    ProgressEvent,
+    StatsEvent,
+    TokenTextEvent,
+    ToolCallEvent,
+)
+
+_out_lock = threading.Lock()
+_cancelled: set[str] = set()
+
+
+def send(event: protocol.Event) -> None:
+    with _out_lock:
+        sys.stdout.write(protocol.encode(event))
+        sys.stdout.flush()
+
+
+def answer(request: ChatRequest) -> None:
+    last = request.messages[-1]
+    rid = request.id
+    if last.role == "tool":
+        words = f"The tool said: {last.content}".split(" ")
+        stream(rid, words, delay=0.005)
+        return
+    text = last.content
+    if text.startswith("tool:"):
+        send(TokenTextEvent(id=rid, text="Let me look.", kind="answer"))
+        send(ToolCallEvent(id=rid, call_id="call_1", name=text[5:].strip(), arguments={"path": "notes.txt"}))
+        send(DoneEvent(id=rid, finish_reason="tool_calls", figures=MessageFigures(generated_tokens=3)))
+        return
+    if text == "crash":
+        stream(rid, ["partial ", "answer ", "before "], delay=0.01, finish=False)
+        time.sleep(0.2)
+        os.kill(os.getpid(), signal.SIGKILL)
+    if text == "oom":
+        stream(rid, ["half ", "done "], delay=0.01, finish=False)
+        time.sleep(0.1)
+        sys.stderr.write("Traceback (most recent call last):\nMemoryError\n")
+        sys.stderr.flush()
+        os._exit(1)
+    if text == "fatal":
+        stream(rid, ["about ", "to "], delay=0.01, finish=False)
+        send(ErrorEvent(code="out_of_memory", message="Out of memory while reading experts.", usable=False, id=rid))
+        time.sleep(30)
+    if text == "slow":
+        stream(rid, [f"w{i} " for i in range(100)], delay=0.03)
+        return
+    send(TokenTextEvent(id=rid, text="Thinking about it.", kind="reasoning"))
+    stream(rid, [f"{w} " for w in f"Echo: {text}".split(" ")], delay=0.005)
+
+
+def stream(rid: str, pieces: list[str], delay: float, finish: bool = True) -> None:
+    start = time.monotonic()
+    for n, piece in enumerate(pieces, 1):
+        if rid in _cancelled:
+            send(DoneEvent(id=rid, finish_reason="cancelled", figures=MessageFigures(generated_tokens=n - 1)))
+            return
+        send(TokenTextEvent(id=rid, text=piece, kind="answer"))
+        if n % 5 == 0:
+            send(StatsEvent(id=rid, figures=LiveFigures(decode_tps=12.5, engine_read_bps=1.5e9,
+                                                        generated_tokens=n, pressure_level="normal")))
+        time.sleep(delay)
+    if finish:
+        elapsed = time.monotonic() - start
+        send(DoneEvent(id=rid, finish_reason="stop", figures=MessageFigures(
+            prompt_tokens=12, generated_tokens=len(pieces), prompt_tps=120.0, decode_tps=len(pieces) / max(elapsed, 1e-3),
+            ttft_s=0.05, elapsed_s=elapsed, bytes_read=14_155_776, cache_hit_rate=0.25)))
+
+
+def main() -> None:
+    send(HelloEvent(pid=os.getpid()))
+    workers: list[threading.Thread] = []
+    for line in sys.stdin:
+        if not line.strip():
+            continue
+        request = protocol.decode_request(line)
+        if isinstance(request, LoadRequest):
+            send(ProgressEvent(stage="loading", fraction=0.5))
+            send(LoadedEvent(model_dir=request.model_dir, name=Path(request.model_dir).name or "fake",
+                             model_type="fake_moe", num_layers=2, num_experts=4, experts_per_token=2,
+                             supports_tools=True, plan={"resident_bytes": 1000, "streamed_bytes": 5000}))
+        elif isinstance(request, ChatRequest):
+            worker = threading.Thread(target=answer, args=(request,), daemon=True)
+            worker.start()
+            workers.append(worker)
+        elif isinstance(request, protocol.CancelRequest):
+            _cancelled.add(request.id)
+        elif isinstance(request, protocol.ShutdownRequest):
+            break
+        elif isinstance(request, protocol.UnloadRequest):
+            send(protocol.UnloadedEvent())
+
+
+if __name__ == "__main__":
+    main()
