@@ -27,7 +27,12 @@ import numpy as np
 import platformdirs
 
 from engine.errors import ModelError, UnsupportedModelError
-from engine.tokenizer_builder import APP_NAME, install_tokenizer, tokenizer_spec, tokenizer_vocab_size
+from engine.tokenizer_builder import (
+    APP_NAME,
+    install_tokenizer,
+    tokenizer_spec,
+    tokenizer_vocab_size,
+)
 
 DEMO_BUILD_VERSION = "1"
 MODEL_TYPES = ("qwen3_moe", "qwen3_next", "qwen3_5_moe")
@@ -207,7 +212,7 @@ def _write_tensor(f: io.BufferedWriter, name: str, arr: mx.array) -> None:
     data = np.ascontiguousarray(np.array(arr, copy=False))
     if data.nbytes != arr.nbytes:
         raise ModelError(f"tensor {name}: has {data.nbytes} bytes, expected {arr.nbytes}")
-    f.write(memoryview(data).cast("B"))
+    f.write(data.data.cast("B"))
 
 
 def write_sharded_safetensors(

@@ -7,11 +7,11 @@ import os
 # Qt aborts with neither DISPLAY nor QT_QPA_PLATFORM set; default to offscreen for the suite.
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 
-from collections.abc import Callable  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
-import pytest  # noqa: E402
+import pytest
 
 # Builder arguments a test may pass to tiny_model besides model_type and bits;
 # any other keyword becomes a config.json override (e.g. num_experts=32).
