@@ -126,11 +126,11 @@ class ExpertCache:
         self._slot_of: dict[Key, int] = {}
         self._key_of: dict[int, Key] = {}
         self._free = list(range(pool.n_slots - 1, -1, -1))
-        self.hits = 0
+        self.hits = 0  # counted by the streamer, which knows what a lookup was for
         self.misses = 0
 
     def lookup(self, key: Key) -> int | None:
-        """The slot holding ``key`` (counted as a hit), or None."""
+        """The slot holding ``key`` (marked as used), or None."""
         slot = self._slot_of.get(key)
         if slot is not None:
             self.policy.touch(key)

@@ -58,6 +58,7 @@ class ExpertStreamer:
         self.prefetched_hits = 0
         self._pinned: set[Key] = set()
         self._inflight: dict[Key, tuple[ExpertCache, "Future[int]"]] = {}
+        self._prefetched: set[Key] = set()  # resident because of a prediction, not yet used
         self.caches: list[ExpertCache] = []  # one per bank
         self.cache_of_layer: list[ExpertCache] = [None] * len(layers)  # type: ignore[list-item]
         self._build_banks(cache_bytes, policy)
@@ -117,32 +118,29 @@ class ExpertStreamer:
         """Make ``experts`` of ``layer`` resident (reading misses in parallel); return their slots."""
         cache = self.cache_of_layer[layer]
         slots = np.empty(len(experts), dtype=np.int32)
-        waits: list[tuple[int, Key, Future[int]]] = []
+        waits: list[tuple[Key, Future[int]]] = []
         keys = [(layer, int(e)) for e in experts]
         self._pinned.update(keys)
+        self.drain_prefetch()  # predicted experts become ordinary resident ones
         for i, key in enumerate(keys):
-            inflight = self._inflight.pop(key, None)
-            if inflight is not None:
-                waits.append((i, key, inflight[1]))
-                slots[i] = cache.lookup(key)  # type: ignore[assignment]
-                cache.hits += 1
-                self.figures.cache_hits += 1
-                self.prefetched_hits += 1
-                continue
             slot = cache.lookup(key)
             if slot is not None:
                 cache.hits += 1
                 self.figures.cache_hits += 1
+                if key in self._prefetched:
+                    self._prefetched.discard(key)
+                    self.prefetched_hits += 1
                 slots[i] = slot
                 continue
             cache.misses += 1
             self.figures.cache_misses += 1
-            slot = cache.assign(key, self._pinned | set(self._inflight))
+            self._prefetched.discard(key)
+            slot = cache.assign(key, self._pinned)
             slots[i] = slot
-            waits.append((i, key, self.store.submit(layer, key[1], cache.pool.dests(slot))))
+            waits.append((key, self.store.submit(layer, key[1], cache.pool.dests(slot))))
         t0 = time.perf_counter()
         error: BaseException | None = None
-        for _, key, fut in waits:
+        for key, fut in waits:
             try:
                 self.figures.bytes_read += fut.result()
             except BaseException as e:  # keep waiting for the others, then report the first
@@ -170,13 +168,18 @@ class ExpertStreamer:
             self._inflight[key] = (cache, self.store.submit(layer, key[1], cache.pool.dests(slot)))
 
     def drain_prefetch(self) -> None:
-        """Wait for outstanding prefetches (before anything else may overwrite their slots)."""
+        """Wait for outstanding prefetches; their experts become ordinary cache entries."""
+        if not self._inflight:
+            return
+        t0 = time.perf_counter()
         for key, (cache, fut) in list(self._inflight.items()):
             try:
                 self.figures.bytes_read += fut.result()
+                self._prefetched.add(key)
             except BaseException:
-                cache.forget(key)
+                cache.forget(key)  # a failed guess costs nothing; a needed expert is read again
         self._inflight.clear()
+        self.figures.io_wait_s += time.perf_counter() - t0
 
 
 class StreamedSwitch(nn.Module):
