@@ -21,11 +21,12 @@ _keys = itertools.count(1)
 
 @dataclass
 class Attachment:
-    """A file the user dropped on this message; the tools may read it."""
+    """A file or folder the user dropped with this message; the tools may read it."""
 
     path: str
     name: str
     size: int
+    is_folder: bool = False
 
 
 @dataclass
@@ -52,13 +53,9 @@ class ChatEntry:
 
     def to_chat_message(self) -> ChatMessage:
         """The protocol message sent to the engine for this entry."""
-        content = self.content
-        if self.role == "user" and self.attachments:
-            listed = ", ".join(f"{a.name} ({a.path})" for a in self.attachments)
-            content = f"{content}\n\n[Files attached for the tools to read: {listed}]"
         return ChatMessage(
             role=self.role,
-            content=content,
+            content=self.content,
             reasoning=self.reasoning or None,
             tool_calls=list(self.tool_calls) or None,
             tool_call_id=self.tool_call_id,
@@ -68,6 +65,9 @@ class ChatEntry:
 
 def request_messages(system_prompt: str, entries: list[ChatEntry]) -> list[ChatMessage]:
     """The messages of a chat request: the system prompt, then every entry in order.
+
+    The system prompt carries the list of dropped files (DroppedFiles.describe_for_model), so
+    user messages are sent exactly as typed.
 
     Assistant entries that ended empty (stopped before any text and without tool calls)
     are left out: an empty assistant turn only confuses the model.
@@ -89,14 +89,3 @@ def tool_result_for(entries: list[ChatEntry], call_id: str) -> ChatEntry | None:
             return entry
     return None
 
-
-def turn_span(entries: list[ChatEntry], index: int) -> tuple[int, int]:
-    """The slice [start, end) of the answer that follows the user entry at `index`.
-
-    An answer is every assistant and tool entry up to the next user entry; regenerating
-    replaces that span, deleting an assistant entry removes its tool results with it.
-    """
-    end = index + 1
-    while end < len(entries) and entries[end].role in ("assistant", "tool"):
-        end += 1
-    return index + 1, end

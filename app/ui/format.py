@@ -47,7 +47,7 @@ def message_figures_line(figures: MessageFigures) -> str:
     """The one-line summary shown under a finished answer."""
     parts = [
         f"prompt {tokens_per_second(figures.prompt_tps)}",
-        f"first token {seconds(figures.ttft_s)}",
+        f"first token {seconds(figures.ttft_s) if figures.ttft_s > 0 else '—'}",
         f"decode {tokens_per_second(figures.decode_tps)}",
         f"{figures.generated_tokens} tokens",
         f"experts read {human_bytes(figures.bytes_read)}",

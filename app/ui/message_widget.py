@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from app.qt import Qt, QtGui, QtWidgets, Signal, Slot
-from app.ui.conversation import ChatEntry, ToolState
+from app.ui.conversation import Attachment, ChatEntry, ToolState
 from app.ui.format import human_bytes, message_figures_line
 from app.ui.markdown import MarkdownRenderer
 from app.ui.text_view import FittedTextView
@@ -22,10 +22,11 @@ STATUS_TEXT = {
 class FileChip(QtWidgets.QLabel):
     """A small rounded label naming an attached file."""
 
-    def __init__(self, name: str, size: int, parent: QtWidgets.QWidget | None = None) -> None:
-        super().__init__(f"{name} · {human_bytes(size)}", parent)
+    def __init__(self, attachment: Attachment, parent: QtWidgets.QWidget | None = None) -> None:
+        detail = "folder" if attachment.is_folder else human_bytes(attachment.size)
+        super().__init__(f"{attachment.name} · {detail}", parent)
         self.setObjectName("fileChip")
-        self.setToolTip(name)
+        self.setToolTip(attachment.path)
 
 
 class MessageWidget(QtWidgets.QFrame):
@@ -95,7 +96,7 @@ class MessageWidget(QtWidgets.QFrame):
         chips = QtWidgets.QHBoxLayout(self._chips)
         chips.setContentsMargins(0, 0, 0, 0)
         for attachment in entry.attachments:
-            chips.addWidget(FileChip(attachment.name, attachment.size, self._chips))
+            chips.addWidget(FileChip(attachment, self._chips))
         chips.addStretch(1)
         self._chips.setVisible(bool(entry.attachments))
 

@@ -46,7 +46,8 @@ class ToolCallCard(QtWidgets.QFrame):
         self.arguments_view.setPlainText(json.dumps(call.arguments, indent=2, ensure_ascii=False))
         lines = self.arguments_view.toPlainText().count("\n") + 1
         metrics = self.arguments_view.fontMetrics()
-        self.arguments_view.setFixedHeight(min(12, lines) * metrics.lineSpacing() + 14)
+        # Every argument visible without scrolling up to 12 lines; longer ones scroll.
+        self.arguments_view.setFixedHeight((min(12, lines) + 1) * metrics.lineSpacing() + 16)
 
         self.approve_button = QtWidgets.QPushButton("Approve", self)
         self.approve_button.setObjectName("approveButton")

@@ -1,0 +1,133 @@
+"""Which model the engine runs: the configured folder, or the demo model built on first use.
+
+Building the demo model and reading a memory plan run in subprocesses inside background ops,
+so MLX never loads into the app process and the window stays responsive.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from app.bridge import EngineBridge
+from app.ops import BackgroundOp, OpContext
+from app.qt import QObject, Signal, Slot
+from app.settings import SettingsStore
+from engine.types import EngineOptions
+
+ENGINE_SETTINGS = ("model_dir", "cache_mb", "experts_per_token", "cold_mode")
+DEMO_BUILD_TIMEOUT_S = 600
+PLAN_TIMEOUT_S = 120
+
+
+def engine_python_command(*args: str) -> list[str]:
+    """A command running engine code with this interpreter (works from a venv and a bundle)."""
+    return [sys.executable, *args]
+
+
+def build_demo_model() -> Path:
+    """Build (once) the random-weight demo model and return its folder."""
+    script = "from engine.demo_model import ensure_demo_model; print(ensure_demo_model())"
+    done = subprocess.run(
+        engine_python_command("-c", script), capture_output=True, text=True, timeout=DEMO_BUILD_TIMEOUT_S
+    )
+    if done.returncode != 0:
+        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise RuntimeError(f"The demo model could not be built: {tail}")
+    return Path(done.stdout.strip().splitlines()[-1])
+
+
+def read_memory_plan(model_dir: Path, options: EngineOptions) -> dict[str, Any]:
+    """Run `moebar-engine plan MODEL --json` and return the plan."""
+    args = ["-m", "engine.cli", "plan", str(model_dir), "--json", "--cache-mb", str(options.cache_mb)]
+    if options.experts_per_token:
+        args += ["--experts-per-token", str(options.experts_per_token)]
+    done = subprocess.run(engine_python_command(*args), capture_output=True, text=True, timeout=PLAN_TIMEOUT_S)
+    if done.returncode != 0:
+        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise RuntimeError(f"No memory plan for {model_dir}: {tail.removeprefix('error: ')}")
+    plan = json.loads(done.stdout)
+    if not isinstance(plan, dict):
+        raise RuntimeError(f"The memory plan of {model_dir} is not a JSON object")
+    return plan
+
+
+class ModelManager(QObject):
+    """Loads the configured model (or the demo model) and reloads when engine settings change."""
+
+    status = Signal(str)  # what is happening, for the status line
+    failed = Signal(str)
+    using_demo = Signal(bool)
+
+    def __init__(self, bridge: EngineBridge, settings: SettingsStore, parent: QObject | None = None) -> None:
+        super().__init__(parent)
+        self.bridge = bridge
+        self.settings = settings
+        self.demo_dir: Path | None = None
+        self.current_dir: Path | None = None
+        self._building: BackgroundOp[Path] | None = None
+        settings.changed.connect(self._on_setting_changed)
+
+    def engine_options(self) -> EngineOptions:
+        """Load options from the settings."""
+        s = self.settings.settings
+        return EngineOptions(cache_mb=float(s.cache_mb), experts_per_token=s.experts_per_token, cold=s.cold_mode)
+
+    def is_demo(self) -> bool:
+        """Whether the demo model is (or will be) loaded."""
+        return not str(self.settings.get("model_dir")).strip()
+
+    def load_configured(self) -> None:
+        """Load the model from the settings, building the demo model first when none is set."""
+        model_dir = str(self.settings.get("model_dir")).strip()
+        self.using_demo.emit(not model_dir)
+        if model_dir:
+            self._load(Path(model_dir).expanduser())
+            return
+        if self.demo_dir is not None:
+            self._load(self.demo_dir)
+            return
+        if self._building is not None:
+            return
+        self.status.emit("Preparing the demo model (first run only)…")
+        self._building = BackgroundOp(self, lambda ctx: build_demo_model(), self._on_demo_built, self._on_demo_failed)
+        self._building.run()
+
+    def _load(self, model_dir: Path) -> None:
+        self.current_dir = model_dir
+        self.status.emit(f"Loading {model_dir.name}…")
+        self.bridge.load(model_dir, self.engine_options())
+
+    def _on_demo_built(self, path: Path) -> None:
+        self._building = None
+        self.demo_dir = path
+        if self.is_demo():
+            self._load(path)
+
+    def _on_demo_failed(self, error: BaseException) -> None:
+        self._building = None
+        self.failed.emit(str(error))
+
+    @Slot(str)
+    def _on_setting_changed(self, name: str) -> None:
+        if name in ENGINE_SETTINGS:
+            self.load_configured()
+
+
+def plan_op(
+    parent: QObject,
+    model_dir: Path,
+    options: EngineOptions,
+    on_plan: Callable[[dict[str, Any]], None],
+    on_error: Callable[[BaseException], None],
+) -> BackgroundOp[dict[str, Any]]:
+    """Start reading a memory plan in the background; callbacks run in the GUI thread."""
+
+    def work(ctx: OpContext) -> dict[str, Any]:
+        return read_memory_plan(model_dir, options)
+
+    return BackgroundOp(parent, work, on_plan, on_error).run()
