@@ -78,13 +78,13 @@ def _k_sources(config: dict[str, Any]) -> list[dict[str, Any]]:
     return sources
 
 
-def trained_experts_per_token(config: dict[str, Any]) -> int:
-    """The model's trained number of routed experts per token, from config.json."""
+def trained_experts_per_token(config: dict[str, Any]) -> int | None:
+    """The model's trained number of routed experts per token from config.json (None if absent)."""
     for src in reversed(_k_sources(config)):
         for key in _K_KEYS:
             if isinstance(src.get(key), int):
                 return int(src[key])
-    raise UnsupportedModelError("config.json: no experts-per-token field (e.g. 'num_experts_per_tok')")
+    return None
 
 
 def _k_override(config: dict[str, Any], k: int) -> dict[str, Any]:
@@ -216,11 +216,11 @@ def inspect_experts(model_dir: Path, experts_per_token: int | None = None) -> Mo
     config = read_config(model_dir)
     _resolve_model_class(config, model_dir)
     index = read_model_index(model_dir)
-    trained_k = trained_experts_per_token(config)
+    trained_k = trained_experts_per_token(config) or 0
     k = experts_per_token or trained_k
-    if k < 1:
-        raise ModelError(f"--experts-per-token must be at least 1, got {k}")
-    overrides = _k_override(config, k) if k != trained_k else None
+    if experts_per_token is not None and experts_per_token < 1:
+        raise ModelError(f"--experts-per-token must be at least 1, got {experts_per_token}")
+    overrides = _k_override(config, k) if trained_k and k != trained_k else None
     try:
         model, config = load_model(model_dir, lazy=True, model_config=overrides)
     except ValueError as e:
@@ -233,6 +233,10 @@ def inspect_experts(model_dir: Path, experts_per_token: int | None = None) -> Mo
     if not found:
         raise UnsupportedModelError(
             f"{model_dir}: model_type {config['model_type']!r} has no MoE layers with stacked experts to stream"
+        )
+    if not trained_k:
+        raise UnsupportedModelError(
+            f"{model_dir / 'config.json'}: no experts-per-token field (one of {', '.join(_K_KEYS)})"
         )
     layers = [layer_experts_from_index(i, path, keys, index) for i, (path, _, keys) in enumerate(found)]
     _check_shapes(found, layers)
