@@ -58,6 +58,7 @@ class HistorySidebar(QtWidgets.QFrame):
         self.search_box.setObjectName("historySearch")
         self.search_box.setPlaceholderText("Search conversations")
         self.search_box.setClearButtonEnabled(True)
+        self.search_box.setAcceptDrops(False)  # dropped files go to the window, not into the query
         self.list = QtWidgets.QListWidget(self)
         self.list.setObjectName("historyList")
         self.list.setContextMenuPolicy(Qt.ContextMenuPolicy.CustomContextMenu)

@@ -34,3 +34,33 @@ def fake_bridge(qtbot: object, tmp_path: Path) -> Iterator[EngineBridge]:
     bridge = EngineBridge(FAKE_ENGINE_COMMAND, log_path=tmp_path / "engine.log")
     yield bridge
     bridge.shutdown()
+
+
+@pytest.fixture
+def app_parts(qtbot, tmp_path: Path, isolated_moebar_home: Path, fake_bridge: EngineBridge):
+    """Settings, history, dropped files and a chat controller on the scripted engine, model loaded."""
+    from app.bridge import READY
+    from app.history import HistoryStore
+    from app.settings import SettingsStore
+    from app.tools import DroppedFiles
+    from app.ui.chat_controller import ChatController
+
+    settings = SettingsStore(tmp_path / "settings.json")
+    history = HistoryStore(tmp_path / "history.sqlite3")
+    controller = ChatController(fake_bridge, settings, history, DroppedFiles())
+    fake_bridge.load(tmp_path / "fake-model")
+    qtbot.waitUntil(lambda: fake_bridge.state == READY, timeout=10_000)
+    yield controller
+    history.close()
+
+
+@pytest.fixture
+def main_window(qtbot, app_parts):
+    """The chat window on the scripted engine."""
+    from app.ui.main_window import MainWindow
+
+    controller = app_parts
+    window = MainWindow(controller, controller.bridge, controller.settings, controller.history)
+    qtbot.addWidget(window)
+    window.show()
+    return window

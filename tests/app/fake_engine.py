@@ -52,7 +52,7 @@ def answer(request: ChatRequest) -> None:
     last = request.messages[-1]
     rid = request.id
     if last.role == "tool":
-        words = f"The tool said: {last.content}".split(" ")
+        words = [f"{w} " for w in f"The tool said: {last.content}".split(" ")]
         stream(rid, words, delay=0.005)
         return
     text = last.content
