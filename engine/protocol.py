@@ -73,7 +73,9 @@ class LiveFigures:
     resident_bytes: int = 0  # bytes held by the in-process expert cache
     rss_bytes: int = 0  # process resident set size
     pressure_level: Literal["normal", "warning", "critical", "unknown"] = "unknown"
-    pressure_raw: str = ""  # the platform's raw reading (macOS level, Linux PSI line)
+    pressure_raw: str = ""  # the platform's raw reading, readable (e.g. "some avg10=0.00% full avg10=0.00%")
+    pressure_value: float = 0.0  # the raw number: macOS level 1/2/4, PSI full avg10 %, or available RAM share
+    pressure_source: str = ""  # where it came from (sysctl name, PSI file, psutil)
     prompt_tokens: int = 0  # of the current request: prefilled so far
     generated_tokens: int = 0  # of the current request: generated so far
 
@@ -104,12 +106,16 @@ class LoadRequest:
     TYPE: ClassVar[str] = "load"
     model_dir: str
     options: EngineOptions = field(default_factory=EngineOptions)
+    prompt_cache_mb: float = 1024.0  # bound of the prompt (KV) cache kept across turns
 
     def check(self) -> None:
         """Raise ProtocolError when a value is out of range."""
         o = self.options
         _require(bool(self.model_dir.strip()), "load.model_dir", "must not be empty")
         _require(o.cache_mb >= 0, "load.options.cache_mb", f"must be >= 0, got {o.cache_mb}")
+        _require(
+            self.prompt_cache_mb >= 0, "load.prompt_cache_mb", f"must be >= 0, got {self.prompt_cache_mb}"
+        )
         _require(
             o.experts_per_token is None or o.experts_per_token >= 1,
             "load.options.experts_per_token",

@@ -1,0 +1,332 @@
+"""The service both front-ends share: owns the Engine, runs chat turns, reports protocol events.
+
+A chat turn: render the conversation with the model's template, take the best prompt-cache
+entry, prefill what is new, stream the answer through the OutputSplitter (reasoning, answer,
+tool calls), and keep the final cache state for the next turn.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from engine.chat import ChatFormat, OutputSplitter, Piece, prompt_ends_in_reasoning, render_prompt
+from engine.errors import MoeBarError, RequestError
+from engine.live_stats import LiveStats
+from engine.prompt_cache import PromptCache, cache_is_trimmable, cache_length, common_prefix_len, snapshot
+from engine.protocol import (
+    ChatMessage,
+    ChatRequest,
+    DoneEvent,
+    ErrorEvent,
+    Event,
+    LiveFigures,
+    LoadedEvent,
+    LoadRequest,
+    MessageFigures,
+    ProgressEvent,
+    StatsEvent,
+    TokenTextEvent,
+    ToolCallEvent,
+)
+from engine.types import EngineOptions, GenerationStats, SamplingParams
+
+if TYPE_CHECKING:
+    from engine.engine import Engine
+
+log = logging.getLogger(__name__)
+
+Emit = Callable[[Event], None]
+EngineLoader = Callable[..., "Engine"]
+NO_TOKEN = -1  # engine.generate's token id of an event that only reports a cancellation
+
+
+class NotLoadedError(RequestError):
+    """A request needs a model but none is loaded."""
+
+    code = "not_loaded"
+
+
+class BusyError(RequestError):
+    """A request needs the engine while another one holds it."""
+
+    code = "busy"
+
+
+def _default_loader(model_dir: str | Path, options: EngineOptions, progress: Any = None) -> "Engine":
+    from engine.engine import Engine
+
+    return Engine.load(model_dir, options, progress=progress)
+
+
+@dataclass
+class _Turn:
+    """State of the chat turn in progress (read by the live-figures thread)."""
+
+    request_id: str
+    started: float = field(default_factory=time.perf_counter)
+    prompt_tokens: int = 0
+    stats: list[GenerationStats] = field(default_factory=list)  # one per engine.generate call
+    first_token_at: float | None = None
+
+
+class EngineService:
+    """Owns one Engine and serves load, chat and unload; thread-safe, one turn at a time."""
+
+    def __init__(self, loader: EngineLoader = _default_loader, live: LiveStats | None = None) -> None:
+        self._loader = loader
+        self.engine: "Engine | None" = None
+        self.loaded: LoadedEvent | None = None
+        self.prompt_cache = PromptCache(max_bytes=0)
+        self._fmt = ChatFormat()
+        self._lock = threading.Lock()  # held by load, unload and chat
+        self._turn: _Turn | None = None
+        self._loading = False
+        self.live = live or LiveStats()
+
+    # ------------------------------------------------------------------ load / unload
+
+    def load(self, req: LoadRequest, emit: Emit) -> LoadedEvent:
+        """Load a model (replacing the current one); emits progress; returns the loaded event."""
+        with self._lock:
+            self._unload_locked()
+            self._loading = True
+            t0 = time.perf_counter()
+
+            def progress(stage: str, fraction: float) -> None:
+                emit(ProgressEvent(stage=str(stage), fraction=min(1.0, max(0.0, float(fraction)))))
+
+            try:
+                engine = self._loader(req.model_dir, req.options, progress=progress)
+            finally:
+                self._loading = False
+            self.engine = engine
+            self._fmt = ChatFormat.from_tokenizer(engine.tokenizer)
+            self.prompt_cache = PromptCache(max_bytes=int(req.prompt_cache_mb * 2**20))
+            self.live.attach(engine)
+            self.loaded = _loaded_event(engine, self._fmt, time.perf_counter() - t0)
+            return self.loaded
+
+    def unload(self) -> None:
+        """Free the model and the prompt cache."""
+        with self._lock:
+            self._unload_locked()
+
+    def _unload_locked(self) -> None:
+        self.prompt_cache.clear()
+        self.live.attach(None)
+        if self.engine is not None:
+            engine, self.engine, self.loaded = self.engine, None, None
+            engine.close()
+
+    def close(self) -> None:
+        """Unload and stop background work."""
+        self.unload()
+
+    @property
+    def busy(self) -> bool:
+        """Whether a load or a chat turn is running."""
+        return self._loading or self._turn is not None
+
+    # ------------------------------------------------------------------ live figures
+
+    def live_figures(self) -> tuple[str | None, LiveFigures]:
+        """The current request id (None when idle) and the live figures."""
+        turn = self._turn
+        if turn is None:
+            return None, self.live.sample(None)
+        return turn.request_id, self.live.sample(_turn_figures(turn))
+
+    # ------------------------------------------------------------------ chat
+
+    def chat(self, req: ChatRequest, emit: Emit, cancelled: Callable[[], bool]) -> DoneEvent:
+        """Run one chat turn, emitting token/tool_call events; returns (does not emit) the done event."""
+        with self._lock:
+            engine = self.engine
+            if engine is None:
+                raise NotLoadedError("no model is loaded: send a load request first")
+            turn = _Turn(request_id=req.id)
+            self._turn = turn
+            try:
+                done = self._chat_locked(engine, req, emit, cancelled, turn)
+                emit(StatsEvent(figures=self.live.sample(_turn_figures(turn)), id=req.id))
+                return done
+            finally:
+                self._turn = None
+
+    def _chat_locked(
+        self, engine: "Engine", req: ChatRequest, emit: Emit, cancelled: Callable[[], bool], turn: _Turn
+    ) -> DoneEvent:
+        tok = engine.tokenizer
+        if req.tools and not self._fmt.supports_tools:
+            raise RequestError(f"chat.tools: the model {engine.model_dir.name} has no tool-call format")
+        prompt = render_prompt(tok, req.messages, req.tools, req.thinking)
+        turn.prompt_tokens = len(prompt)
+        context = self.loaded.context_length if self.loaded else 0
+        if context and len(prompt) >= context:
+            raise RequestError(f"chat.messages: the prompt has {len(prompt)} tokens; the model's context is {context}")
+        hit = self.prompt_cache.fetch(prompt)
+        kv, reused = (hit.cache, hit.reused) if hit else (engine.make_kv_cache(), 0)
+        splitter = OutputSplitter(self._fmt, req.tools, in_reasoning=prompt_ends_in_reasoning(tok, prompt))
+        detok = tok.detokenizer
+        eos = set(tok.eos_token_ids)
+        bytes_before = engine.expert_counters()["bytes_read"]
+        split, snapshot_end = (None, False) if cache_is_trimmable(kv) else self._snapshot_points(req, prompt)
+        held = reused
+        if split is not None and split >= reused:
+            held = self._prefill_and_snapshot(engine, prompt, split, kv, reused, cancelled, turn)
+            if held < 0:
+                return self._finish(engine, req, turn, "cancelled", reused, bytes_before)
+        generated: list[int] = []
+        reason = "stop"
+        for ev in engine.generate(prompt[held:], req.sampling, stop=cancelled, kv_cache=kv, reused_tokens=reused):
+            if not turn.stats or turn.stats[-1] is not ev.stats:
+                turn.stats.append(ev.stats)
+            if ev.token != NO_TOKEN:
+                if turn.first_token_at is None:
+                    turn.first_token_at = time.perf_counter()
+                    if snapshot_end:  # the first token is not fed yet: the cache holds the prompt
+                        self._store_snapshot(prompt, kv)
+                generated.append(ev.token)
+                if ev.token not in eos:
+                    detok.add_token(ev.token)
+                    self._emit_pieces(req.id, splitter.feed(detok.last_segment), emit)
+            reason = ev.finish_reason or reason
+        detok.finalize()
+        self._emit_pieces(req.id, splitter.feed(detok.last_segment) + splitter.finish(), emit)
+        self._keep(prompt + generated, kv)
+        if reason == "stop" and splitter.tool_calls:
+            reason = "tool_calls"
+        return self._finish(engine, req, turn, reason, reused, bytes_before)
+
+    def _snapshot_points(self, req: ChatRequest, prompt: list[int]) -> tuple[int | None, bool]:
+        """Where to copy a cache that cannot be trimmed: (a split point to prefill up to, or None; copy at the prompt's end?).
+
+        The next turn is probed by rendering this conversation plus a reply and a new message.
+        If it starts with the whole prompt, a copy at the prompt's end serves it; otherwise (a
+        template that re-renders the generation prompt, e.g. an empty <think> block) the copy is
+        taken where the conversation ends, which needs the prefill split there.
+        """
+        assert self.engine is not None
+        tok = self.engine.tokenizer
+        probe_messages = [*req.messages, ChatMessage(role="assistant", content="x"), ChatMessage(role="user", content="y")]
+        try:
+            probe = render_prompt(tok, probe_messages, req.tools, req.thinking)
+            if common_prefix_len(prompt, probe) == len(prompt):
+                return None, True
+            conversation = render_prompt(tok, req.messages, req.tools, req.thinking, add_generation_prompt=False)
+        except RequestError:  # a template that refuses the probe: no snapshot this turn
+            return None, False
+        split = len(conversation)
+        shared = common_prefix_len(conversation, prompt) == split and common_prefix_len(conversation, probe) == split
+        return (split, False) if shared and 0 < split < len(prompt) else (None, False)
+
+    def _prefill_and_snapshot(
+        self,
+        engine: "Engine",
+        prompt: list[int],
+        split: int,
+        kv: list[Any],
+        reused: int,
+        cancelled: Callable[[], bool],
+        turn: _Turn,
+    ) -> int:
+        """Prefill the prompt up to `split`, store a copy of the cache there; return split, or -1 if cancelled."""
+        if split > reused:
+            # Prefill only: the first event comes right after the prefill, before its token is fed.
+            gen = engine.generate(
+                prompt[reused:split], SamplingParams(max_tokens=1), stop=cancelled, kv_cache=kv, reused_tokens=reused
+            )
+            try:
+                first = next(gen)
+            finally:
+                gen.close()
+            turn.stats.append(first.stats)
+            if first.finish_reason == "cancelled":
+                return -1
+        self._store_snapshot(prompt[:split], kv)
+        return split
+
+    def _store_snapshot(self, tokens: list[int], kv: list[Any]) -> None:
+        """Store a copy of the cache, if it holds exactly `tokens` (otherwise keep nothing rather than a wrong state)."""
+        if cache_length(kv) == len(tokens):
+            self.prompt_cache.store(tokens, snapshot(kv))
+        else:
+            log.warning("prompt cache: no snapshot (cache holds %s tokens, expected %d)", cache_length(kv), len(tokens))
+
+    def _keep(self, tokens: list[int], kv: list[Any]) -> None:
+        """Store the final cache state under the tokens it holds."""
+        held = cache_length(kv)
+        if held is None or held == 0 or held > len(tokens):
+            return
+        self.prompt_cache.store(tokens[:held], kv)
+
+    @staticmethod
+    def _emit_pieces(request_id: str, pieces: list[Piece], emit: Emit) -> None:
+        for p in pieces:
+            if p.kind in ("reasoning", "answer"):
+                emit(TokenTextEvent(id=request_id, text=p.text, kind="reasoning" if p.kind == "reasoning" else "answer"))
+            elif p.kind == "tool_call" and p.call is not None:
+                emit(ToolCallEvent(id=request_id, call_id=p.call.id, name=p.call.name, arguments=p.call.arguments))
+            elif p.kind == "tool_error":
+                emit(ErrorEvent(code="bad_tool_call", message=f"the model wrote a tool call that cannot be read: {p.error}", usable=True, id=request_id))
+
+    def _finish(self, engine: "Engine", req: ChatRequest, turn: _Turn, reason: str, reused: int, bytes_before: int) -> DoneEvent:
+        figures = _turn_figures(turn)
+        figures.reused_tokens = reused
+        figures.bytes_read = engine.expert_counters()["bytes_read"] - bytes_before
+        return DoneEvent(id=req.id, finish_reason=reason, figures=figures)  # type: ignore[arg-type]
+
+
+def _turn_figures(turn: _Turn) -> MessageFigures:
+    """Combine the stats of a turn's engine calls into the message's figures."""
+    f = MessageFigures()
+    hits = misses = 0
+    for s in turn.stats:
+        f.prompt_tokens += s.prompt_tokens
+        f.bytes_read += s.prefill.bytes_read + s.decode.bytes_read
+        hits += s.prefill.cache_hits + s.decode.cache_hits
+        misses += s.prefill.cache_misses + s.decode.cache_misses
+        f.peak_rss_bytes = max(f.peak_rss_bytes, s.peak_rss_bytes)
+    prompt_s = sum(s.prompt_s for s in turn.stats)
+    if turn.stats:
+        last = turn.stats[-1]
+        f.reused_tokens = turn.stats[0].reused_tokens
+        f.generated_tokens = last.generated_tokens
+        f.decode_tps = last.decode_tps
+    f.prompt_tps = f.prompt_tokens / prompt_s if prompt_s > 0 else 0.0
+    f.ttft_s = (turn.first_token_at - turn.started) if turn.first_token_at else 0.0
+    f.elapsed_s = time.perf_counter() - turn.started
+    f.cache_hit_rate = hits / (hits + misses) if hits + misses else 0.0
+    return f
+
+
+def _loaded_event(engine: "Engine", fmt: ChatFormat, load_s: float) -> LoadedEvent:
+    config = engine.config.get("text_config", engine.config)
+    plan = engine.plan.to_dict()
+    return LoadedEvent(
+        model_dir=str(engine.model_dir),
+        name=Path(engine.model_dir).name,
+        model_type=engine.model_type,
+        num_layers=int(config.get("num_hidden_layers", 0)),
+        num_experts=int(plan.get("experts_per_layer", config.get("num_experts", 0)) or 0),
+        experts_per_token=int(plan.get("experts_per_token", 0) or 0),
+        context_length=int(config.get("max_position_embeddings", 0) or 0),
+        supports_tools=fmt.supports_tools,
+        supports_thinking=fmt.supports_thinking,
+        plan=plan,
+        load_s=load_s,
+    )
+
+
+def error_event(exc: BaseException, request_id: str | None = None) -> ErrorEvent:
+    """Turn an exception into an error event; only memory exhaustion marks the engine unusable."""
+    if isinstance(exc, MoeBarError):
+        return ErrorEvent(code=exc.code, message=str(exc), usable=True, id=request_id, field=getattr(exc, "field", None))
+    usable = not isinstance(exc, MemoryError)
+    return ErrorEvent(code="internal_error", message=f"{type(exc).__name__}: {exc}", usable=usable, id=request_id)
