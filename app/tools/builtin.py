@@ -1,0 +1,324 @@
+"""The built-in file tools: read_file, list_folder, search_text, file_info. Read-only, sandboxed to drops."""
+
+from __future__ import annotations
+
+import os
+import stat
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import regex as regex_engine
+
+from app.tools.errors import ToolError
+from app.tools.limits import human_size
+from app.tools.names import shown
+from app.tools.sandbox import DroppedFiles, OpenedPath, kind_of
+from app.tools.textfile import count_newlines, decode_line, iter_raw_lines, sniff_fd
+from app.tools.walking import SKIPPED_FOLDERS, WalkEntry, walk_folder
+
+MAX_PATTERN_CHARS = 1000
+MAX_EXCERPT_CHARS = 240
+DEFAULT_LIST_ENTRIES = 200
+DEFAULT_SEARCH_RESULTS = 50
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number:,} {noun}" if number == 1 else f"{number:,} {noun}s"
+
+
+def _line_total(opened: OpenedPath, consumed: int, lines_seen: int, limit: int) -> int:
+    """Total lines of the file: `lines_seen` in the first `consumed` bytes plus those counted after them."""
+    more, ends_with_newline = count_newlines(opened.fd, consumed, limit)
+    size = min(opened.stat.st_size, limit)
+    partial_last = 1 if size > consumed and not ends_with_newline else 0
+    return lines_seen + more + partial_last
+
+
+def read_file(dropped: DroppedFiles, path: str, start_line: int = 1, end_line: int | None = None) -> str:
+    """Lines start_line..end_line (1-based, inclusive) of a dropped text file, capped in lines and bytes."""
+    limits = dropped.limits
+    if start_line < 1:
+        raise ToolError(f"start_line must be 1 or more, not {start_line}.")
+    if end_line is not None and end_line < start_line:
+        raise ToolError(f"end_line ({end_line}) is before start_line ({start_line}).")
+    with dropped.open_file(path) as opened:
+        kept: list[str] = []
+        kept_bytes = 0
+        line_number = 0
+        consumed = 0
+        cut: str | None = None
+        for raw in iter_raw_lines(opened.fd, limits.max_file_bytes):
+            if line_number + 1 >= start_line and (end_line is None or line_number + 1 <= end_line):
+                if len(kept) >= limits.max_read_lines:
+                    cut = f"{limits.max_read_lines:,} lines"
+                    break
+                if kept_bytes + len(raw) > limits.max_read_bytes:
+                    cut = human_size(limits.max_read_bytes)
+                    if not kept:  # one enormous line: show its beginning rather than nothing
+                        kept.append(decode_line(raw[: limits.max_read_bytes]) + " [line cut here]")
+                        line_number += 1
+                        consumed += len(raw)
+                    break
+                kept.append(decode_line(raw))
+                kept_bytes += len(raw)
+            line_number += 1
+            consumed += len(raw)
+            if end_line is not None and line_number >= end_line:
+                break
+        total = _line_total(opened, consumed, line_number, limits.max_file_bytes)
+        if total == 0:
+            return f"[{opened.shown}: empty file]"
+        if start_line > total:
+            raise ToolError(f"start_line {start_line} is past the end of '{opened.shown}', which has {total} lines.")
+        first, last = start_line, start_line + len(kept) - 1
+        parts = [f"[{opened.shown}: lines {first}-{last} of {total}]", *kept]
+        if cut is not None:
+            parts.append(f"[Cut at {cut}. Call read_file with start_line={last + 1} to read on.]")
+        elif opened.stat.st_size > limits.max_file_bytes:
+            parts.append(f"[Only the first {human_size(limits.max_file_bytes)} of the file can be read.]")
+        return "\n".join(parts)
+
+
+def _describe_entry(entry: WalkEntry, dropped_identities: set[tuple[int, int]]) -> str:
+    info = entry.stat
+    if info is None:
+        return f"{entry.shown}  (could not be examined)"
+    notes = []
+    if entry.is_folder:
+        line = f"{entry.shown}/"
+        if entry.name in SKIPPED_FOLDERS:
+            notes.append("not expanded")
+    elif entry.is_symlink:
+        try:
+            target = os.readlink(entry.name, dir_fd=entry.parent_fd)
+        except OSError:
+            target = "?"
+        line = f"{entry.shown} -> {shown(target)}"
+        notes.append("symbolic link")
+    elif entry.is_file:
+        line = entry.shown
+        notes.append(human_size(info.st_size))
+        if info.st_nlink > 1 and (info.st_dev, info.st_ino) not in dropped_identities:
+            notes.append("hard link, not readable")
+    else:
+        line = entry.shown
+        notes.append(f"{kind_of(info.st_mode)}, not readable")
+    if entry.has_unsafe_name:
+        notes.append("name has hidden or control characters, not readable")
+    return f"{line}  ({', '.join(notes)})" if notes else line
+
+
+def list_folder(dropped: DroppedFiles, path: str = "", recursive: bool = False,
+                max_entries: int = DEFAULT_LIST_ENTRIES) -> str:
+    """The entries of a dropped folder (or of the drops themselves when path is empty), one per line."""
+    if not path.strip():
+        return dropped.describe_for_model()
+    cap = max(1, min(max_entries, dropped.limits.max_list_entries))
+    identities = dropped.dropped_file_identities()
+    with dropped.open_folder(path) as opened:
+        lines: list[str] = []
+        more = False
+        for entry in walk_folder(opened.fd, opened.shown, recursive):
+            if len(lines) == cap:
+                more = True
+                break
+            lines.append(_describe_entry(entry, identities))
+    if not lines:
+        return f"[{opened.shown}/ is empty]"
+    header = f"[{opened.shown}/: {len(lines)}{'+' if more else ''} entries{', recursive' if recursive else ''}]"
+    footer = [f"[Stopped after {cap} entries; list a subfolder or raise max_entries "
+              f"(up to {dropped.limits.max_list_entries}).]"] if more else []
+    return "\n".join([header, *lines, *footer])
+
+
+Matcher = Callable[[str, float], "tuple[int, int] | None"]
+
+
+def _make_matcher(pattern: str, is_regex: bool, case_sensitive: bool) -> Matcher:
+    if is_regex:
+        try:
+            compiled = regex_engine.compile(pattern, 0 if case_sensitive else regex_engine.IGNORECASE)
+        except (regex_engine.error, OverflowError, RecursionError, ValueError) as error:
+            raise ToolError(f"'{shown(pattern)}' is not a valid regular expression: {error}.") from None
+
+        def find_regex(line: str, timeout: float) -> tuple[int, int] | None:
+            found = compiled.search(line, timeout=timeout)
+            return found.span() if found else None
+
+        return find_regex
+    needle = pattern if case_sensitive else pattern.casefold()
+
+    def find_text(line: str, timeout: float) -> tuple[int, int] | None:
+        haystack = line if case_sensitive else line.casefold()
+        index = haystack.find(needle)
+        return (index, index + len(needle)) if index >= 0 else None
+
+    return find_text
+
+
+def _excerpt(line: str, span: tuple[int, int]) -> str:
+    text = line.strip()
+    if len(text) <= MAX_EXCERPT_CHARS:
+        return text
+    offset = len(line) - len(line.lstrip())
+    start = max(0, span[0] - offset - MAX_EXCERPT_CHARS // 3)
+    piece = text[start: start + MAX_EXCERPT_CHARS]
+    return ("…" if start > 0 else "") + piece + ("…" if start + MAX_EXCERPT_CHARS < len(text) else "")
+
+
+@dataclass
+class _Search:
+    dropped: DroppedFiles
+    find: Matcher
+    max_results: int
+    deadline: float
+    matches: list[str] = field(default_factory=list)
+    files_searched: int = 0
+    files_matched: int = 0
+    bytes_read: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)
+    stop_reason: str | None = None
+    dropped_identities: set[tuple[int, int]] = field(default_factory=set)
+
+    def skip(self, why: str) -> None:
+        self.skipped[why] = self.skipped.get(why, 0) + 1
+
+    def search_fd(self, fd: int, info: os.stat_result, shown_path: str, inside_folder: bool) -> None:
+        limits = self.dropped.limits
+        if info.st_size > limits.max_file_bytes:
+            return self.skip(f"over {human_size(limits.max_file_bytes)}")
+        if inside_folder and info.st_nlink > 1 and (info.st_dev, info.st_ino) not in self.dropped_identities:
+            return self.skip("hard-linked")
+        if self.files_searched >= limits.max_search_files or self.bytes_read + info.st_size > limits.max_search_bytes:
+            self.stop_reason = (f"Stopped after {self.files_searched} files ({human_size(self.bytes_read)}); "
+                                "search a smaller folder.")
+            return None
+        if sniff_fd(fd, info.st_size, limits.sniff_bytes) is not None:
+            return self.skip("binary")
+        self.files_searched += 1
+        self.bytes_read += info.st_size
+        matched_before = len(self.matches)
+        for number, raw in enumerate(iter_raw_lines(fd, limits.max_file_bytes), start=1):
+            remaining = self.deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError
+            line = decode_line(raw)
+            span = self.find(line, remaining)
+            if span is None:
+                continue
+            self.matches.append(f"{shown_path}:{number}: {_excerpt(line, span)}")
+            if len(self.matches) >= self.max_results:
+                self.stop_reason = (f"Stopped at {self.max_results} matches; narrow the search or raise max_results "
+                                    f"(up to {limits.max_search_results}).")
+                break
+        if len(self.matches) > matched_before:
+            self.files_matched += 1
+        return None
+
+    def search_opened(self, opened: OpenedPath) -> None:
+        if not opened.is_folder:
+            return self.search_fd(opened.fd, opened.stat, opened.shown, inside_folder=opened.inside_folder)
+        for entry in walk_folder(opened.fd, opened.shown, recursive=True):
+            if self.stop_reason is not None:
+                return None
+            if entry.is_symlink:
+                self.skip("symbolic link")
+            elif entry.is_file and entry.has_unsafe_name:
+                self.skip("hidden characters in name")
+            elif entry.is_file:
+                assert entry.stat is not None
+                try:
+                    fd = entry.open_file()
+                except OSError:
+                    self.skip("unreadable")
+                    continue
+                try:
+                    self.search_fd(fd, entry.stat, entry.shown, inside_folder=True)
+                finally:
+                    os.close(fd)
+        return None
+
+
+def search_text(dropped: DroppedFiles, pattern: str, path: str = "", regex: bool = False,
+                case_sensitive: bool = False, max_results: int = DEFAULT_SEARCH_RESULTS) -> str:
+    """Lines matching a substring or regular expression across dropped files and folders, as file:line: text."""
+    limits = dropped.limits
+    if not pattern:
+        raise ToolError("The search pattern is empty; give the text or regular expression to look for.")
+    if len(pattern) > MAX_PATTERN_CHARS:
+        raise ToolError(f"The search pattern is {len(pattern)} characters long; the limit is {MAX_PATTERN_CHARS}.")
+    search = _Search(dropped, _make_matcher(pattern, regex, case_sensitive),
+                     max(1, min(max_results, limits.max_search_results)), time.monotonic() + limits.search_timeout_s,
+                     dropped_identities=dropped.dropped_file_identities())
+    targets = [path] if path.strip() else [item.name for item in dropped.items()]
+    if not targets:
+        raise ToolError("No files or folders have been dropped, so there is nothing to search. Ask the user to "
+                        "drop the files you need onto the MoeBar window.")
+    try:
+        for target in targets:
+            if search.stop_reason is not None:
+                break
+            try:
+                opened = dropped.open(target)
+            except ToolError as error:
+                if path.strip():
+                    raise
+                search.skip(f"refused ({error})")
+                continue
+            with opened:
+                search.search_opened(opened)
+    except TimeoutError:
+        if not search.matches:
+            raise ToolError(f"The search for '{shown(pattern)}' took longer than {limits.search_timeout_s:g} s and was "
+                            "stopped. Use a simpler pattern or search a smaller folder.") from None
+        search.stop_reason = f"Stopped after {limits.search_timeout_s:g} s; results are incomplete."
+    kind = "regular expression" if regex else "text"
+    if search.matches:
+        lines = [f"[{_count(len(search.matches), 'matching line')} for {kind} '{shown(pattern)}' in "
+                 f"{_count(search.files_matched, 'file')}; {_count(search.files_searched, 'file')} searched]",
+                 *search.matches]
+    else:
+        lines = [f"[No lines match {kind} '{shown(pattern)}'; {_count(search.files_searched, 'file')} searched]"]
+    if search.stop_reason:
+        lines.append(f"[{search.stop_reason}]")
+    if search.skipped:
+        lines.append("[Skipped: " + ", ".join(f"{count} {why}" for why, count in sorted(search.skipped.items())) + "]")
+    return "\n".join(lines)
+
+
+def file_info(dropped: DroppedFiles, path: str) -> str:
+    """Size, modification time, type and line count of a dropped file or folder."""
+    limits = dropped.limits
+    with dropped.open(path) as opened:
+        info = opened.stat
+        modified = time.strftime("%Y-%m-%d %H:%M:%S %z", time.localtime(info.st_mtime))
+        lines = [f"path: {opened.shown}"]
+        if opened.is_folder:
+            names = os.listdir(opened.fd)
+            folders = sum(1 for name in names if _is_folder_at(opened.fd, name))
+            lines += ["type: folder",
+                      f"entries: {len(names)} ({_count(folders, 'folder')}, {len(names) - folders} other)",
+                      f"modified: {modified}"]
+            return "\n".join(lines)
+        size = info.st_size
+        lines.append(f"size: {size:,} bytes ({human_size(size)})")
+        lines.append(f"modified: {modified}")
+        if size > limits.max_file_bytes:
+            lines += ["type: file", f"lines: not counted (over the {human_size(limits.max_file_bytes)} limit)"]
+            return "\n".join(lines)
+        problem = sniff_fd(opened.fd, size, limits.sniff_bytes)
+        if problem is not None:
+            lines.append(f"type: binary file (it {problem}; read_file will refuse it)")
+            return "\n".join(lines)
+        newlines, ends_with_newline = count_newlines(opened.fd, 0, limits.max_file_bytes)
+        line_count = newlines + (0 if size == 0 or ends_with_newline else 1)
+        lines += ["type: text file (UTF-8)", f"lines: {line_count:,}"]
+        return "\n".join(lines)
+
+
+def _is_folder_at(folder_fd: int, name: str) -> bool:
+    try:
+        return stat.S_ISDIR(os.stat(name, dir_fd=folder_fd, follow_symlinks=False).st_mode)
+    except OSError:
+        return False
