@@ -1,0 +1,158 @@
+"""`moebar`: the menu-bar chat app. Starts the engine, the window, the tray item and Quick Ask."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from app import paths
+from app.bridge import EngineBridge
+from app.history import HistoryError, HistoryStore, open_history
+from app.qt import QtCore, QtWidgets, Slot
+from app.settings import SettingsStore
+from app.tools import DroppedFiles
+from app.ui.chat_controller import ChatController
+from app.ui.macos import hide_dock_icon
+from app.ui.main_window import MainWindow
+from app.ui.model_dialog import ModelDialog
+from app.ui.model_manager import ModelManager
+from app.ui.quick_ask import QuickAskWindow
+from app.ui.settings_dialog import SettingsDialog
+from app.ui.theme import app_icon, apply_theme, resolve_theme
+from app.ui.tray import TrayController, tray_available
+
+log = logging.getLogger(__name__)
+
+
+class MoeBarApp(QtCore.QObject):
+    """Every long-lived part of the app, wired together (the entry point and tests build one)."""
+
+    def __init__(self, qt_app: QtWidgets.QApplication, engine_command: Sequence[str] | None = None,
+                 use_tray: bool | None = None) -> None:
+        super().__init__()
+        self.qt_app = qt_app
+        self.settings = SettingsStore()
+        self.theme = resolve_theme(str(self.settings.get("theme")))
+        apply_theme(qt_app, self.theme)
+        self.history: HistoryStore | None
+        history_notice = ""
+        try:
+            self.history, corrupt = open_history()
+            history_notice = corrupt or ""
+        except HistoryError as exc:
+            self.history, history_notice = None, f"{exc} Chats will not be saved this session."
+        self.bridge = EngineBridge(engine_command, log_path=paths.log_dir() / "engine.log")
+        self.controller = ChatController(self.bridge, self.settings, self.history, DroppedFiles())
+        self.models = ModelManager(self.bridge, self.settings)
+        self.window = MainWindow(self.controller, self.bridge, self.settings, self.history, self.theme)
+        self.quick_ask = QuickAskWindow(self.bridge, self.settings, self.history, self.theme)
+        self.tray: TrayController | None = None
+        if tray_available() if use_tray is None else use_tray:
+            self.tray = TrayController(self.bridge, self.theme.name)
+            self.tray.open_chat_requested.connect(self.window.show_and_raise)
+            self.tray.quick_ask_requested.connect(self.quick_ask.popup)
+            self.tray.settings_requested.connect(self.open_settings)
+            self.tray.quit_requested.connect(self.quit)
+            self.tray.show()
+        # With a tray the app lives on after its window closes; without one, closing quits.
+        qt_app.setQuitOnLastWindowClosed(self.tray is None)
+        self.window.settings_requested.connect(self.open_settings)
+        self.window.model_dialog_requested.connect(self.open_model_dialog)
+        self.window.quick_ask_requested.connect(self.quick_ask.popup)
+        self.quick_ask.open_in_chat_requested.connect(self._open_quick_ask_chat)
+        self.models.status.connect(self.window.state_label.setText)
+        self.models.failed.connect(lambda text: self.window.show_notice("error", text))
+        self.models.using_demo.connect(self._on_using_demo)
+        self.settings.changed.connect(self._on_setting_changed)
+        qt_app.aboutToQuit.connect(self.shutdown)
+        for warning in self.settings.load_warnings:
+            self.window.show_notice("warning", warning)
+        if history_notice:
+            self.window.show_notice("error", history_notice)
+
+    def start(self, show_window: bool = True) -> None:
+        """Show the window (unless living in the tray only) and load the model."""
+        if show_window or self.tray is None:
+            self.window.show_and_raise()
+        self.models.load_configured()
+
+    @Slot()
+    def open_settings(self) -> None:
+        """Show the settings dialog."""
+        trained = 0
+        if self.bridge.model is not None:
+            trained = int(self.bridge.model.plan.get("trained_experts_per_token", 0) or 0)
+        SettingsDialog(self.settings, trained, self.window).exec()
+
+    @Slot()
+    def open_model_dialog(self) -> None:
+        """Show the model dialog."""
+        ModelDialog(self.settings, self.models, self.window).exec()
+
+    @Slot()
+    def quit(self) -> None:
+        """Quit the app (the engine is stopped on the way out)."""
+        self.qt_app.quit()
+
+    @Slot()
+    def shutdown(self) -> None:
+        """Stop the engine and close the history."""
+        self.window.save_geometry()
+        if self.tray is not None:
+            self.tray.hide()
+        self.bridge.shutdown()
+        if self.history is not None:
+            self.history.close()
+            self.history = None
+
+    @Slot(int)
+    def _open_quick_ask_chat(self, conversation_id: int) -> None:
+        self.window.sidebar.refresh()
+        self.controller.open_conversation(conversation_id)
+        self.window.show_and_raise()
+
+    @Slot(bool)
+    def _on_using_demo(self, demo: bool) -> None:
+        if demo:
+            self.window.chat_view.set_placeholder(
+                "No model is configured, so the built-in demo model is used: its weights are random and "
+                "its answers are gibberish, but every part of the app works. Choose a real model with "
+                "Model… in the toolbar.")
+
+    @Slot(str)
+    def _on_setting_changed(self, name: str) -> None:
+        if name == "theme":
+            self.theme = resolve_theme(str(self.settings.get("theme")))
+            apply_theme(self.qt_app, self.theme)
+            self.window.set_theme(self.theme)
+            if self.tray is not None:
+                self.tray.set_theme(self.theme.name)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """Command-line options of `moebar`."""
+    parser = argparse.ArgumentParser(prog="moebar", description=__doc__)
+    parser.add_argument("--background", action="store_true",
+                        help="start in the menu bar without opening the chat window")
+    parser.add_argument("--no-tray", action="store_true", help="do not put an item in the menu bar")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the app until Quit."""
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    qt_app = QtWidgets.QApplication(sys.argv[:1])
+    qt_app.setApplicationName("MoeBar")
+    qt_app.setApplicationDisplayName("MoeBar")
+    qt_app.setWindowIcon(app_icon())
+    hide_dock_icon()
+    moebar = MoeBarApp(qt_app, use_tray=False if args.no_tray else None)
+    moebar.start(show_window=not args.background)
+    return qt_app.exec()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
