@@ -72,6 +72,11 @@ PRESETS: dict[str, ModelShape] = {
     # Qwen3-30B-A3B's shapes (48 layers, 128 experts, top-8); ~16 GB at 4 bits
     "qwen3-30b-shape": ModelShape(2048, 48, 32, 4, 128, 128, 8, 768, 6144, 512, 16, 32, 128),
 }
+# Expert (switch_mlp) scales/biases dtype per preset. float32 keeps every CPU kernel on its fast
+# path; the 30B shape stores them as bfloat16, like real mlx-community 4-bit Qwen models, so
+# that one expert is 2,654,208 bytes as there (mixed fp32 activations x bf16 scales stay fast).
+EXPERT_SCALES_DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16}
+PRESET_EXPERT_SCALES = {"qwen3-30b-shape": "bfloat16"}
 
 
 def preset_shape(preset: str) -> ModelShape:
@@ -271,7 +276,7 @@ correctly; only the model behind it is random.
 | preset | {preset} |
 | layers / hidden size | {layers} / {hidden} |
 | experts per layer / active per token | {experts} / {top_k} |
-| quantization | {bits}-bit, group size {group_size} |
+| quantization | {bits}-bit, group size {group_size}; expert scales {scales} |
 | seed | {seed} |
 | size on disk | {size_mb:.1f} MB in {shards} safetensors file(s) |
 
@@ -312,11 +317,14 @@ def build_random_moe_model(
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     overwrite: bool = False,
     progress: ProgressFn | None = None,
+    expert_scales_dtype: str | None = None,
 ) -> Path:
     """Write a random-weight, quantized MoE model in mlx-lm's format to out_dir and return it.
 
     tokenizer defaults to "qwen3_5" for qwen3_5_moe and "qwen3" otherwise. config_overrides are
     applied last to the language model's fields (text_config for qwen3_5_moe).
+    expert_scales_dtype ("float32" or "bfloat16") defaults to the preset's PRESET_EXPERT_SCALES
+    entry, else float32. Everything else is float32 (bf16 activations are ~8x slower on CPU).
     """
     out = Path(out_dir)
     if bits not in SUPPORTED_BITS:
@@ -336,6 +344,11 @@ def build_random_moe_model(
             f"config field vocab_size={text['vocab_size']} is smaller than the {kind} tokenizer "
             f"({tokenizer_size} tokens)"
         )
+    scales_name = expert_scales_dtype or PRESET_EXPERT_SCALES.get(preset, "float32")
+    if scales_name not in EXPERT_SCALES_DTYPES:
+        raise ModelError(
+            f"expert_scales_dtype must be one of {', '.join(EXPERT_SCALES_DTYPES)}, got {scales_name!r}"
+        )
     _prepare_out_dir(out, overwrite)
 
     from mlx_lm.utils import get_total_parameters, quantize_model, save_config
@@ -350,6 +363,9 @@ def build_random_moe_model(
 
     total_parameters = int(get_total_parameters(model))
     arrays = dict(tree_flatten(model.parameters()))
+    for name, value in arrays.items():
+        if ".switch_mlp." in name and name.endswith((".scales", ".biases")):
+            arrays[name] = value.astype(EXPERT_SCALES_DTYPES[scales_name])
     del model  # the dict now holds the only references; the writer drops each once written
     index = write_sharded_safetensors(
         out, arrays, max_shard_bytes, total_parameters=total_parameters, progress=progress
@@ -362,6 +378,7 @@ def build_random_moe_model(
         "preset": preset,
         "seed": seed,
         "tokenizer": kind,
+        "expert_scales_dtype": scales_name,
         "build_version": DEMO_BUILD_VERSION,
         "note": "Random weights: this model was not trained and produces gibberish.",
     }
@@ -374,7 +391,8 @@ def build_random_moe_model(
     (out / "README.md").write_text(README_TEXT.format(
         tokenizer=kind, model_type=model_type, preset=preset, layers=text["num_hidden_layers"],
         hidden=text["hidden_size"], experts=text["num_experts"], top_k=text["num_experts_per_tok"],
-        bits=bits, group_size=GROUP_SIZE, seed=seed, size_mb=index["metadata"]["total_size"] / 1e6,
+        bits=bits, group_size=GROUP_SIZE, scales=scales_name, seed=seed,
+        size_mb=index["metadata"]["total_size"] / 1e6,
         shards=len(shard_files), version=DEMO_BUILD_VERSION,
     ))  # fmt: skip
     return out

@@ -421,6 +421,7 @@ def _timed_parallel_reads(fds: list[int], names: list[Path], blocks: list[tuple[
     chunks = [blocks[i::threads] for i in range(min(threads, len(blocks)))]
 
     def worker(my_blocks: list[tuple[int, int]]) -> int:
+        """Read this worker's blocks; return the bytes read."""
         buf = mmap.mmap(-1, block)  # page-aligned, as O_DIRECT needs
         done = 0
         try:

@@ -145,6 +145,7 @@ def build_tokenizer_files(kind: str, out_dir: Path) -> Path:
 
         @staticmethod
         def load_tiktoken_bpe(tiktoken_url: str) -> dict[bytes, int]:
+            """Return the already-parsed ranks (the argument names the same file)."""
             return ranks
 
     tok = _Converter(vocab_file=str(vocab_path), pattern=_pattern(spec.kind)).converted()
@@ -177,9 +178,9 @@ def build_tokenizer_files(kind: str, out_dir: Path) -> Path:
 
 def tokenizer_cache_key(kind: str) -> str:
     """A key naming one build of a kind: build version, template text and library versions."""
-    import tokenizers
-
     from importlib.metadata import version
+
+    import tokenizers
 
     h = hashlib.sha256()
     for part in (TOKENIZER_BUILD_VERSION, chat_template(kind), tokenizers.__version__,

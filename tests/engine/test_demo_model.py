@@ -387,10 +387,29 @@ def test_preset_configs_are_valid_for_mlx_lm(model_type: str, preset: str) -> No
 def test_30b_shape_preset_matches_qwen3_30b_a3b() -> None:
     shape = dm.PRESETS["qwen3-30b-shape"]
     assert (shape.hidden, shape.layers, shape.experts, shape.top_k, shape.moe_intermediate) == (2048, 48, 128, 8, 768)
-    # one 4-bit expert (gate+up+down, group 64, fp32 scales/biases as built for CPU speed)
-    per_expert = 3 * shape.moe_intermediate * shape.hidden * (4 / 8 + 2 * 4 / 64)
-    assert per_expert == 2_949_120
-    assert 17e9 < per_expert * shape.experts * shape.layers < 19e9
+    assert dm.PRESET_EXPERT_SCALES["qwen3-30b-shape"] == "bfloat16"
+    # one 4-bit expert: gate+up+down, group 64, bf16 scales and biases (as mlx-community's Qwen3-30B-A3B-4bit)
+    per_expert = 3 * shape.moe_intermediate * shape.hidden * (4 / 8 + 2 * 2 / 64)
+    assert per_expert == 2_654_208
+    assert 16e9 < per_expert * shape.experts * shape.layers < 16.5e9
+
+
+def test_bf16_expert_scales_keep_fp32_activations(tmp_path: Path) -> None:
+    from mlx_lm.utils import load_model
+
+    out = dm.build_random_moe_model(tmp_path / "m", "qwen3_next", 4, expert_scales_dtype="bfloat16")
+    tensors = _load_tensors(out / "model.safetensors")
+    expert_scales = [k for k in tensors if ".switch_mlp." in k and k.endswith((".scales", ".biases"))]
+    assert len(expert_scales) == 4 * 3 * 2
+    assert all(tensors[k].dtype == mx.bfloat16 for k in expert_scales)
+    others = [k for k, v in tensors.items() if k not in expert_scales and v.dtype != mx.uint32]
+    assert others and all(tensors[k].dtype == mx.float32 for k in others)
+    model, config = load_model(out)
+    assert config["moebar_demo"]["expert_scales_dtype"] == "bfloat16"
+    logits = model(mx.array([[1, 2, 3]]))
+    assert logits.dtype == mx.float32 and mx.all(mx.isfinite(logits)).item()
+    with pytest.raises(ModelError, match="expert_scales_dtype"):
+        dm.build_random_moe_model(tmp_path / "x", expert_scales_dtype="float16")
 
 
 def test_demo_model_says_it_is_random_and_is_built_once(tmp_path: Path) -> None:
@@ -406,3 +425,12 @@ def test_demo_model_says_it_is_random_and_is_built_once(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["demo"]  # no temp dir left behind
     with pytest.raises(ModelError, match="demo preset"):
         dm.build_demo_model(tmp_path / "x", preset="qwen3-30b-shape")
+
+
+def test_tiny_model_fixture_caches_by_arguments(tiny_model: Any) -> None:
+    assert tiny_model() == tiny_model("qwen3_moe", 4)
+    custom = tiny_model("qwen3_moe", 4, num_layers=2, num_experts=8)
+    assert custom != tiny_model() and custom == tiny_model("qwen3_moe", 4, num_experts=8, num_layers=2)
+    config = json.loads((custom / "config.json").read_text())
+    assert (config["num_hidden_layers"], config["num_experts"]) == (2, 8)
+    assert tiny_model("qwen3_moe", 8) != tiny_model("qwen3_moe", 4)
