@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from app import paths
 from app.bridge import EngineBridge
@@ -22,6 +23,7 @@ from app.ui.quick_ask import QuickAskWindow
 from app.ui.settings_dialog import SettingsDialog
 from app.ui.theme import app_icon, apply_theme, resolve_theme
 from app.ui.tray import TrayController, tray_available
+from engine.protocol import LoadedEvent
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +67,7 @@ class MoeBarApp(QtCore.QObject):
         self.models.status.connect(self.window.state_label.setText)
         self.models.failed.connect(lambda text: self.window.show_notice("error", text))
         self.models.using_demo.connect(self._on_using_demo)
+        self.bridge.loaded.connect(self._on_loaded)
         self.settings.changed.connect(self._on_setting_changed)
         qt_app.aboutToQuit.connect(self.shutdown)
         for warning in self.settings.load_warnings:
@@ -120,6 +123,12 @@ class MoeBarApp(QtCore.QObject):
                 "No model is configured, so the built-in demo model is used: its weights are random and "
                 "its answers are gibberish, but every part of the app works. Choose a real model with "
                 "Model… in the toolbar.")
+
+    @Slot(object)
+    def _on_loaded(self, event: LoadedEvent) -> None:
+        demo_dir = self.models.demo_dir
+        demo = demo_dir is not None and Path(event.model_dir).resolve() == demo_dir.resolve()
+        self.window.model_panel.set_note("Demo model: random weights, so the answers are gibberish." if demo else "")
 
     @Slot(str)
     def _on_setting_changed(self, name: str) -> None:

@@ -86,4 +86,4 @@ class DropOverlay(QtWidgets.QWidget):
 
 def rejection_text(rejected: list[tuple[Path, str]]) -> str:
     """One line naming each refused file and why."""
-    return "Not added: " + "; ".join(f"{path.name or path} ({reason})" for path, reason in rejected)
+    return "Not added: " + "; ".join(f"{path.name or path} — {reason}" for path, reason in rejected)

@@ -62,6 +62,9 @@ class HistorySidebar(QtWidgets.QFrame):
         self.list = QtWidgets.QListWidget(self)
         self.list.setObjectName("historyList")
         self.list.setContextMenuPolicy(Qt.ContextMenuPolicy.CustomContextMenu)
+        self.list.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        self.list.setTextElideMode(Qt.TextElideMode.ElideRight)
+        self.list.setUniformItemSizes(False)
         self.list.customContextMenuRequested.connect(self._on_context_menu)
         self.list.itemClicked.connect(self._on_item_clicked)
         self.list.itemActivated.connect(self._on_item_clicked)
@@ -96,6 +99,13 @@ class HistorySidebar(QtWidgets.QFrame):
         self.list.currentItemChanged.connect(lambda *_: self._update_buttons())
         self.setEnabled(store is not None)
         self.refresh()
+
+    def set_theme(self, theme: Theme) -> None:
+        """Redraw the icons in `theme`."""
+        self._theme = theme
+        for button, name in ((self.rename_button, "rename"), (self.export_button, "export"),
+                             (self.delete_button, "delete")):
+            button.setIcon(icon(name, theme.name))
 
     def _tool_button(self, name: str, tip: str) -> QtWidgets.QToolButton:
         button = QtWidgets.QToolButton(self)

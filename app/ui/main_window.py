@@ -288,6 +288,7 @@ class MainWindow(QtWidgets.QMainWindow):
         """Switch every part of the window to `theme`."""
         self._theme = theme
         self.chat_view.set_theme(theme)
+        self.sidebar.set_theme(theme)
         self.composer.set_theme(theme)
         self.notice_bar.set_theme(theme)
         self.overlay.set_theme(theme)

@@ -27,7 +27,7 @@ def plan_lines(plan: dict[str, Any]) -> list[tuple[str, str]]:
     if plan.get("disk_read_bytes_per_s"):
         rows.append(("Disk read speed", human_rate(plan["disk_read_bytes_per_s"])))
     if plan.get("tps_bound_cold"):
-        rows.append(("Expected (no expert cached)", f"≥ {plan['tps_bound_cold']:.2f} tok/s bound"))
+        rows.append(("Disk-bound speed", f"up to {plan['tps_bound_cold']:.1f} tok/s with no expert cached"))
     k, trained = plan.get("experts_per_token"), plan.get("trained_experts_per_token")
     if k and trained and k < trained:
         rows.append(("Quality warning", f"K={k} is below the trained {trained}: answers may degrade"))
@@ -50,6 +50,11 @@ class ModelPanel(QtWidgets.QFrame):
         self.facts_label = QtWidgets.QLabel(self)
         self.facts_label.setObjectName("modelFacts")
         self.facts_label.setWordWrap(True)
+        self.note_label = QtWidgets.QLabel(self)
+        self.note_label.setObjectName("statusLabel")
+        self.note_label.setProperty("status", "stopped")
+        self.note_label.setWordWrap(True)
+        self.note_label.hide()
         self.plan_form = QtWidgets.QFormLayout()
         self.plan_form.setLabelAlignment(Qt.AlignmentFlag.AlignLeft)
         self.plan_form.setHorizontalSpacing(10)
@@ -70,6 +75,7 @@ class ModelPanel(QtWidgets.QFrame):
         layout.setSpacing(6)
         layout.addWidget(self.name_label)
         layout.addWidget(self.facts_label)
+        layout.addWidget(self.note_label)
         layout.addWidget(self.load_progress)
         layout.addWidget(plan_title)
         layout.addLayout(self.plan_form)
@@ -93,6 +99,11 @@ class ModelPanel(QtWidgets.QFrame):
             facts.append(f"loaded in {event.load_s:.1f} s")
         self.facts_label.setText(" · ".join(facts))
         self.show_plan(event.plan)
+
+    def set_note(self, text: str) -> None:
+        """A remark about the model (e.g. that the demo model has random weights); "" hides it."""
+        self.note_label.setText(text)
+        self.note_label.setVisible(bool(text))
 
     def show_plan(self, plan: dict[str, Any]) -> None:
         """Fill the memory plan rows."""

@@ -30,12 +30,16 @@ class Theme:
     card: str
     border: str
     code: CodePalette
+    window: str = "#f6f8fa"
+    base: str = "#ffffff"
+    button: str = "#f3f4f6"
 
 
 LIGHT = Theme("light", "#1f2328", "#656d76", "#0a66c2", "#1a7f37", "#bf8700", "#cf222e",
               "#ddf4ff", "#ffffff", "#f6f8fa", "#d0d7de", LIGHT_CODE)
 DARK = Theme("dark", "#e6edf3", "#8b949e", "#4c9ded", "#3fb950", "#d29922", "#f85149",
-             "#1c2d41", "#161b22", "#1c2128", "#30363d", DARK_CODE)
+             "#1c2d41", "#161b22", "#1c2128", "#30363d", DARK_CODE,
+             window="#0d1117", base="#161b22", button="#21262d")
 
 
 def resources_dir() -> Path:
@@ -84,6 +88,26 @@ def style_sheet(theme: Theme) -> str:
     return (resources_dir() / "qss" / f"{theme.name}.qss").read_text(encoding="utf-8")
 
 
+def palette_for(theme: Theme) -> QtGui.QPalette:
+    """A palette in `theme`'s colours, for the widgets the style sheet does not name."""
+    role = QtGui.QPalette.ColorRole
+    palette = QtGui.QPalette()
+    colours = {
+        role.Window: theme.window, role.WindowText: theme.text, role.Base: theme.base,
+        role.AlternateBase: theme.card, role.Text: theme.text, role.Button: theme.button,
+        role.ButtonText: theme.text, role.ToolTipBase: theme.base, role.ToolTipText: theme.text,
+        role.PlaceholderText: theme.muted, role.Highlight: theme.accent, role.HighlightedText: "#ffffff",
+        role.Link: theme.accent, role.Mid: theme.border,
+    }
+    for colour_role, value in colours.items():
+        palette.setColor(colour_role, QtGui.QColor(value))
+    disabled = QtGui.QPalette.ColorGroup.Disabled
+    for colour_role in (role.WindowText, role.Text, role.ButtonText):
+        palette.setColor(disabled, colour_role, QtGui.QColor(theme.muted))
+    return palette
+
+
 def apply_theme(app: QtWidgets.QApplication, theme: Theme) -> None:
-    """Install `theme`'s style sheet on the whole application."""
+    """Install `theme`'s palette and style sheet on the whole application."""
+    app.setPalette(palette_for(theme))
     app.setStyleSheet(style_sheet(theme))

@@ -74,7 +74,7 @@ def test_drop_adds_chips_and_explains_refusals(qtbot, main_window, tmp_path: Pat
     assert names == ["notes.md", "project"]
     notice = main_window.notice_bar.text()
     assert main_window.notice_bar.level() == "warning"
-    assert "image.bin (not text (binary))" in notice and "huge.log (too big)" in notice
+    assert "image.bin — not text (binary)" in notice and "huge.log — too big" in notice
     assert sorted(i.name for i in main_window.dropped.items()) == ["notes.md", "project"]
 
     controller = main_window.controller

@@ -153,5 +153,6 @@ def test_demo_model_is_offered_when_none_is_configured(qtbot, isolated_moebar_ho
         qtbot.waitUntil(lambda: app.bridge.state == READY, timeout=10_000)
         assert app.bridge.model.model_dir == str(built)
         assert "demo model" in app.window.chat_view.placeholder.text()
+        assert "random weights" in app.window.model_panel.note_label.text()
     finally:
         app.shutdown()
