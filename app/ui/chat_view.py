@@ -61,7 +61,8 @@ class ChatView(QtWidgets.QScrollArea):
         """The message widgets in display order."""
         widgets = []
         for i in range(self._layout.count()):
-            widget = self._layout.itemAt(i).widget()
+            item = self._layout.itemAt(i)
+            widget = item.widget() if item is not None else None
             if isinstance(widget, MessageWidget):
                 widgets.append(widget)
         return widgets

@@ -58,7 +58,8 @@ class MarkdownRenderer:
         """Render `text` (possibly an unfinished stream) to HTML with highlighted code."""
         tokens = self._md.parse(text)
         code_blocks: list[str] = []
-        rules: Any = self._md.renderer.rules  # rules are swapped per call to collect code blocks
+        # The rules are swapped per call to collect this call's code blocks.
+        rules: dict[str, Any] = self._md.renderer.rules  # type: ignore[attr-defined]
         saved = {name: rules.get(name) for name in ("fence", "code_block", "code_inline", "table_open")}
         rules["fence"] = lambda toks, idx, *_: self._code_block(toks[idx].content, toks[idx].info, code_blocks)
         rules["code_block"] = lambda toks, idx, *_: self._code_block(toks[idx].content, "", code_blocks)

@@ -66,7 +66,7 @@ class QuickAskWindow(QtWidgets.QWidget):
         bridge.token.connect(self._on_token)
         bridge.done.connect(self._on_done)
         bridge.engine_lost.connect(self._on_engine_lost)
-        QtGui.QShortcut(QtGui.QKeySequence(Qt.Key.Key_Escape), self, activated=self.close)
+        QtGui.QShortcut(QtGui.QKeySequence(Qt.Key.Key_Escape), self, self.close)
 
     def is_answering(self) -> bool:
         """Whether an answer is streaming."""

@@ -156,3 +156,43 @@ def test_demo_model_is_offered_when_none_is_configured(qtbot, isolated_moebar_ho
         assert "random weights" in app.window.model_panel.note_label.text()
     finally:
         app.shutdown()
+
+
+def test_model_dialog_shows_the_plan_before_loading(qtbot, moebar: MoeBarApp, tiny_model) -> None:
+    from app.ui.model_dialog import ModelDialog
+
+    model = tiny_model("qwen3_moe", 4)
+    dialog = ModelDialog(moebar.settings, moebar.models, moebar.window)
+    qtbot.addWidget(dialog)
+    dialog.folder_edit.setText(str(model))
+    dialog.folder_radio.setChecked(True)
+    dialog.folder_edit.editingFinished.emit()
+    qtbot.waitUntil(lambda: "Resident (dense weights)" in dialog.plan_view.text(), timeout=60_000)
+    assert "Streamed from disk (experts)" in dialog.plan_view.text()
+    dialog.folder_edit.setText(str(model.parent))  # not a model folder: refused with the reason
+    dialog.accept()
+    assert "no config.json" in dialog.error_label.text()
+    dialog.folder_edit.setText(str(model))
+    dialog.accept()
+    assert moebar.settings.get("model_dir") == str(model)
+
+
+def test_download_progress_and_cancel(qtbot) -> None:
+    import threading
+
+    import pytest as _pytest
+
+    from app.ops import OpContext
+    from app.ui.model_download import DownloadCancelled, check_repo_id, reporting_tqdm
+
+    assert check_repo_id(" mlx-community/Qwen3-30B-A3B-4bit ") == "mlx-community/Qwen3-30B-A3B-4bit"
+    with _pytest.raises(ValueError, match="owner/name"):
+        check_repo_id("not a repo")
+    reports = []
+    cancel = threading.Event()
+    bar = reporting_tqdm(OpContext(reports.append, cancel))(total=1000, desc="model.safetensors")
+    bar.update(400)
+    assert reports[-1].done == 400 and reports[-1].total == 1000 and reports[-1].label == "model.safetensors"
+    cancel.set()
+    with _pytest.raises(DownloadCancelled):
+        bar.update(100)
