@@ -434,3 +434,34 @@ def test_tiny_model_fixture_caches_by_arguments(tiny_model: Any) -> None:
     config = json.loads((custom / "config.json").read_text())
     assert (config["num_hidden_layers"], config["num_experts"]) == (2, 8)
     assert tiny_model("qwen3_moe", 8) != tiny_model("qwen3_moe", 4)
+
+
+@pytest.mark.parametrize("bits", dm.SUPPORTED_BITS)
+def test_fast_experts_match_the_quantized_init_statistics(tmp_path: Path, bits: int) -> None:
+    from mlx_lm.utils import load_model
+
+    overrides = {"moe_intermediate_size": 256}
+    exact = dm.build_random_moe_model(tmp_path / "exact", "qwen3_moe", bits, config_overrides=overrides)
+    fast = dm.build_random_moe_model(tmp_path / "fast", "qwen3_moe", bits, config_overrides=overrides,
+                                     fast_experts=True)  # fmt: skip
+    again = dm.build_random_moe_model(tmp_path / "again", "qwen3_moe", bits, config_overrides=overrides,
+                                      fast_experts=True)  # fmt: skip
+    assert _file_digests(fast) == _file_digests(again)
+    assert _file_digests(fast) != _file_digests(exact)
+    stats = []
+    for path in (exact, fast):
+        model, _ = load_model(path)
+        for proj in ("gate_proj", "down_proj"):
+            q = getattr(model.layers[1].mlp.switch_mlp, proj)
+            w = mx.dequantize(q.weight, q.scales, q.biases, group_size=64, bits=bits)
+            bound = (1.0 / w.shape[-1]) ** 0.5  # SwitchLinear's uniform init bound
+            stats.append((abs(w.mean().item()) / bound, w.std().item() / bound, mx.abs(w).max().item() / bound))
+        logits = model(mx.array([[1, 2, 3]]))
+        assert mx.all(mx.isfinite(logits)).item()
+    exact_stats, fast_stats = stats[:2], stats[2:]
+    for (m0, s0, a0), (m1, s1, a1) in zip(exact_stats, fast_stats, strict=True):
+        assert m0 < 0.02 and m1 < 0.02  # zero-mean
+        assert abs(s1 - s0) < 0.06 and 0.5 < s1 < 0.62  # uniform(-b, b) has std b/sqrt(3) = 0.577 b
+        assert 0.85 < a1 <= 1.001 and 0.85 < a0 <= 1.001
+    fast_config = json.loads((fast / "config.json").read_text())
+    assert fast_config["moebar_demo"]["expert_weights"] == "random quantized codes"
