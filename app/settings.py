@@ -90,6 +90,10 @@ class SettingsError(ValueError):
     """A value that a setting cannot take; the message names the field and the allowed values."""
 
 
+class SettingsSaveError(SettingsError):
+    """Settings could not be written to disk; the previous file and values are kept."""
+
+
 class SecretStoreError(RuntimeError):
     """The system keychain could not store or read a secret."""
 
@@ -148,7 +152,7 @@ def validate_setting(name: str, value: Any) -> Any:
     return value
 
 
-def _check_range(name: str, value: int | float, meta: Any) -> Any:
+def _check_range(name: str, value: float, meta: Any) -> Any:
     low, high = meta.get("min"), meta.get("max")
     if (low is not None and value < low) or (high is not None and value > high):
         raise SettingsError(f"Setting '{name}' must be between {low} and {high}; got {value}.")
@@ -267,13 +271,21 @@ class SettingsStore(QObject):
         self.update({name: value})
 
     def update(self, values: dict[str, Any]) -> None:
-        """Validate all of `values` first, then store them in one save; emit `changed` per changed field."""
+        """Validate all of `values`, save them in one write, then emit `changed` per changed field.
+
+        Raises SettingsError for a bad value and SettingsSaveError if the file cannot be written; in both
+        cases nothing changes.
+        """
         checked = {name: validate_setting(name, value) for name, value in values.items()}
         changed = [name for name, value in checked.items() if getattr(self._settings, name) != value]
         if not changed:
             return
         new_settings = dataclasses.replace(self._settings, **checked)
-        save_settings(self.path, new_settings)
+        try:
+            save_settings(self.path, new_settings)
+        except OSError as exc:
+            raise SettingsSaveError(f"Could not save settings to {self.path} ({exc.strerror or exc}). Check that "
+                                    "the disk has free space and the folder is writable.") from exc
         self._settings = new_settings
         for name in changed:
             self.changed.emit(name)

@@ -30,8 +30,11 @@ def _format_figure(value: Any) -> str:
     return str(value)
 
 
-def _tool_call_lines(call: dict[str, Any]) -> list[str]:
-    function = call.get("function") if isinstance(call.get("function"), dict) else call
+def _tool_call_lines(call: Any) -> list[str]:
+    if not isinstance(call, dict):  # stored as given; show anything unexpected as JSON
+        return ["**Tool call:**", "", _fence(json.dumps(call, indent=2, ensure_ascii=False), "json"), ""]
+    nested = call.get("function")
+    function: dict[str, Any] = nested if isinstance(nested, dict) else call
     name = function.get("name", "?")
     arguments = function.get("arguments", "")
     if isinstance(arguments, str):
@@ -44,7 +47,9 @@ def _tool_call_lines(call: dict[str, Any]) -> list[str]:
     return [f"**Tool call:** `{name}`{call_id}", "", _fence(text, "json"), ""]
 
 
-def _tool_result_lines(result: dict[str, Any]) -> list[str]:
+def _tool_result_lines(result: Any) -> list[str]:
+    if not isinstance(result, dict):
+        return ["**Tool result:**", "", _fence(json.dumps(result, indent=2, ensure_ascii=False)), ""]
     label = "Tool error" if result.get("is_error") else "Tool result"
     name = f" `{result['name']}`" if isinstance(result.get("name"), str) else ""
     content = result.get("content", "")
@@ -61,10 +66,10 @@ def _message_lines(message: Message) -> list[str]:
         lines += [f"**Tool output{call}:**", "", _fence(message.content), ""]
     elif message.content:
         lines += [message.content, ""]
-    for call in message.tool_calls or []:
-        lines += _tool_call_lines(call)
-    for result in message.tool_results or []:
-        lines += _tool_result_lines(result)
+    for tool_call in message.tool_calls or []:
+        lines += _tool_call_lines(tool_call)
+    for tool_result in message.tool_results or []:
+        lines += _tool_result_lines(tool_result)
     if message.partial:
         lines += ["*(This answer is incomplete: it was stopped or interrupted.)*", ""]
     if message.figures:

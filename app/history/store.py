@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 from app import paths
 from app.history.export import conversation_to_markdown
@@ -195,7 +195,7 @@ class HistoryStore:
                 pass  # optimisation is best-effort; closing must not fail because of it
             self._db.close()
 
-    def __enter__(self) -> HistoryStore:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
@@ -347,25 +347,30 @@ class HistoryStore:
         query = _fts_query(text)
         if query is None:
             return []
+        hits: dict[int, SearchHit] = {}
         with self._reading("search the history") as db:
-            rows = db.execute(
+            # FTS5 returns rows in rank order lazily, so snippet() runs only for the rows read here; stop as
+            # soon as `limit` conversations have their best message.
+            cursor = db.execute(
                 """SELECT m.conversation_id, c.title, m.id AS message_id, m.role,
                           snippet(messages_fts, -1, ?, ?, '…', 16) AS marked
                    FROM messages_fts
                    JOIN messages m ON m.id = messages_fts.rowid
                    JOIN conversations c ON c.id = m.conversation_id
-                   WHERE messages_fts MATCH ? ORDER BY bm25(messages_fts) LIMIT ?""",
-                (_MARK_START, _MARK_END, query, limit * 20)).fetchall()
-        hits: dict[int, SearchHit] = {}
-        for row in rows:
-            if row["conversation_id"] in hits:
-                continue
-            snippet, spans = _split_highlights(row["marked"])
-            hits[row["conversation_id"]] = SearchHit(
-                conversation_id=row["conversation_id"], title=row["title"], message_id=row["message_id"],
-                role=row["role"], snippet=snippet, highlights=spans)
-            if len(hits) == limit:
-                break
+                   WHERE messages_fts MATCH ? ORDER BY messages_fts.rank""",
+                (_MARK_START, _MARK_END, query))
+            try:
+                for row in cursor:
+                    if row["conversation_id"] in hits:
+                        continue
+                    snippet, spans = _split_highlights(row["marked"])
+                    hits[row["conversation_id"]] = SearchHit(
+                        conversation_id=row["conversation_id"], title=row["title"], message_id=row["message_id"],
+                        role=row["role"], snippet=snippet, highlights=spans)
+                    if len(hits) == limit:
+                        break
+            finally:
+                cursor.close()  # ends the read so WAL checkpoints are not held back
         return list(hits.values())
 
     def export_markdown(self, conversation_id: int) -> str:

@@ -127,8 +127,8 @@ def list_folder(dropped: DroppedFiles, path: str = "", recursive: bool = False,
     if not lines:
         return f"[{opened.shown}/ is empty]"
     header = f"[{opened.shown}/: {len(lines)}{'+' if more else ''} entries{', recursive' if recursive else ''}]"
-    footer = [f"[Stopped after {cap} entries; list a subfolder or raise max_entries "
-              f"(up to {dropped.limits.max_list_entries}).]"] if more else []
+    footer = [(f"[Stopped after {cap} entries; list a subfolder or raise max_entries "
+               f"(up to {dropped.limits.max_list_entries}).]")] if more else []
     return "\n".join([header, *lines, *footer])
 
 
@@ -275,8 +275,8 @@ def search_text(dropped: DroppedFiles, pattern: str, path: str = "", regex: bool
         search.stop_reason = f"Stopped after {limits.search_timeout_s:g} s; results are incomplete."
     kind = "regular expression" if regex else "text"
     if search.matches:
-        lines = [f"[{_count(len(search.matches), 'matching line')} for {kind} '{shown(pattern)}' in "
-                 f"{_count(search.files_matched, 'file')}; {_count(search.files_searched, 'file')} searched]",
+        lines = [(f"[{_count(len(search.matches), 'matching line')} for {kind} '{shown(pattern)}' in "
+                  f"{_count(search.files_matched, 'file')}; {_count(search.files_searched, 'file')} searched]"),
                  *search.matches]
     else:
         lines = [f"[No lines match {kind} '{shown(pattern)}'; {_count(search.files_searched, 'file')} searched]"]

@@ -19,6 +19,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import Self
 
 from app.tools.errors import ToolError
 from app.tools.limits import DEFAULT_LIMITS, ToolLimits, human_size
@@ -77,7 +78,7 @@ class OpenedPath:
             os.close(self.fd)
             self.fd = -1
 
-    def __enter__(self) -> OpenedPath:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
@@ -127,7 +128,7 @@ def os_error_message(error: OSError, what: str) -> str:
         errno.ENAMETOOLONG: "has a name that is too long", errno.ENXIO: "is a socket or device with nothing behind it",
         errno.EISDIR: "is a folder",
     }
-    reason = reasons.get(error.errno, f"could not be opened ({error.strerror or error})")
+    reason = reasons.get(error.errno or 0, f"could not be opened ({error.strerror or error})")
     return f"'{what}' {reason}."
 
 
@@ -203,6 +204,21 @@ def _containing_item(path: str, items: list[DroppedItem]) -> tuple[DroppedItem, 
         if best is None or len(item.path) > len(best[0].path):
             best = (item, rest)
     return best
+
+
+def _locate(path: str, items: list[DroppedItem]) -> tuple[str, tuple[DroppedItem, list[str]] | None]:
+    """Find the dropped item holding absolute `path`, also trying the path with its parent folders resolved.
+
+    The second try accepts spellings through symlinked parents (/tmp → /private/tmp on macOS). It only
+    picks the item; the walk from that item then applies every rule, so it cannot widen access.
+    """
+    match = _containing_item(path, items)
+    if match is None and path != "/":
+        resolved = os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
+        match = _containing_item(resolved, items)
+        if match is not None:
+            return resolved, match
+    return path, match
 
 
 class DroppedFiles:
@@ -331,14 +347,7 @@ class DroppedFiles:
                                 f"open only: {available}.")
 
     def _open_absolute(self, path: str, parts: list[str], items: list[DroppedItem], hops: int) -> OpenedPath:
-        normalized = "/" + "/".join(parts)
-        match = _containing_item(normalized, items)
-        if match is None and parts:
-            # The folders above may be spelled through a symlink (/tmp → /private/tmp on macOS); the last
-            # component is left to the walk, which applies the symlink rules to it.
-            parent = os.path.realpath(os.path.dirname(normalized))
-            normalized = os.path.join(parent, parts[-1])
-            match = _containing_item(normalized, items)
+        normalized, match = _locate("/" + "/".join(parts), items)
         if is_system_path(normalized):
             raise ToolError(f"'{shown(path)}' is a system file under /proc, /sys or /dev; tools never open those.")
         if match is None:
@@ -433,12 +442,10 @@ class DroppedFiles:
                             "(probably a loop); tools stop there.")
         # folder_real has no symlinks in it (it was walked with O_NOFOLLOW), so '..' in the target can be
         # resolved by plain path arithmetic.
-        resolved = os.path.normpath(os.path.join(folder_real, target, *rest))
-        if is_system_path(resolved) or _containing_item(resolved, items) is None:
+        resolved, match = _locate(os.path.normpath(os.path.join(folder_real, target, *rest)), items)
+        if is_system_path(resolved) or match is None:
             raise ToolError(f"'{link_shown}' is a symbolic link to '{shown(target)}', which is outside the files and "
                             "folders the user dropped, so tools do not follow it.")
-        match = _containing_item(resolved, items)
-        assert match is not None
         return self._walk(match[0], match[1], items, hops + 1)
 
     def _checked(self, fd: int, item: DroppedItem, shown_path: str, real_path: str,

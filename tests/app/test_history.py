@@ -251,3 +251,19 @@ def test_export_shows_invalid_tool_arguments_verbatim(history: HistoryStore) -> 
     history.append_message(conversation, "assistant", tool_calls=[
         {"function": {"name": "search_text", "arguments": "{not json"}}])
     assert "```json\n{not json\n```" in history.export_markdown(conversation)
+
+
+def test_one_busy_conversation_does_not_crowd_others_out_of_search(history: HistoryStore) -> None:
+    busy = history.create_conversation("busy")
+    for _ in range(60):
+        history.append_message(busy, "user", "walrus walrus walrus")
+    quiet = history.create_conversation("quiet")
+    history.append_message(quiet, "user", "one walrus among many other words " + "filler " * 50)
+    assert [hit.conversation_id for hit in history.search("walrus", limit=2)] == [busy, quiet]
+
+
+def test_export_tolerates_unexpected_tool_call_shapes(history: HistoryStore) -> None:
+    conversation = history.create_conversation("odd")
+    history.append_message(conversation, "assistant", tool_calls=["just text", 5], tool_results=[None])  # type: ignore[list-item]
+    markdown = history.export_markdown(conversation)
+    assert '"just text"' in markdown and "**Tool result:**\n\n```\nnull\n```" in markdown

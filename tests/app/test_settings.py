@@ -265,3 +265,18 @@ def test_missing_keyring_gives_actionable_error() -> None:
             get_secret(HF_TOKEN_SECRET)
     finally:
         keyring.set_keyring(previous)
+
+
+def test_store_save_failure_raises_actionable_error_and_keeps_values(
+        qtbot, settings_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from app.settings import SettingsSaveError
+
+    store = SettingsStore(settings_path)
+
+    def full_disk(path: Path, settings: Settings) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(settings_module, "save_settings", full_disk)
+    with qtbot.assertNotEmitted(store.changed), pytest.raises(SettingsSaveError, match="No space left on device"):
+        store.set("theme", "dark")
+    assert store.get("theme") == "system"

@@ -261,3 +261,12 @@ def test_file_info_on_a_file_over_the_cap_still_reports_size(project: Path, regi
         handle.truncate(LIMITS.max_file_bytes + 10)
     info = run(registry, "file_info", path="project/big.bin")
     assert "size: 1,048,586 bytes (1.0 MB)" in info and "lines: not counted" in info
+
+
+def test_paths_spelled_through_a_symlinked_parent_are_accepted(tmp_path: Path, project: Path,
+                                                               registry: ToolRegistry) -> None:
+    os.symlink(tmp_path, tmp_path / "alias")  # like /tmp -> /private/tmp on macOS
+    spelled = tmp_path / "alias" / "project" / "README.md"
+    assert run(registry, "read_file", path=str(spelled)).startswith("[project/README.md: lines 1-2 of 2]")
+    os.symlink(spelled, project / "via-alias")
+    assert run(registry, "read_file", path="project/via-alias").startswith("[project/README.md:")
