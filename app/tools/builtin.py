@@ -5,16 +5,23 @@ from __future__ import annotations
 import os
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import regex as regex_engine
 
 from app.tools.errors import ToolError
-from app.tools.limits import human_size
+from app.tools.limits import ToolLimits, human_size
 from app.tools.names import shown
 from app.tools.sandbox import DroppedFiles, OpenedPath, kind_of
-from app.tools.textfile import count_newlines, decode_line, iter_raw_lines, sniff_fd
+from app.tools.textfile import (
+    block_line_count,
+    count_newlines,
+    decode_line,
+    iter_line_blocks,
+    sniff_fd,
+    split_raw_lines,
+)
 from app.tools.walking import SKIPPED_FOLDERS, WalkEntry, walk_folder
 
 MAX_PATTERN_CHARS = 1000
@@ -35,6 +42,46 @@ def _line_total(opened: OpenedPath, consumed: int, lines_seen: int, limit: int) 
     return lines_seen + more + partial_last
 
 
+@dataclass
+class _LineWindow:
+    """The lines read_file keeps, and where reading stopped."""
+
+    kept: list[str] = field(default_factory=list)
+    kept_bytes: int = 0
+    lines_passed: int = 0  # lines read through, kept or not
+    bytes_passed: int = 0
+    cut: str | None = None  # why output stopped early ("2,000 lines", "256.0 KB")
+
+
+def _read_window(fd: int, start_line: int, end_line: int | None, limits: ToolLimits) -> _LineWindow:
+    window = _LineWindow()
+    for block in iter_line_blocks(fd, limits.max_file_bytes):
+        block_lines = block_line_count(block)
+        if window.lines_passed + block_lines < start_line:  # the whole block lies before the range: skip it
+            window.lines_passed += block_lines
+            window.bytes_passed += len(block)
+            continue
+        for raw in split_raw_lines(block):
+            if window.lines_passed + 1 >= start_line:
+                if len(window.kept) >= limits.max_read_lines:
+                    window.cut = f"{limits.max_read_lines:,} lines"
+                    return window
+                if window.kept_bytes + len(raw) > limits.max_read_bytes:
+                    window.cut = human_size(limits.max_read_bytes)
+                    if not window.kept:  # one enormous line: show its beginning rather than nothing
+                        window.kept.append(decode_line(raw[: limits.max_read_bytes]) + " [line cut here]")
+                        window.lines_passed += 1
+                        window.bytes_passed += len(raw)
+                    return window
+                window.kept.append(decode_line(raw))
+                window.kept_bytes += len(raw)
+            window.lines_passed += 1
+            window.bytes_passed += len(raw)
+            if end_line is not None and window.lines_passed >= end_line:
+                return window
+    return window
+
+
 def read_file(dropped: DroppedFiles, path: str, start_line: int = 1, end_line: int | None = None) -> str:
     """Lines start_line..end_line (1-based, inclusive) of a dropped text file, capped in lines and bytes."""
     limits = dropped.limits
@@ -43,38 +90,16 @@ def read_file(dropped: DroppedFiles, path: str, start_line: int = 1, end_line: i
     if end_line is not None and end_line < start_line:
         raise ToolError(f"end_line ({end_line}) is before start_line ({start_line}).")
     with dropped.open_file(path) as opened:
-        kept: list[str] = []
-        kept_bytes = 0
-        line_number = 0
-        consumed = 0
-        cut: str | None = None
-        for raw in iter_raw_lines(opened.fd, limits.max_file_bytes):
-            if line_number + 1 >= start_line and (end_line is None or line_number + 1 <= end_line):
-                if len(kept) >= limits.max_read_lines:
-                    cut = f"{limits.max_read_lines:,} lines"
-                    break
-                if kept_bytes + len(raw) > limits.max_read_bytes:
-                    cut = human_size(limits.max_read_bytes)
-                    if not kept:  # one enormous line: show its beginning rather than nothing
-                        kept.append(decode_line(raw[: limits.max_read_bytes]) + " [line cut here]")
-                        line_number += 1
-                        consumed += len(raw)
-                    break
-                kept.append(decode_line(raw))
-                kept_bytes += len(raw)
-            line_number += 1
-            consumed += len(raw)
-            if end_line is not None and line_number >= end_line:
-                break
-        total = _line_total(opened, consumed, line_number, limits.max_file_bytes)
+        window = _read_window(opened.fd, start_line, end_line, limits)
+        total = _line_total(opened, window.bytes_passed, window.lines_passed, limits.max_file_bytes)
         if total == 0:
             return f"[{opened.shown}: empty file]"
         if start_line > total:
             raise ToolError(f"start_line {start_line} is past the end of '{opened.shown}', which has {total} lines.")
-        first, last = start_line, start_line + len(kept) - 1
-        parts = [f"[{opened.shown}: lines {first}-{last} of {total}]", *kept]
-        if cut is not None:
-            parts.append(f"[Cut at {cut}. Call read_file with start_line={last + 1} to read on.]")
+        first, last = start_line, start_line + len(window.kept) - 1
+        parts = [f"[{opened.shown}: lines {first}-{last} of {total}]", *window.kept]
+        if window.cut is not None:
+            parts.append(f"[Cut at {window.cut}. Call read_file with start_line={last + 1} to read on.]")
         elif opened.stat.st_size > limits.max_file_bytes:
             parts.append(f"[Only the first {human_size(limits.max_file_bytes)} of the file can be read.]")
         return "\n".join(parts)
@@ -132,29 +157,23 @@ def list_folder(dropped: DroppedFiles, path: str = "", recursive: bool = False,
     return "\n".join([header, *lines, *footer])
 
 
-Matcher = Callable[[str, float], "tuple[int, int] | None"]
+Finder = Callable[[str, float], Iterator[tuple[int, int]]]
 
 
-def _make_matcher(pattern: str, is_regex: bool, case_sensitive: bool) -> Matcher:
-    if is_regex:
-        try:
-            compiled = regex_engine.compile(pattern, 0 if case_sensitive else regex_engine.IGNORECASE)
-        except (regex_engine.error, OverflowError, RecursionError, ValueError) as error:
-            raise ToolError(f"'{shown(pattern)}' is not a valid regular expression: {error}.") from None
+def _make_finder(pattern: str, is_regex: bool, case_sensitive: bool) -> Finder:
+    """A function yielding (start, end) of each match in a text, giving up after `timeout` seconds."""
+    source = pattern if is_regex else regex_engine.escape(pattern)
+    flags = regex_engine.MULTILINE | (0 if case_sensitive else regex_engine.IGNORECASE)
+    try:
+        compiled = regex_engine.compile(source, flags)
+    except (regex_engine.error, OverflowError, RecursionError, ValueError) as error:
+        raise ToolError(f"'{shown(pattern)}' is not a valid regular expression: {error}.") from None
 
-        def find_regex(line: str, timeout: float) -> tuple[int, int] | None:
-            found = compiled.search(line, timeout=timeout)
-            return found.span() if found else None
+    def find(text: str, timeout: float) -> Iterator[tuple[int, int]]:
+        for found in compiled.finditer(text, timeout=timeout):
+            yield found.span()
 
-        return find_regex
-    needle = pattern if case_sensitive else pattern.casefold()
-
-    def find_text(line: str, timeout: float) -> tuple[int, int] | None:
-        haystack = line if case_sensitive else line.casefold()
-        index = haystack.find(needle)
-        return (index, index + len(needle)) if index >= 0 else None
-
-    return find_text
+    return find
 
 
 def _excerpt(line: str, span: tuple[int, int]) -> str:
@@ -170,7 +189,7 @@ def _excerpt(line: str, span: tuple[int, int]) -> str:
 @dataclass
 class _Search:
     dropped: DroppedFiles
-    find: Matcher
+    find: Finder
     max_results: int
     deadline: float
     matches: list[str] = field(default_factory=list)
@@ -199,19 +218,35 @@ class _Search:
         self.files_searched += 1
         self.bytes_read += info.st_size
         matched_before = len(self.matches)
-        for number, raw in enumerate(iter_raw_lines(fd, limits.max_file_bytes), start=1):
-            remaining = self.deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError
-            line = decode_line(raw)
-            span = self.find(line, remaining)
-            if span is None:
-                continue
-            self.matches.append(f"{shown_path}:{number}: {_excerpt(line, span)}")
-            if len(self.matches) >= self.max_results:
-                self.stop_reason = (f"Stopped at {self.max_results} matches; narrow the search or raise max_results "
-                                    f"(up to {limits.max_search_results}).")
+        lines_before = 0  # lines in the blocks already searched
+        # Whole blocks are searched at once (one regex pass, not one per line); a match is reported on the
+        # line where it starts, once per line.
+        for block in iter_line_blocks(fd, limits.max_file_bytes):
+            text = block.decode("utf-8", errors="replace").replace("\r\n", "\n")
+            counted_to = 0
+            next_line_start = 0
+            for index, (start, end) in enumerate(self.find(text, self.deadline - time.monotonic())):
+                if index % 64 == 0 and time.monotonic() > self.deadline:
+                    raise TimeoutError
+                if start < next_line_start:
+                    continue
+                lines_before += text.count("\n", counted_to, start)
+                counted_to = start
+                line_start = text.rfind("\n", 0, start) + 1
+                line_end = text.find("\n", start)
+                line_end = len(text) if line_end < 0 else line_end
+                excerpt = _excerpt(text[line_start:line_end], (start - line_start, end - line_start))
+                self.matches.append(f"{shown_path}:{lines_before + 1}: {excerpt}")
+                next_line_start = line_end + 1
+                if len(self.matches) >= self.max_results:
+                    self.stop_reason = (f"Stopped at {self.max_results} matches; narrow the search or raise "
+                                        f"max_results (up to {limits.max_search_results}).")
+                    break
+            if self.stop_reason is not None:
                 break
+            lines_before += text.count("\n", counted_to)
+            if time.monotonic() > self.deadline:
+                raise TimeoutError
         if len(self.matches) > matched_before:
             self.files_matched += 1
         return None
@@ -248,7 +283,7 @@ def search_text(dropped: DroppedFiles, pattern: str, path: str = "", regex: bool
         raise ToolError("The search pattern is empty; give the text or regular expression to look for.")
     if len(pattern) > MAX_PATTERN_CHARS:
         raise ToolError(f"The search pattern is {len(pattern)} characters long; the limit is {MAX_PATTERN_CHARS}.")
-    search = _Search(dropped, _make_matcher(pattern, regex, case_sensitive),
+    search = _Search(dropped, _make_finder(pattern, regex, case_sensitive),
                      max(1, min(max_results, limits.max_search_results)), time.monotonic() + limits.search_timeout_s,
                      dropped_identities=dropped.dropped_file_identities())
     targets = [path] if path.strip() else [item.name for item in dropped.items()]

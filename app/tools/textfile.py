@@ -28,21 +28,38 @@ def sniff_fd(fd: int, size: int, sniff_bytes: int) -> str | None:
     return sniff_problem(block, is_whole_file=size <= sniff_bytes)
 
 
-def iter_raw_lines(fd: int, max_bytes: int) -> Iterator[bytes]:
-    """The file's lines as bytes (each with its b'\\n'), from offset 0, stopping after `max_bytes` bytes."""
+def iter_line_blocks(fd: int, max_bytes: int, block_bytes: int = _CHUNK) -> Iterator[bytes]:
+    """The file from offset 0 in blocks that end at a line break (the last may not), up to `max_bytes` bytes."""
     offset = 0
     pending = b""
     while offset < max_bytes:
-        chunk = os.pread(fd, min(_CHUNK, max_bytes - offset), offset)
+        chunk = os.pread(fd, min(block_bytes, max_bytes - offset), offset)
         if not chunk:
             break
         offset += len(chunk)
-        lines = (pending + chunk).split(b"\n")
-        pending = lines.pop()
-        for line in lines:
-            yield line + b"\n"
+        data = pending + chunk
+        cut = data.rfind(b"\n") + 1
+        if cut == 0:  # no line break yet: one long line keeps growing (bounded by max_bytes)
+            pending = data
+            continue
+        pending = data[cut:]
+        yield data[:cut]
     if pending:
         yield pending
+
+
+def split_raw_lines(block: bytes) -> list[bytes]:
+    """A block's lines, each keeping its b'\n' (only b'\n' separates lines, as `wc -l` counts them)."""
+    parts = block.split(b"\n")
+    lines = [part + b"\n" for part in parts[:-1]]
+    if parts[-1]:
+        lines.append(parts[-1])
+    return lines
+
+
+def block_line_count(block: bytes) -> int:
+    """How many lines `block` holds, counting a final line without a line break."""
+    return block.count(b"\n") + (0 if not block or block.endswith(b"\n") else 1)
 
 
 def count_newlines(fd: int, start: int, max_bytes: int) -> tuple[int, bool]:

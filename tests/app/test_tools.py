@@ -270,3 +270,24 @@ def test_paths_spelled_through_a_symlinked_parent_are_accepted(tmp_path: Path, p
     assert run(registry, "read_file", path=str(spelled)).startswith("[project/README.md: lines 1-2 of 2]")
     os.symlink(spelled, project / "via-alias")
     assert run(registry, "read_file", path="project/via-alias").startswith("[project/README.md:")
+
+
+def test_line_numbers_stay_right_across_read_blocks(tmp_path: Path) -> None:
+    big = tmp_path / "big.txt"
+    big.write_text("".join(f"row {n:06d} {'.' * 40}\n" for n in range(1, 60_001)))  # ~3 MB: several blocks
+    dropped = DroppedFiles(ToolLimits())
+    dropped.drop([big])
+    registry = ToolRegistry(dropped)
+    found = registry.run("search_text", {"pattern": r"row 0(12345|59999) ", "regex": True}).splitlines()
+    assert [line.split(": ", 1)[0] for line in found[1:3]] == ["big.txt:12345", "big.txt:59999"]
+    window = registry.run("read_file", {"path": "big.txt", "start_line": 45_000, "end_line": 45_001})
+    assert window.splitlines() == ["[big.txt: lines 45000-45001 of 60000]", f"row 045000 {'.' * 40}",
+                                   f"row 045001 {'.' * 40}"]
+
+
+def test_search_reports_each_line_once_and_handles_crlf(project: Path, registry: ToolRegistry) -> None:
+    (project / "dos.txt").write_bytes(b"ab ab ab\r\nno\r\nend ab\r\n")
+    result = run(registry, "search_text", pattern="ab$", regex=True, path="project/dos.txt").splitlines()
+    assert result[1:] == ["project/dos.txt:1: ab ab ab", "project/dos.txt:3: end ab"]  # '$' before CRLF
+    result = run(registry, "search_text", pattern="ab", path="project/dos.txt").splitlines()
+    assert result[1:] == ["project/dos.txt:1: ab ab ab", "project/dos.txt:3: end ab"]
