@@ -225,7 +225,10 @@ class _Search:
             text = block.decode("utf-8", errors="replace").replace("\r\n", "\n")
             counted_to = 0
             next_line_start = 0
-            for index, (start, end) in enumerate(self.find(text, self.deadline - time.monotonic())):
+            remaining = self.deadline - time.monotonic()
+            if remaining <= 0:  # a negative timeout would mean "no limit" to the regex engine
+                raise TimeoutError
+            for index, (start, end) in enumerate(self.find(text, remaining)):
                 if index % 64 == 0 and time.monotonic() > self.deadline:
                     raise TimeoutError
                 if start < next_line_start:
@@ -245,8 +248,6 @@ class _Search:
             if self.stop_reason is not None:
                 break
             lines_before += text.count("\n", counted_to)
-            if time.monotonic() > self.deadline:
-                raise TimeoutError
         if len(self.matches) > matched_before:
             self.files_matched += 1
         return None
@@ -257,6 +258,8 @@ class _Search:
         for entry in walk_folder(opened.fd, opened.shown, recursive=True):
             if self.stop_reason is not None:
                 return None
+            if time.monotonic() > self.deadline:  # also bounds walks over many skipped files
+                raise TimeoutError
             if entry.is_symlink:
                 self.skip("symbolic link")
             elif entry.is_file and entry.has_unsafe_name:
