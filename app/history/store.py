@@ -178,7 +178,13 @@ class HistoryStore:
                 raise HistoryError(
                     f"Could not open the chat history at {self.path}: {exc}. If another MoeBar is "
                     "running, quit it and try again.") from exc
-            moved_to = _move_aside(self.path)
+            try:
+                moved_to = _move_aside(self.path)
+            except OSError as move_error:
+                raise HistoryError(
+                    f"Your chat history at {self.path} is damaged ({exc}) and could not be moved aside "
+                    f"({move_error.strerror or move_error}). Move or delete that file yourself, then restart "
+                    "MoeBar.") from exc
             raise HistoryCorruptError(
                 f"Your chat history could not be read because the file is damaged ({exc}). It was moved "
                 f"to {moved_to}, so nothing was deleted, and MoeBar starts a new, empty history. Keep "

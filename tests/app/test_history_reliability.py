@@ -210,3 +210,21 @@ def test_failed_migration_step_rolls_back_and_keeps_version(tmp_path: Path, monk
     assert schema_version(db) == 1
     assert db.execute("SELECT name FROM sqlite_master WHERE name = 'half_done'").fetchone() is None
     db.close()
+
+
+def test_damaged_file_that_cannot_be_moved_gives_a_clear_error(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    from app.history import store as store_module
+
+    path = tmp_path / "history.sqlite3"
+    path.write_bytes(b"garbage" * 100)
+
+    def refuse(src: object, dst: object) -> None:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(store_module.os, "replace", refuse)
+    with pytest.raises(HistoryError, match="could not be moved aside \\(Permission denied\\)") as caught:
+        HistoryStore(path)
+    assert not isinstance(caught.value, HistoryCorruptError)
+    monkeypatch.undo()
+    assert path.read_bytes() == b"garbage" * 100
