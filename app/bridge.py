@@ -282,8 +282,8 @@ class EngineProcessWorker(QObject):
         elif isinstance(event, LoadedEvent):
             self._loading = False
             self._crash_times.clear()  # a successful load ends a crash streak
+            self.loaded.emit(event)  # before READY, so whoever sees READY also finds the model
             self._set_state(BUSY if self._in_flight else READY)
-            self.loaded.emit(event)
         elif isinstance(event, ProgressEvent):
             self.progress.emit(event.stage, event.fraction)
         elif isinstance(event, ErrorEvent):

@@ -60,7 +60,7 @@ def chat(rid: str, text: str) -> ChatRequest:
 
 def load_fake(qtbot, bridge: EngineBridge, rec: Recorder, model: Path) -> None:
     bridge.load(model)
-    qtbot.waitUntil(lambda: bridge.state == READY, timeout=10_000)
+    qtbot.waitUntil(lambda: bridge.state == READY and bool(rec.loaded), timeout=10_000)
     assert rec.loaded[-1].model_dir == str(model)
 
 
