@@ -286,7 +286,7 @@ class DroppedFiles:
         if not items:
             raise ToolError("No files or folders have been dropped, so there is nothing to open. Ask the user "
                             "to drop the files you need onto the MoeBar window.")
-        return self._open_argument(path, items, hops=0)
+        return self._open_argument(path, items)
 
     def open_file(self, path: str, *, require_text: bool = True) -> OpenedPath:
         """Open a regular file within the size cap (and, by default, UTF-8 text); ToolError otherwise."""
@@ -320,23 +320,23 @@ class DroppedFiles:
         """(st_dev, st_ino) of every dropped file (not folder)."""
         return {item.identity for item in self.items() if not item.is_folder}
 
-    def _open_argument(self, path: str, items: list[DroppedItem], hops: int) -> OpenedPath:
+    def _open_argument(self, path: str, items: list[DroppedItem]) -> OpenedPath:
         parts = [part for part in path.split("/") if part not in ("", ".")]
         if ".." in parts:
             raise ToolError(f"The path '{shown(path)}' contains '..'. Tools cannot step out of a dropped folder; "
                             "give the path from a dropped item downwards, such as 'project/src/main.py'.")
         if path.startswith("/"):
-            return self._open_absolute(path, parts, items, hops)
+            return self._open_absolute(path, parts, items)
         if not parts:
             raise ToolError(f"The path '{shown(path)}' names no file or folder.")
         by_name = {item.name: item for item in items}
         if parts[0] in by_name:
-            return self._walk(by_name[parts[0]], parts[1:], items, hops)
+            return self._walk(by_name[parts[0]], parts[1:], items, hops=0)
         folders = [item for item in items if item.is_folder]
         inside_folder_hint = None
         if len(folders) == 1:  # models often give paths relative to the one dropped folder
             try:
-                return self._walk(folders[0], parts, items, hops)
+                return self._walk(folders[0], parts, items, hops=0)
             except _MissingEntry as missing:
                 if missing.depth > 0:
                     raise
@@ -346,7 +346,7 @@ class DroppedFiles:
         raise ToolError(hint or f"'{shown(path)}' is not a dropped file or folder, nor inside one. The tools can "
                                 f"open only: {available}.")
 
-    def _open_absolute(self, path: str, parts: list[str], items: list[DroppedItem], hops: int) -> OpenedPath:
+    def _open_absolute(self, path: str, parts: list[str], items: list[DroppedItem]) -> OpenedPath:
         normalized, match = _locate("/" + "/".join(parts), items)
         if is_system_path(normalized):
             raise ToolError(f"'{shown(path)}' is a system file under /proc, /sys or /dev; tools never open those.")
@@ -354,7 +354,7 @@ class DroppedFiles:
             available = ", ".join(f"'{item.name}'" for item in items)
             raise ToolError(f"'{shown(path)}' is not inside any file or folder the user dropped, so tools may not "
                             f"open it. They can open only: {available}.")
-        return self._walk(match[0], match[1], items, hops)
+        return self._walk(match[0], match[1], items, hops=0)
 
     def _open_item_root(self, item: DroppedItem) -> int:
         try:
