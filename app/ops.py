@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-from app.qt import QCoreApplication, QObject, QRunnable, Qt, QThreadPool, Signal, Slot
+from app.qt import QCoreApplication, QObject, QRunnable, Qt, QThreadPool, Signal, Slot, is_alive
 
 log = logging.getLogger(__name__)
 
@@ -126,14 +126,13 @@ class BackgroundOp(Generic[T]):
         self.on_success = on_success
         self.on_failure = on_failure if on_failure is not None else _log_failure
         self.progress_callback: Callable[[Progress], None] | None = None
-        self.parent_destroyed = False
         self._cancel_event = threading.Event()
         self._started = False
-        if parent is not None:
-            parent.destroyed.connect(self._mark_parent_destroyed)
 
-    def _mark_parent_destroyed(self) -> None:
-        self.parent_destroyed = True
+    @property
+    def parent_destroyed(self) -> bool:
+        """True if `parent` was given and Qt has deleted it since (callbacks are then skipped)."""
+        return self.parent is not None and not is_alive(self.parent)
 
     @property
     def cancelled(self) -> bool:

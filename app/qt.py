@@ -19,6 +19,7 @@ from PySide6.QtCore import (
     Signal,
     Slot,
 )
+from shiboken6 import isValid as is_alive  # False once the C++ side of a Qt object was deleted
 
 __all__ = [
     "QCoreApplication",
@@ -34,4 +35,5 @@ __all__ = [
     "QtWidgets",
     "Signal",
     "Slot",
+    "is_alive",
 ]
