@@ -174,8 +174,16 @@ def maxrss_to_bytes(ru_maxrss: int, platform: str = sys.platform) -> int:
     return int(ru_maxrss) if platform == "darwin" else int(ru_maxrss) * 1024
 
 
-def peak_rss_bytes(who: int = resource.RUSAGE_SELF) -> int:
-    """Peak resident set size of this process (or RUSAGE_CHILDREN), in bytes."""
+def peak_rss_bytes(who: int = resource.RUSAGE_SELF, status_path: Path = Path("/proc/self/status")) -> int:
+    """Peak resident set size of this process (or RUSAGE_CHILDREN), in bytes.
+
+    On Linux, ru_maxrss of a process started by fork+exec includes the parent's RSS at the fork,
+    so this process's own peak is read from VmHWM in /proc/self/status when it is there.
+    """
+    if who == resource.RUSAGE_SELF and status_path.is_file():
+        for line in status_path.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
     return maxrss_to_bytes(resource.getrusage(who).ru_maxrss)
 
 

@@ -136,8 +136,29 @@ def test_memory_and_rss_figures() -> None:
 def test_maxrss_units() -> None:
     assert pi.maxrss_to_bytes(1000, "linux") == 1_024_000
     assert pi.maxrss_to_bytes(1000, "darwin") == 1000
+
+
+def test_peak_rss_prefers_vmhwm_and_falls_back_to_getrusage(tmp_path: Path) -> None:
+    status = tmp_path / "status"
+    status.write_text("Name:\tpython\nVmPeak:\t  900000 kB\nVmHWM:\t  123456 kB\nVmRSS:\t  100000 kB\n")
+    assert pi.peak_rss_bytes(status_path=status) == 123456 * 1024
     raw = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    assert pi.peak_rss_bytes() >= pi.maxrss_to_bytes(raw)
+    assert pi.peak_rss_bytes(status_path=tmp_path / "absent") == pi.maxrss_to_bytes(raw)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    assert pi.peak_rss_bytes(resource.RUSAGE_CHILDREN, status_path=status) == pi.maxrss_to_bytes(children)
+
+
+@linux_only
+def test_peak_rss_of_an_exec_child_is_its_own(tmp_path: Path) -> None:
+    import subprocess
+
+    ballast = bytearray(300 << 20)  # the parent is big at the fork
+    ballast[::4096] = b"\1" * len(ballast[::4096])
+    code = "from engine.platform_info import peak_rss_bytes; print(peak_rss_bytes())"
+    child_peak = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                                    cwd=Path(__file__).resolve().parents[2]).stdout)  # fmt: skip
+    del ballast
+    assert child_peak < 250 << 20
 
 
 # --- disk counters ----------------------------------------------------------------------------
