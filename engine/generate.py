@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import resource
-import sys
 import time
 from typing import Any, Callable, Iterator, Sequence
 
@@ -12,16 +10,11 @@ import mlx.nn as nn
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
 from .errors import RequestError
+from .platform_info import peak_rss_bytes
 from .streamed_moe import ExpertStreamer
 from .types import GenerationStats, SamplingParams, StepFigures, TokenEvent
 
 NO_TOKEN = -1  # token id of the event that only reports a cancellation
-
-
-def peak_rss_bytes() -> int:
-    """Peak resident set size of this process (ru_maxrss is KiB on Linux, bytes on macOS)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
 def _sampler(sampling: SamplingParams) -> Callable[[mx.array], mx.array]:
