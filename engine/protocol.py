@@ -10,6 +10,7 @@ Events (engine -> app): hello, loaded, progress, token, tool_call, stats, done, 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import types
@@ -384,8 +385,7 @@ def _require(ok: bool, where: str, problem: str) -> None:
 def _build(cls: type, obj: Any, path: str) -> Any:
     if not isinstance(obj, dict):
         raise ProtocolError(f"{path}: expected an object, got {_json_kind(obj)}", field=path)
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints, fields = _fields_of(cls)
     unknown = sorted(set(obj) - set(fields))
     if unknown:
         raise ProtocolError(f"{path}.{unknown[0]} is not a known field", field=f"{path}.{unknown[0]}")
@@ -398,6 +398,11 @@ def _build(cls: type, obj: Any, path: str) -> Any:
             continue
         kwargs[name] = _convert(hints[name], obj[name], where)
     return cls(**kwargs)
+
+
+@functools.lru_cache(maxsize=None)
+def _fields_of(cls: type) -> tuple[dict[str, Any], dict[str, dataclasses.Field[Any]]]:
+    return typing.get_type_hints(cls), {f.name: f for f in dataclasses.fields(cls)}
 
 
 def _convert(hint: Any, value: Any, where: str) -> Any:

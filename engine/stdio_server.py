@@ -15,9 +15,11 @@ import queue
 import sys
 import threading
 from dataclasses import dataclass, field
+from collections.abc import Iterator
 from typing import Any, TextIO
 
 from engine.protocol import (
+    MAX_LINE_CHARS,
     CancelRequest,
     ChatRequest,
     DoneEvent,
@@ -96,7 +98,10 @@ class StdioServer:
         worker.start()
         ticker.start()
         try:
-            for line in self.stdin:
+            for line in self._lines():
+                if line is None:
+                    self.emit(ErrorEvent(code="bad_request", message=f"line longer than {MAX_LINE_CHARS} characters", usable=True))
+                    continue
                 if not line.strip():
                     continue
                 if not self._handle_line(line):
@@ -111,6 +116,19 @@ class StdioServer:
             ticker.join(timeout=5)
             self.service.close()
         return 0
+
+    def _lines(self) -> Iterator[str | None]:
+        """Input lines; None stands for a line over MAX_LINE_CHARS, which is read and dropped."""
+        while True:
+            line = self.stdin.readline(MAX_LINE_CHARS + 1)
+            if not line:
+                return
+            if len(line) > MAX_LINE_CHARS:
+                while line and not line.endswith("\n"):  # drop the rest without holding it
+                    line = self.stdin.readline(MAX_LINE_CHARS)
+                yield None
+                continue
+            yield line
 
     def _handle_line(self, line: str) -> bool:
         """Act on one input line; False means stop reading."""

@@ -77,12 +77,23 @@ class _Stdout:
 
 
 class _Stdin:
+    """Lines put on a queue; None ends the input. readline(limit) splits long lines like a file."""
+
     def __init__(self) -> None:
         self.lines: queue.Queue[str | None] = queue.Queue()
+        self._rest = ""
+        self._ended = False
 
-    def __iter__(self):  # type: ignore[no-untyped-def]
-        while (item := self.lines.get()) is not None:
-            yield item
+    def readline(self, limit: int = -1) -> str:
+        if not self._rest and not self._ended:
+            item = self.lines.get()
+            if item is None:
+                self._ended = True
+            else:
+                self._rest = item
+        cut = len(self._rest) if limit < 0 else min(limit, len(self._rest))
+        out, self._rest = self._rest[:cut], self._rest[cut:]
+        return out
 
 
 class InProcess:

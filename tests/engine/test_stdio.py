@@ -328,3 +328,14 @@ def test_end_of_input_shuts_down_cleanly() -> None:
     assert proc.returncode == 0
     kinds = [l.split('"type": "')[1].split('"')[0] for l in proc.stdout.splitlines()]
     assert kinds == ["hello", "unloaded"]
+
+
+def test_overlong_line_is_dropped_with_an_error(unloaded: InProcess, monkeypatch: pytest.MonkeyPatch) -> None:
+    import engine.stdio_server as stdio_server
+
+    monkeypatch.setattr(stdio_server, "MAX_LINE_CHARS", 100)
+    unloaded.send('{"v":1,"type":"chat","id":"big","messages":[{"role":"user","content":"' + "x" * 500 + '"}]}\n')
+    unloaded.send({"type": "unload"})
+    err = unloaded.events.next()
+    assert isinstance(err, ErrorEvent) and "longer than 100" in err.message and err.usable
+    assert isinstance(unloaded.events.next(), UnloadedEvent)  # the rest of the long line was not read as a request

@@ -1,0 +1,314 @@
+"""`moebar-engine serve`: an OpenAI-compatible HTTP server (starlette + uvicorn) on one EngineService.
+
+Routes: POST /v1/chat/completions (SSE when streamed), GET /v1/models, GET /health. With an API
+key, every route but /health needs "Authorization: Bearer KEY". Generation runs on a worker
+thread; a client that disconnects cancels it at the next token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import ipaddress
+import json
+import logging
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from engine.errors import ModelError
+from engine.openai_format import (
+    APIError,
+    CompletionRequest,
+    chunk,
+    completion,
+    openai_finish_reason,
+    parse_completion_request,
+    tool_call_json,
+    usage_chunk,
+)
+from engine.protocol import DoneEvent, ErrorEvent, Event, LoadRequest, TokenTextEvent, ToolCallEvent
+from engine.service import EngineService, NotLoadedError, error_event
+from engine.types import EngineOptions
+
+log = logging.getLogger("moebar.http")
+
+DEFAULT_MAX_BODY_BYTES = 8 * 2**20
+_STATUS_BY_CODE = {"not_loaded": 503, "busy": 503, "bad_request": 400, "internal_error": 500}
+
+
+class _AuthMiddleware:
+    """Refuse requests without the right bearer key (except /health)."""
+
+    def __init__(self, app: ASGIApp, api_key: str | None) -> None:
+        self.app = app
+        self.api_key = api_key
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and self.api_key is not None and scope.get("path") != "/health":
+            header = dict(scope.get("headers") or []).get(b"authorization", b"").decode("latin-1")
+            scheme, _, token = header.partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
+                err = APIError(401, "missing or wrong API key (send Authorization: Bearer KEY)", code="invalid_api_key")
+                await JSONResponse(err.body(), status_code=401)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def create_app(
+    service: EngineService, model_id: str, api_key: str | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+) -> ASGIApp:
+    """Build the ASGI app serving `service` under the model name `model_id`."""
+
+    async def health(request: Request) -> Response:
+        return JSONResponse({"status": "ok" if service.engine is not None else "not_loaded", "model": model_id})
+
+    async def models(request: Request) -> Response:
+        created = int(time.time())
+        return JSONResponse(
+            {"object": "list", "data": [{"id": model_id, "object": "model", "created": created, "owned_by": "moebar"}]}
+        )
+
+    async def chat_completions(request: Request) -> Response:
+        try:
+            body = await _read_json(request, max_body_bytes)
+            parsed = parse_completion_request(body)
+            if service.engine is None:
+                raise APIError(503, "no model is loaded", code="not_loaded")
+        except APIError as exc:
+            return JSONResponse(exc.body(), status_code=exc.status)
+        return _ChatResponse(service, parsed, model_id)
+
+    async def not_found(request: Request, exc: Exception) -> Response:
+        status = getattr(exc, "status_code", 404)
+        return JSONResponse(APIError(status, f"{request.method} {request.url.path}: {getattr(exc, 'detail', 'not found')}").body(), status_code=status)
+
+    app = Starlette(
+        routes=[
+            Route("/health", health, methods=["GET"]),
+            Route("/v1/models", models, methods=["GET"]),
+            Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+        ],
+        exception_handlers={404: not_found, 405: not_found},
+    )
+    return _AuthMiddleware(app, api_key)
+
+
+async def _read_json(request: Request, limit: int) -> Any:
+    """Read a JSON body of at most `limit` bytes; raises APIError 413 or 400."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise APIError(400, "bad Content-Length header")
+        if int(declared) > limit:
+            raise APIError(413, f"request body is {declared} bytes; the limit is {limit}")
+    data = bytearray()
+    async for part in request.stream():
+        data += part
+        if len(data) > limit:
+            raise APIError(413, f"request body exceeds the limit of {limit} bytes")
+    try:
+        return json.loads(bytes(data))
+    except (ValueError, RecursionError) as exc:
+        raise APIError(400, f"request body is not valid JSON: {exc}") from None
+
+
+class _ChatResponse(Response):
+    """Runs one chat turn and answers with SSE chunks or one JSON object; cancels on disconnect."""
+
+    def __init__(self, service: EngineService, parsed: CompletionRequest, model_id: str) -> None:
+        self.service = service
+        self.parsed = parsed
+        self.model_id = model_id
+        self.background = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        cancel = threading.Event()
+
+        async def watch_disconnect() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            cancel.set()
+
+        watcher = asyncio.ensure_future(watch_disconnect())
+        events = _run_turn(self.service, self.parsed, cancel)
+        try:
+            if self.parsed.stream:
+                await self._stream(events, send, cancel)
+            else:
+                await self._whole(events, send)
+        except OSError:  # the client went away while we were sending
+            cancel.set()
+        finally:
+            watcher.cancel()
+            cancel.set()  # harmless after a finished turn; stops a running one
+            await events.aclose()
+
+    async def _whole(self, events: AsyncIterator[Event], send: Send) -> None:
+        content, reasoning, calls = [], [], []
+        async for ev in events:
+            if isinstance(ev, TokenTextEvent):
+                (reasoning if ev.kind == "reasoning" else content).append(ev.text)
+            elif isinstance(ev, ToolCallEvent):
+                calls.append(tool_call_json(ev.call_id, ev.name, ev.arguments))
+            elif isinstance(ev, ErrorEvent) and ev.code != "bad_tool_call":
+                await _send_json(send, _error_status(ev), APIError(_error_status(ev), ev.message, code=ev.code).body())
+                return
+            elif isinstance(ev, DoneEvent):
+                body = completion(
+                    self.parsed.chat.id, self.model_id, "".join(content), "".join(reasoning), calls, ev.finish_reason, ev.figures
+                )
+                await _send_json(send, 200, body)
+                return
+
+    async def _stream(self, events: AsyncIterator[Event], send: Send, cancel: threading.Event) -> None:
+        rid, model = self.parsed.chat.id, self.model_id
+        started = False
+        n_calls = 0
+        async for ev in events:
+            if isinstance(ev, ErrorEvent) and ev.code == "bad_tool_call":
+                continue
+            if isinstance(ev, ErrorEvent) and not started:  # nothing sent yet: answer with a status
+                await _send_json(send, _error_status(ev), APIError(_error_status(ev), ev.message, code=ev.code).body())
+                return
+            if not started:
+                await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
+                await _send_sse(send, chunk(rid, model, {"role": "assistant", "content": ""}))
+                started = True
+            if isinstance(ev, TokenTextEvent):
+                key = "reasoning_content" if ev.kind == "reasoning" else "content"
+                await _send_sse(send, chunk(rid, model, {key: ev.text}))
+            elif isinstance(ev, ToolCallEvent):
+                call = tool_call_json(ev.call_id, ev.name, ev.arguments, index=n_calls)
+                n_calls += 1
+                await _send_sse(send, chunk(rid, model, {"tool_calls": [call]}))
+            elif isinstance(ev, ErrorEvent):
+                await _send_sse(send, APIError(_error_status(ev), ev.message, code=ev.code).body())
+            elif isinstance(ev, DoneEvent):
+                if cancel.is_set():
+                    return
+                await _send_sse(send, chunk(rid, model, {}, openai_finish_reason(ev.finish_reason)))
+                if self.parsed.include_usage:
+                    await _send_sse(send, usage_chunk(rid, model, ev.figures))
+                await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
+                return
+
+
+_SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
+
+
+def _error_status(ev: ErrorEvent) -> int:
+    if ev.code in _STATUS_BY_CODE:
+        return _STATUS_BY_CODE[ev.code]
+    return 500 if ev.code == "internal_error" or not ev.usable else 400 if ev.code.startswith("bad") else 500
+
+
+async def _send_json(send: Send, status: int, body: dict[str, Any]) -> None:
+    data = json.dumps(body, ensure_ascii=False).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": data, "more_body": False})
+
+
+async def _send_sse(send: Send, obj: dict[str, Any]) -> None:
+    data = f"data: {json.dumps(obj, ensure_ascii=False)}\n\n".encode()
+    await send({"type": "http.response.body", "body": data, "more_body": True})
+
+
+async def _run_turn(service: EngineService, parsed: CompletionRequest, cancel: threading.Event) -> AsyncIterator[Event]:
+    """Run service.chat on a thread and yield its events; ends after a done event."""
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue[Event] = asyncio.Queue()
+
+    def emit(ev: Event) -> None:
+        try:
+            loop.call_soon_threadsafe(events.put_nowait, ev)
+        except RuntimeError:  # the loop is closed: nobody is listening any more
+            cancel.set()
+
+    def work() -> None:
+        req = parsed.chat
+        try:
+            emit(service.chat(req, emit, cancel.is_set))
+        except NotLoadedError as exc:
+            emit(ErrorEvent(code=exc.code, message=str(exc), usable=True, id=req.id))
+            emit(DoneEvent(id=req.id, finish_reason="error"))
+        except Exception as exc:
+            log.exception("chat %s failed", req.id)
+            emit(error_event(exc, req.id))
+            emit(DoneEvent(id=req.id, finish_reason="error"))
+
+    threading.Thread(target=work, name=f"chat-{parsed.chat.id}", daemon=True).start()
+    while True:
+        ev = await events.get()
+        yield ev
+        if isinstance(ev, DoneEvent):
+            return
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a bind address only accepts connections from this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def run_server(
+    model_dir: str | Path,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    api_key: str | None = None,
+    options: EngineOptions | None = None,
+    prompt_cache_mb: float = 1024.0,
+) -> int:
+    """Load `model_dir` and serve it over HTTP until interrupted."""
+    import uvicorn
+
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    if not is_loopback(host) and not api_key:
+        log.warning("serving on %s without --api-key: anyone who can reach this address can use the model", host)
+    path = Path(model_dir).expanduser()
+    if not path.is_dir():
+        raise ModelError(f"{path}: not a model directory")
+    service = EngineService()
+    loaded = service.load(
+        LoadRequest(model_dir=str(path), options=options or EngineOptions(), prompt_cache_mb=prompt_cache_mb),
+        lambda ev: log.info("loading: %s", getattr(ev, "stage", ev)),
+    )
+    log.info("loaded %s (%s) in %.1f s", loaded.name, loaded.model_type, loaded.load_s)
+    app = create_app(service, loaded.name, api_key)
+    try:
+        uvicorn.run(app, host=host, port=port, log_level="info")
+    finally:
+        service.close()
+    return 0
+
+
+def register_cli(sub: Any) -> None:
+    """Add the `serve` subcommand to moebar-engine's parser."""
+    from engine.cli import _add_engine_options, engine_options
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/chat/completions, /v1/models, /health)")
+    p.add_argument("model", help="model directory")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (loopback by default)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY on every route but /health")
+    p.add_argument("--prompt-cache-mb", type=float, default=1024.0, help="bound of the prompt (KV) cache")
+    _add_engine_options(p)
+    p.set_defaults(
+        func=lambda args: run_server(
+            args.model, args.host, args.port, args.api_key, engine_options(args), args.prompt_cache_mb
+        )
+    )
