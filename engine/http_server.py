@@ -15,7 +15,7 @@ import logging
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -154,7 +154,9 @@ class _ChatResponse(Response):
             await events.aclose()
 
     async def _whole(self, events: AsyncIterator[Event], send: Send) -> None:
-        content, reasoning, calls = [], [], []
+        content: list[str] = []
+        reasoning: list[str] = []
+        calls: list[dict[str, Any]] = []
         async for ev in events:
             if isinstance(ev, TokenTextEvent):
                 (reasoning if ev.kind == "reasoning" else content).append(ev.text)
@@ -224,7 +226,9 @@ async def _send_sse(send: Send, obj: dict[str, Any]) -> None:
     await send({"type": "http.response.body", "body": data, "more_body": True})
 
 
-async def _run_turn(service: EngineService, parsed: CompletionRequest, cancel: threading.Event) -> AsyncIterator[Event]:
+async def _run_turn(
+    service: EngineService, parsed: CompletionRequest, cancel: threading.Event
+) -> AsyncGenerator[Event, None]:
     """Run service.chat on a thread and yield its events; ends after a done event."""
     loop = asyncio.get_running_loop()
     events: asyncio.Queue[Event] = asyncio.Queue()
@@ -296,19 +300,22 @@ def run_server(
     return 0
 
 
-def register_cli(sub: Any) -> None:
-    """Add the `serve` subcommand to moebar-engine's parser."""
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `moebar-engine serve` (and `python -m engine.http_server`)."""
+    import argparse
+
     from engine.cli import _add_engine_options, engine_options
 
-    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/chat/completions, /v1/models, /health)")
+    p = argparse.ArgumentParser(prog="moebar-engine serve", description=__doc__.splitlines()[0])
     p.add_argument("model", help="model directory")
     p.add_argument("--host", default="127.0.0.1", help="bind address (loopback by default)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY on every route but /health")
     p.add_argument("--prompt-cache-mb", type=float, default=1024.0, help="bound of the prompt (KV) cache")
     _add_engine_options(p)
-    p.set_defaults(
-        func=lambda args: run_server(
-            args.model, args.host, args.port, args.api_key, engine_options(args), args.prompt_cache_mb
-        )
-    )
+    args = p.parse_args(argv)
+    return run_server(args.model, args.host, args.port, args.api_key, engine_options(args), args.prompt_cache_mb)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

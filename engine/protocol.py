@@ -5,6 +5,13 @@ dataclass named by that type. Both sides import this module; it needs no MLX.
 
 Requests (app -> engine): load, chat, cancel, unload, shutdown.
 Events (engine -> app): hello, loaded, progress, token, tool_call, stats, done, error, unloaded.
+
+The engine answers in this order: `hello` first; `load` -> progress..., then `loaded` or an
+`error` with id null; `chat` -> token / tool_call / stats events, then exactly one `done` (after
+an `error` with the chat's id when it failed: finish_reason "error"); `cancel` -> the chat's
+`done` says "cancelled" (no reply when the id is unknown or finished); `unload` -> `unloaded`.
+Requests run one at a time in arrival order; cancel acts at once. A bad line gets an `error`
+(usable true) and the engine reads on. `stats` come at least twice a second while working.
 """
 
 from __future__ import annotations

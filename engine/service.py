@@ -245,7 +245,9 @@ class EngineService:
             try:
                 first = next(gen)
             finally:
-                gen.close()
+                close = getattr(gen, "close", None)  # a generator: release it without feeding its token
+                if close is not None:
+                    close()
             turn.stats.append(first.stats)
             if first.finish_reason == "cancelled":
                 return -1

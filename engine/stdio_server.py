@@ -241,16 +241,9 @@ def run_stdio(args: Any = None) -> int:
     return server.run()
 
 
-def register_cli(sub: Any) -> None:
-    """Add the `stdio` subcommand to moebar-engine's parser."""
-    p = sub.add_parser("stdio", help="the JSON-lines protocol loop the app runs (stdin/stdout)")
-    add_stdio_arguments(p)
-    p.set_defaults(func=run_stdio)
-
-
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of `python -m engine.stdio_server`."""
-    parser = argparse.ArgumentParser(prog="python -m engine.stdio_server", description=__doc__.splitlines()[0])
+    """Entry point of `moebar-engine stdio` and `python -m engine.stdio_server`."""
+    parser = argparse.ArgumentParser(prog="moebar-engine stdio", description=__doc__.splitlines()[0])
     add_stdio_arguments(parser)
     return run_stdio(parser.parse_args(argv))
 

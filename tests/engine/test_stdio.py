@@ -316,9 +316,10 @@ def test_stray_prints_go_to_stderr_not_the_protocol() -> None:
     assert "stray print" in res.stderr and "raw fd write" in res.stderr
 
 
-def test_end_of_input_shuts_down_cleanly() -> None:
+@pytest.mark.parametrize("entry", [["engine.stdio_server"], ["engine.cli", "stdio"]], ids=["module", "cli"])
+def test_end_of_input_shuts_down_cleanly(entry: list[str]) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "engine.stdio_server", "--idle-stats-interval", "0"],
+        [sys.executable, "-m", *entry],
         input='{"v":1,"type":"unload"}\n',
         cwd=str(ROOT),
         capture_output=True,
