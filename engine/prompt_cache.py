@@ -112,7 +112,12 @@ class PromptCache:
         self._entries.clear()
 
     def fetch(self, tokens: Sequence[int]) -> CacheHit | None:
-        """Take the entry that serves the longest prefix of `tokens` (at most len-1) out of the cache."""
+        """Return a cache state serving the longest prefix of `tokens` (at most len-1), or None.
+
+        A trimmable entry is taken out (its longer state is rebuilt by storing the new turn);
+        a non-trimmable one is copied and stays, since a shorter state cannot be made from a
+        longer one (a regenerated answer needs the same snapshot again).
+        """
         best: tuple[int, _Entry] | None = None
         for entry in self._entries:
             usable = self._usable(entry, tokens)
@@ -121,6 +126,9 @@ class PromptCache:
         if best is None:
             return None
         usable, entry = best
+        if not entry.trimmable:
+            entry.used_at = time.monotonic()
+            return CacheHit(cache=snapshot(entry.cache), reused=usable)
         self._entries.remove(entry)
         trim_cache(entry.cache, len(entry.tokens) - usable)
         return CacheHit(cache=entry.cache, reused=usable)

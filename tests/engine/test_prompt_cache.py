@@ -106,6 +106,10 @@ def test_non_trimmable_state_is_reused_only_as_a_whole_prefix() -> None:
     hit = pc.fetch(list(range(12)))
     assert hit is not None and hit.reused == 10
     assert float(hit.cache[0][0][0, 0]) == 10.0  # the linear state itself came back
+    # it was copied: the entry stays for a regenerated answer, untouched by the caller's changes
+    hit.cache[0][0] = mx.zeros((1, 3))
+    again = pc.fetch(list(range(11)))
+    assert again is not None and again.reused == 10 and float(again.cache[0][0][0, 0]) == 10.0
 
 
 def test_storing_a_trimmable_extension_drops_its_prefixes() -> None:
