@@ -232,7 +232,13 @@ def _delegate(module: str) -> Callable[[argparse.Namespace], int]:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run a subcommand; user errors print one line and exit 2, never a traceback."""
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    delegated = {name: module for name, module, _ in _DELEGATED}
+    if argv and argv[0] in delegated:
+        # these subcommands parse their own arguments (argparse's REMAINDER drops leading options)
+        args = argparse.Namespace(func=_delegate(delegated[argv[0]]), rest=argv[1:])
+    else:
+        args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except MoeBarError as e:

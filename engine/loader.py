@@ -20,6 +20,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 
+from .cpu_parallel import cpu_streams, split_output_projection
 from .errors import CorruptModelError, MissingFileError, ModelError, TokenizerError, UnsupportedModelError
 from .expert_layout import LayerExperts, layer_experts_from_index
 from .expert_store import ExpertStore
@@ -281,6 +282,8 @@ def load_streamed_model(model_dir: Path, options: EngineOptions, progress: Progr
     if device == "cpu":
         # MLX's CPU kernels are several times faster with fp32 activations than bf16/fp16.
         model.set_dtype(mx.float32)
+        if options.cpu_split:
+            split_output_projection(model, cpu_streams())
     params = tree_flatten(model.parameters())
     dense_bytes = 0
     for i, (_, arr) in enumerate(params):

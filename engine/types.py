@@ -18,6 +18,7 @@ class EngineOptions:
     prefetch: bool = False  # read layer l+1's predicted experts while layer l computes
     device: str = "auto"  # "auto", "cpu" or "gpu"
     use_packed: bool = True  # use the packed per-expert layout when present
+    cpu_split: bool = True  # on CPU, split the output projection over the cores (exact)
 
     def to_dict(self) -> dict[str, Any]:
         """Return the options as a JSON-ready dict."""

@@ -1,0 +1,247 @@
+"""``moebar-engine bench``: the engine against the disk and against mlx-lm, side by side in one run.
+
+Phases, in this order so that the peak RSS of the streamed phases is not inflated by mlx-lm:
+1. the disk: cold parallel preads of expert-sized blocks at the engine's thread count;
+2. cold decode (cache 0, page cache bypassed), with and without next-layer prefetch;
+3. chunked prefill against token-by-token prefill (cold, cache 0);
+4. peak RSS against dense + budget + KV + 512 MiB;
+5. warm decode (every expert cached) against mlx-lm's own generation with the model in memory,
+   interleaved run by run, medians compared;
+6. the ``plan`` prediction against what was measured.
+Ratios, not absolute times, are the results: shared machines are noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .bench_report import format_table, targets
+
+
+def _model_dir(args: argparse.Namespace) -> Path:
+    """Reuse ``--model`` or build the synthetic preset once under the work dir (in a subprocess)."""
+    if args.model:
+        return Path(args.model).expanduser().resolve()
+    layers = f"-L{args.layers}" if args.layers else ""
+    out = Path(args.work_dir).expanduser() / f"{args.preset}{layers}"
+    if not (out / "config.json").is_file():
+        code = (
+            "import sys; from engine.demo_model import build_random_moe_model as b; "
+            f"b({str(out)!r}, 'qwen3_moe', 4, preset={args.preset!r}, num_layers={args.layers!r}, overwrite=True)"
+        )
+        print(f"building synthetic model {args.preset} in {out} ...", file=sys.stderr)
+        subprocess.run([sys.executable, "-c", code], check=True)
+    return out
+
+
+def _ensure_packed(model: Path, layout: str) -> None:
+    from .loader import inspect_experts
+    from .pack import pack_model
+    from .packed_layout import open_packed_layout
+
+    if layout == "packed" and open_packed_layout(model, inspect_experts(model).layers) is None:
+        print("packing experts (one-time) ...", file=sys.stderr)
+        pack_model(model)
+
+
+def _decode(engine: Any, prompt: list[int], tokens: int) -> dict[str, Any]:
+    from .types import SamplingParams
+
+    events = list(engine.generate(prompt, SamplingParams(max_tokens=tokens)))
+    s = events[-1].stats
+    d = s.decode
+    n = max(1, d.tokens)
+    return {
+        "tokens": [e.token for e in events],
+        "decode_tps": s.decode_tps,
+        "prompt_tps": s.prompt_tps,
+        "prompt_s": s.prompt_s,
+        "bytes_per_token": d.bytes_read / n,
+        "io_wait_per_token_s": d.io_wait_s / n,
+        "compute_per_token_s": d.compute_s / n,
+        "sync_per_token_s": d.sync_s / n,
+        "io_share": d.io_wait_s / d.elapsed_s if d.elapsed_s else 0.0,
+        "read_bytes_per_s": d.bytes_read / d.io_wait_s if d.io_wait_s else 0.0,
+        "hit_rate": s.cache_hit_rate,
+        "prefill_bytes": s.prefill.bytes_read,
+    }
+
+
+def _engine(model: Path, args: argparse.Namespace, **opts: Any) -> Any:
+    from .engine import Engine
+    from .types import EngineOptions
+
+    options = EngineOptions(io_threads=args.io_threads, device=args.device, use_packed=args.layout == "packed", **opts)
+    return Engine.load(model, options, measure_disk=False)
+
+
+def run_bench(args: argparse.Namespace) -> dict[str, Any]:
+    """Run every phase and return the results as a JSON-ready dict."""
+    import random
+
+    from .engine import measure_expert_read_speed
+    from .loader import inspect_experts
+    from .platform_info import measure_cold_read_speed, peak_rss_bytes, process_rss_bytes
+
+    model = _model_dir(args)
+    _ensure_packed(model, args.layout)
+    baseline_rss = process_rss_bytes()
+    layers = inspect_experts(model).layers
+    expert_bytes = layers[0].expert_bytes
+    expert_total = sum(l.expert_bytes * l.num_experts for l in layers)
+    rng = random.Random(0)
+    prompt = [rng.randrange(1000, 100_000) for _ in range(16)]
+    out: dict[str, Any] = {
+        "model": str(model),
+        "preset": args.preset if not args.model else None,
+        "layers": len(layers),
+        "experts": layers[0].num_experts,
+        "expert_bytes": expert_bytes,
+        "expert_bytes_total": expert_total,
+        "layout": args.layout,
+        "io_threads": args.io_threads,
+        "decode_tokens": args.decode_tokens,
+    }
+
+    # 1. the disk on its own
+    files = model / "moebar-packed" if args.layout == "packed" else model
+    raw = measure_cold_read_speed(
+        files, block_bytes=expert_bytes, threads=args.io_threads, total_bytes=min(expert_total, args.disk_bytes)
+    )
+    out["disk"] = {"raw_parallel_read_bytes_per_s": raw}
+
+    # 2. cold decode, prefetch off and on
+    for name, prefetch in (("cold", False), ("cold_prefetch", True)):
+        engine = _engine(model, args, cache_mb=0, cold=True, prefetch=prefetch)
+        try:
+            out[name] = _decode(engine, prompt, args.decode_tokens)
+            out[name]["prefetched_hits"] = engine.expert_counters()["prefetched_hits"]
+            if name == "cold":
+                plan = engine.plan
+                dense = plan.dense_bytes
+        finally:
+            engine.close()
+
+    # 3. chunked prefill against token-by-token, both cold with cache 0
+    long_prompt = [rng.randrange(1000, 100_000) for _ in range(args.prompt_tokens)]
+    prefill: dict[str, Any] = {"prompt_tokens": args.prompt_tokens}
+    for name, chunk in (("chunked", 128), ("token_by_token", 1)):
+        engine = _engine(model, args, cache_mb=0, cold=True, prefill_chunk=chunk)
+        try:
+            r = _decode(engine, long_prompt, 1)
+            prefill[name] = {"prompt_tps": r["prompt_tps"], "prompt_s": r["prompt_s"], "bytes_read": r["prefill_bytes"]}
+        finally:
+            engine.close()
+    out["prefill"] = prefill
+
+    # 4. peak RSS of the streamed phases
+    kv_bytes = 4 * 2**20 * len(layers)  # generous: short prompts, fp32 KV
+    out["memory"] = {
+        "baseline_rss": baseline_rss,
+        "peak_rss": peak_rss_bytes(),
+        "dense_bytes": dense,
+        "budget_bytes": 0,
+        "limit_bytes": baseline_rss + dense + kv_bytes + 512 * 2**20,
+    }
+
+    # 5. warm decode against mlx-lm in memory, interleaved
+    out["warm"] = _warm_against_mlx_lm(model, args, prompt, expert_total)
+
+    # 6. the plan's prediction
+    plan_disk = measure_expert_read_speed(layers, io_threads=args.io_threads, samples=32)
+    per_token = len(layers) * plan.experts_per_token * expert_bytes
+    out["plan"] = {
+        "disk_read_bytes_per_s": plan_disk,
+        "expert_bytes_per_token": per_token,
+        "tps_bound_cold": plan_disk / per_token if per_token else None,
+        "measured_cold_tps": out["cold"]["decode_tps"],
+    }
+    out["targets"] = targets(out)
+    return out
+
+
+def _warm_against_mlx_lm(model: Path, args: argparse.Namespace, prompt: list[int], expert_total: int) -> dict[str, Any]:
+    import mlx.core as mx
+    from mlx_lm import load as mlx_load
+    from mlx_lm import stream_generate
+    from mlx_lm.sample_utils import make_sampler
+
+    ref_model, tok = mlx_load(str(model))
+    if args.device != "gpu" and not _has_gpu():
+        ref_model.set_dtype(mx.float32)  # the same activation dtype the engine uses on CPU
+    mx.eval(ref_model.parameters())
+    engine = _engine(model, args, cache_mb=expert_total / 2**20 + 64)
+    try:
+        _decode(engine, prompt, args.decode_tokens)  # fill the cache
+        ours, ref, same = [], [], True
+        for _ in range(args.repeats):
+            ref_tokens, tps = [], 0.0
+            for r in stream_generate(ref_model, tok, prompt, max_tokens=args.decode_tokens, sampler=make_sampler(0.0)):
+                ref_tokens.append(r.token)
+                tps = r.generation_tps
+            ref.append(tps)
+            o = _decode(engine, prompt, args.decode_tokens)
+            ours.append(o["decode_tps"])
+            same = same and o["tokens"] == ref_tokens
+        hit_rate = o["hit_rate"]
+    finally:
+        engine.close()
+    return {
+        "streamed_tps": ours,
+        "mlx_lm_tps": ref,
+        "ratio": statistics.median(ours) / statistics.median(ref) if min(ref) > 0 else 0.0,
+        "same_tokens": same,
+        "hit_rate": hit_rate,
+        "compute_per_token_s": o["compute_per_token_s"],
+    }
+
+
+def _has_gpu() -> bool:
+    import mlx.core as mx
+
+    try:
+        return bool(mx.default_device() == mx.gpu)
+    except Exception:
+        return False
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Arguments of ``moebar-engine bench``."""
+    p = argparse.ArgumentParser(prog="moebar-engine bench", description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="mini", choices=["mini", "small", "qwen3-30b-shape", "tiny"])
+    p.add_argument("--layers", type=int, default=None, help="number of layers (to fit the disk)")
+    p.add_argument("--model", default=None, help="benchmark this model directory instead of a preset")
+    p.add_argument("--work-dir", default=str(Path.home() / ".cache" / "moebar-bench"))
+    p.add_argument("--layout", choices=["packed", "safetensors"], default="packed")
+    p.add_argument("--decode-tokens", type=int, default=16)
+    p.add_argument("--prompt-tokens", type=int, default=512)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--io-threads", type=int, default=4)
+    p.add_argument("--disk-bytes", type=int, default=512 * 2**20, help="bytes read by the raw disk test")
+    p.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto")
+    p.add_argument("--json", default=None, help="write the results here")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark, print the table, write the JSON."""
+    args = build_parser().parse_args(argv)
+    t0 = time.perf_counter()
+    results = run_bench(args)
+    results["bench_seconds"] = time.perf_counter() - t0
+    results["command"] = "moebar-engine bench " + " ".join(argv if argv is not None else sys.argv[1:])
+    print(format_table(results))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

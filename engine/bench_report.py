@@ -1,0 +1,79 @@
+"""The benchmark's targets (ratios from one run) and its printed table."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def targets(r: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Each target: the measured ratio, the goal, and whether it was met."""
+    raw = r["disk"]["raw_parallel_read_bytes_per_s"]
+    cold = r["cold"]
+    compute = r["warm"]["compute_per_token_s"]
+    disk_time = cold["bytes_per_token"] / raw if raw else 0.0
+    serial_bound = 1.0 / (disk_time + compute) if disk_time + compute > 0 else 0.0
+    overlap_bound = 1.0 / max(disk_time, compute) if max(disk_time, compute) > 0 else 0.0
+    chunked = r["prefill"]["chunked"]["prompt_tps"]
+    tbt = r["prefill"]["token_by_token"]["prompt_tps"]
+    mem = r["memory"]
+    out = {
+        "warm_vs_mlx_lm": (r["warm"]["ratio"], 0.90),
+        "cold_read_vs_raw_disk": (cold["read_bytes_per_s"] / raw if raw else 0.0, 0.85),
+        "cold_decode_vs_serial_bound": (cold["decode_tps"] / serial_bound if serial_bound else 0.0, 0.80),
+        "peak_rss_vs_limit": (mem["peak_rss"] / mem["limit_bytes"], 1.0),
+        "chunked_vs_token_by_token_prefill": (chunked / tbt if tbt else 0.0, 10.0),
+    }
+    result = {}
+    for name, (value, goal) in out.items():
+        met = value <= goal if name == "peak_rss_vs_limit" else value >= goal
+        result[name] = {"value": value, "goal": goal, "met": met}
+    result["bounds"] = {
+        "disk_s_per_token": disk_time,
+        "compute_s_per_token": compute,
+        "serial_bound_tps": serial_bound,
+        "overlap_bound_tps": overlap_bound,
+        "cold_decode_vs_overlap_bound": cold["decode_tps"] / overlap_bound if overlap_bound else 0.0,
+    }
+    return result
+
+
+def format_table(r: dict[str, Any]) -> str:
+    """A plain-text table of the figures and targets."""
+    gb = 1e9
+    cold, pre, warm = r["cold"], r["prefill"], r["warm"]
+    rows = [
+        ("model", f"{r['layers']} MoE layers x {r['experts']} experts, {r['expert_bytes'] / 2**20:.2f} MiB/expert, "
+                  f"{r['expert_bytes_total'] / gb:.2f} GB of experts, {r['layout']} layout"),
+        ("disk: raw cold parallel pread", f"{r['disk']['raw_parallel_read_bytes_per_s'] / gb:.2f} GB/s "
+                                          f"({r['io_threads']} threads, expert-sized blocks)"),
+        ("cold decode (cache 0)", f"{cold['decode_tps']:.2f} tok/s, {cold['bytes_per_token'] / 2**20:.1f} MiB/token, "
+                                  f"reads {cold['read_bytes_per_s'] / gb:.2f} GB/s, I/O wait {100 * cold['io_share']:.0f}%"),
+        ("cold decode + prefetch", f"{r['cold_prefetch']['decode_tps']:.2f} tok/s, "
+                                   f"I/O wait {100 * r['cold_prefetch']['io_share']:.0f}%, "
+                                   f"{r['cold_prefetch']['prefetched_hits']} prefetched hits"),
+        ("warm decode: streamed / mlx-lm", f"{max(warm['streamed_tps']):.2f} / {max(warm['mlx_lm_tps']):.2f} tok/s "
+                                           f"(best), median ratio {warm['ratio']:.3f}, same tokens: {warm['same_tokens']}"),
+        (f"prefill {pre['prompt_tokens']} tokens: chunked / token-by-token",
+         f"{pre['chunked']['prompt_tps']:.1f} / {pre['token_by_token']['prompt_tps']:.1f} tok/s, expert bytes "
+         f"{pre['chunked']['bytes_read'] / 2**20:.0f} / {pre['token_by_token']['bytes_read'] / 2**20:.0f} MiB"),
+        ("peak RSS / limit", f"{r['memory']['peak_rss'] / 2**20:.0f} / {r['memory']['limit_bytes'] / 2**20:.0f} MiB "
+                             f"(baseline + dense + KV + 512 MiB)"),
+        ("plan: predicted / measured cold tok/s", f"{r['plan']['tps_bound_cold'] or 0:.2f} (disk only) / "
+                                                   f"{r['plan']['measured_cold_tps']:.2f}"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    lines = [f"{k.ljust(width)}  {v}" for k, v in rows]
+    lines.append("")
+    lines.append("targets (ratios from this run):")
+    for name, t in r["targets"].items():
+        if name == "bounds":
+            continue
+        mark = "met" if t["met"] else "MISSED"
+        op = "<=" if name == "peak_rss_vs_limit" else ">="
+        lines.append(f"  {name.ljust(36)} {t['value']:8.3f}  (goal {op} {t['goal']})  {mark}")
+    b = r["targets"]["bounds"]
+    lines.append(
+        f"  bounds: disk {1000 * b['disk_s_per_token']:.1f} ms/token + compute {1000 * b['compute_s_per_token']:.1f} "
+        f"ms/token -> serial {b['serial_bound_tps']:.2f} tok/s, overlapped {b['overlap_bound_tps']:.2f} tok/s"
+    )
+    return "\n".join(lines)
