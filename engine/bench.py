@@ -2,12 +2,11 @@
 
 Phases, in this order so that the peak RSS of the streamed phases is not inflated by mlx-lm:
 1. the disk: cold parallel preads of expert-sized blocks at the engine's thread count;
-2. cold decode (cache 0, page cache bypassed), with and without next-layer prefetch;
-3. chunked prefill against token-by-token prefill (cold, cache 0);
-4. peak RSS against dense + budget + KV + 512 MiB;
-5. warm decode (every expert cached) against mlx-lm's own generation with the model in memory,
-   interleaved run by run, medians compared;
-6. the ``plan`` prediction against what was measured.
+2. the streamed engine alone (cache 0, page cache bypassed): a decode, then chunked prefill
+   against token-by-token prefill, then its peak RSS against dense + budget + KV + 512 MiB;
+3. decode side by side, run by run: cold, cold with next-layer prefetch, warm (every expert
+   cached) and mlx-lm's own generation with the model in memory; medians compared;
+4. the ``plan`` prediction against what was measured.
 Ratios, not absolute times, are the results: shared machines are noisy.
 """
 
@@ -42,13 +41,13 @@ def _model_dir(args: argparse.Namespace) -> Path:
 
 
 def _ensure_packed(model: Path, layout: str) -> None:
+    """Pack once, in a subprocess (its buffers must not count in this process's peak RSS)."""
     from .loader import inspect_experts
-    from .pack import pack_model
     from .packed_layout import open_packed_layout
 
     if layout == "packed" and open_packed_layout(model, inspect_experts(model).layers) is None:
         print("packing experts (one-time) ...", file=sys.stderr)
-        pack_model(model)
+        subprocess.run([sys.executable, "-m", "engine.cli", "pack", "--quiet", str(model)], check=True)
 
 
 def _decode(engine: Any, prompt: list[int], tokens: int) -> dict[str, Any]:
@@ -117,44 +116,32 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     )
     out["disk"] = {"raw_parallel_read_bytes_per_s": raw}
 
-    # 2. cold decode, prefetch off and on
-    for name, prefetch in (("cold", False), ("cold_prefetch", True)):
-        engine = _engine(model, args, cache_mb=0, cold=True, prefetch=prefetch)
-        try:
-            out[name] = _decode(engine, prompt, args.decode_tokens)
-            out[name]["prefetched_hits"] = engine.expert_counters()["prefetched_hits"]
-            if name == "cold":
-                plan = engine.plan
-                dense = plan.dense_bytes
-        finally:
-            engine.close()
-
-    # 3. chunked prefill against token-by-token, both cold with cache 0
+    # 2. streamed phases alone (their peak RSS is checked): cold decode, then prefill both ways
+    cold = _engine(model, args, cache_mb=0, cold=True)
+    plan = cold.plan
+    _decode(cold, prompt, args.decode_tokens)
     long_prompt = [rng.randrange(1000, 100_000) for _ in range(args.prompt_tokens)]
     prefill: dict[str, Any] = {"prompt_tokens": args.prompt_tokens}
     for name, chunk in (("chunked", 128), ("token_by_token", 1)):
-        engine = _engine(model, args, cache_mb=0, cold=True, prefill_chunk=chunk)
-        try:
-            r = _decode(engine, long_prompt, 1)
-            prefill[name] = {"prompt_tps": r["prompt_tps"], "prompt_s": r["prompt_s"], "bytes_read": r["prefill_bytes"]}
-        finally:
-            engine.close()
+        cold.options.prefill_chunk = chunk
+        r = _decode(cold, long_prompt, 1)
+        prefill[name] = {"prompt_tps": r["prompt_tps"], "prompt_s": r["prompt_s"], "bytes_read": r["prefill_bytes"]}
+    cold.options.prefill_chunk = 128
     out["prefill"] = prefill
-
-    # 4. peak RSS of the streamed phases
-    kv_bytes = 4 * 2**20 * len(layers)  # generous: short prompts, fp32 KV
+    kv_bytes = 4 * 2**20 * len(layers)  # generous for these prompts (fp32 KV)
     out["memory"] = {
         "baseline_rss": baseline_rss,
         "peak_rss": peak_rss_bytes(),
-        "dense_bytes": dense,
+        "dense_bytes": plan.dense_bytes,
         "budget_bytes": 0,
-        "limit_bytes": baseline_rss + dense + kv_bytes + 512 * 2**20,
+        "limit_bytes": baseline_rss + plan.dense_bytes + kv_bytes + 512 * 2**20,
     }
 
-    # 5. warm decode against mlx-lm in memory, interleaved
-    out["warm"] = _warm_against_mlx_lm(model, args, prompt, expert_total)
+    # 3. decode side by side, run by run: cold, cold + prefetch, warm (all cached), mlx-lm in RAM
+    out.update(_decode_side_by_side(model, args, prompt, expert_total, cold))
+    cold.close()
 
-    # 6. the plan's prediction
+    # 4. the plan's prediction
     plan_disk = measure_expert_read_speed(layers, io_threads=args.io_threads, samples=32)
     per_token = len(layers) * plan.experts_per_token * expert_bytes
     out["plan"] = {
@@ -167,40 +154,58 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def _warm_against_mlx_lm(model: Path, args: argparse.Namespace, prompt: list[int], expert_total: int) -> dict[str, Any]:
+def _decode_side_by_side(
+    model: Path, args: argparse.Namespace, prompt: list[int], expert_total: int, cold: Any
+) -> dict[str, Any]:
+    """Interleave the decode runs so that machine noise hits each the same; report medians."""
     import mlx.core as mx
     from mlx_lm import load as mlx_load
     from mlx_lm import stream_generate
     from mlx_lm.sample_utils import make_sampler
 
     ref_model, tok = mlx_load(str(model))
-    if args.device != "gpu" and not _has_gpu():
+    if not _has_gpu():
         ref_model.set_dtype(mx.float32)  # the same activation dtype the engine uses on CPU
     mx.eval(ref_model.parameters())
-    engine = _engine(model, args, cache_mb=expert_total / 2**20 + 64)
+    prefetch = _engine(model, args, cache_mb=0, cold=True, prefetch=True)
+    warm = _engine(model, args, cache_mb=expert_total / 2**20 + 64)
+    runs: dict[str, list[dict[str, Any]]] = {"cold": [], "cold_prefetch": [], "warm": []}
+    ref_tps: list[float] = []
+    same = True
     try:
-        _decode(engine, prompt, args.decode_tokens)  # fill the cache
-        ours, ref, same = [], [], True
+        _decode(warm, prompt, args.decode_tokens)  # fill the cache
         for _ in range(args.repeats):
+            for name, engine in (("cold", cold), ("cold_prefetch", prefetch), ("warm", warm)):
+                runs[name].append(_decode(engine, prompt, args.decode_tokens))
             ref_tokens, tps = [], 0.0
             for r in stream_generate(ref_model, tok, prompt, max_tokens=args.decode_tokens, sampler=make_sampler(0.0)):
                 ref_tokens.append(r.token)
                 tps = r.generation_tps
-            ref.append(tps)
-            o = _decode(engine, prompt, args.decode_tokens)
-            ours.append(o["decode_tps"])
-            same = same and o["tokens"] == ref_tokens
-        hit_rate = o["hit_rate"]
+            ref_tps.append(tps)
+            same = same and all(runs[n][-1]["tokens"] == ref_tokens for n in runs)
+        prefetched = prefetch.expert_counters()["prefetched_hits"]
     finally:
-        engine.close()
-    return {
-        "streamed_tps": ours,
-        "mlx_lm_tps": ref,
-        "ratio": statistics.median(ours) / statistics.median(ref) if min(ref) > 0 else 0.0,
-        "same_tokens": same,
-        "hit_rate": hit_rate,
-        "compute_per_token_s": o["compute_per_token_s"],
-    }
+        prefetch.close()
+        warm.close()
+    out: dict[str, Any] = {name: _median_run(rs) for name, rs in runs.items()}
+    out["cold_prefetch"]["prefetched_hits"] = prefetched
+    ours = [r["decode_tps"] for r in runs["warm"]]
+    out["warm"].update(
+        streamed_tps=ours,
+        mlx_lm_tps=ref_tps,
+        ratio=statistics.median(ours) / statistics.median(ref_tps) if min(ref_tps) > 0 else 0.0,
+        same_tokens=same,
+    )
+    return out
+
+
+def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Field-wise median of several decode runs (tokens from the first)."""
+    out: dict[str, Any] = {"tokens": runs[0]["tokens"], "runs": len(runs)}
+    for key, value in runs[0].items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[key] = statistics.median(r[key] for r in runs)
+    return out
 
 
 def _has_gpu() -> bool:

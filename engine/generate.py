@@ -77,26 +77,29 @@ def generate_tokens(
         fig.compute_s = max(0.0, fig.elapsed_s - fig.io_wait_s - fig.sync_s)
         return fig
 
-    # Prefill: route each chunk together, so each needed expert is read once per chunk.
+    # Prefill: route each chunk together, so each needed expert is read once per chunk. All but
+    # the last prompt token go in chunks whose outputs are never used (only the caches are), so
+    # the last MoE layer is skipped there; the last token then runs alone for its logits.
     t0 = time.perf_counter()
     prompt = mx.array(list(prompt_tokens))
     n = len(prompt_tokens)
     chunk = max(1, prefill_chunk)
-    token: mx.array | None = None
-    for start in range(0, n, chunk):
-        if should_stop():
-            stats.prefill.add(finish_step(t0, start))
-            yield TokenEvent(NO_TOKEN, stats.prefill, stats, "cancelled")
-            return
-        piece = prompt[start : start + chunk][None]
-        out = model(piece, cache=kv_cache)
-        if start + chunk >= n:
-            token = sample(out)
-            mx.eval(token)
-        else:
+    if streamer.last_layer_is_final_block:
+        streamer.skip_layer = len(streamer.layers) - 1
+    try:
+        for start in range(0, n - 1, chunk):
+            if should_stop():
+                stats.prefill.add(finish_step(t0, start))
+                yield TokenEvent(NO_TOKEN, stats.prefill, stats, "cancelled")
+                return
+            model(prompt[start : min(start + chunk, n - 1)][None], cache=kv_cache)
             mx.eval([c.state for c in kv_cache])
-        streamer.release_pins()
-    assert token is not None
+            streamer.release_pins()
+    finally:
+        streamer.skip_layer = None
+    token = sample(model(prompt[n - 1 :][None], cache=kv_cache))
+    mx.eval(token)
+    streamer.release_pins()
     fig = finish_step(t0, n)
     stats.prefill = fig
     stats.prompt_tokens = n

@@ -152,6 +152,20 @@ def _set_by_path(root: nn.Module, path: str, value: nn.Module) -> nn.Module:
     return parent
 
 
+def _in_final_block(model: nn.Module, path: str) -> bool:
+    """Whether the module at ``path`` sits in the model's last decoder block (nothing after it
+    but norms and the output head), so prefill chunks may skip it."""
+    parts = path.split(".")
+    node: Any = model
+    for i, part in enumerate(parts):
+        if isinstance(node, list):
+            return int(part) == len(node) - 1
+        node = getattr(node, part, None)
+        if node is None:
+            return False
+    return False
+
+
 def _router_of(parent: nn.Module, num_experts: int) -> Callable[[mx.array], mx.array] | None:
     """The parent block's router: a linear child that maps the hidden state to E scores."""
     for child in parent.children().values():
@@ -277,6 +291,7 @@ def load_streamed_model(model_dir: Path, options: EngineOptions, progress: Progr
         switches.append(switch)
     for i in range(len(switches) - 1):
         switches[i].set_next_router(_router_of(parents[i + 1], layers[i + 1].num_experts))
+    streamer.last_layer_is_final_block = _in_final_block(model, found[-1][0])
 
     activation_dtype = "float32" if device == "cpu" else "model"
     if device == "cpu":

@@ -56,6 +56,8 @@ class ExpertStreamer:
         self.prefetch = prefetch
         self.figures = StepFigures()
         self.prefetched_hits = 0
+        self.skip_layer: int | None = None  # a layer whose output will not be used (see generate)
+        self.last_layer_is_final_block = False  # set by the loader
         self._pinned: set[Key] = set()
         self._inflight: dict[Key, tuple[ExpertCache, "Future[int]"]] = {}
         self._prefetched: set[Key] = set()  # resident because of a prediction, not yet used
@@ -204,6 +206,10 @@ class StreamedSwitch(nn.Module):
     def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
         b = self._binding
         streamer = b.streamer
+        if streamer.skip_layer == self.layer:
+            # Nothing downstream reads this output (prefill chunks keep only the KV caches):
+            # no routing sync and no reads; the zeros never reach a logit.
+            return mx.zeros((*indices.shape, x.shape[-1]), dtype=x.dtype)
         t0 = time.perf_counter()
         prediction = None
         if streamer.prefetch and b.next_router is not None:

@@ -1,0 +1,38 @@
+"""The benchmark runs end to end on a tiny model and writes sane JSON (targets are not asserted)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from engine.bench import main as bench_main
+
+
+def test_bench_runs_and_writes_json(tiny_model, tmp_path: Path, capsys) -> None:
+    model = tmp_path / "model"
+    import shutil
+
+    shutil.copytree(tiny_model("qwen3_moe", 4), model)  # the bench packs the model it measures
+    out = tmp_path / "bench.json"
+    rc = bench_main(
+        ["--model", str(model), "--decode-tokens", "3", "--prompt-tokens", "12", "--repeats", "1",
+         "--disk-bytes", str(2**20), "--json", str(out)]
+    )
+    assert rc == 0
+    r = json.loads(out.read_text())
+    assert r["disk"]["raw_parallel_read_bytes_per_s"] > 0
+    for phase in ("cold", "cold_prefetch"):
+        assert r[phase]["decode_tps"] > 0 and r[phase]["bytes_per_token"] > 0
+    assert r["warm"]["same_tokens"] is True
+    assert len(r["warm"]["streamed_tps"]) == len(r["warm"]["mlx_lm_tps"]) == 1
+    assert r["prefill"]["chunked"]["bytes_read"] < r["prefill"]["token_by_token"]["bytes_read"]
+    assert r["memory"]["peak_rss"] > r["memory"]["baseline_rss"]
+    assert set(r["targets"]) >= {
+        "warm_vs_mlx_lm", "cold_read_vs_raw_disk", "cold_decode_vs_serial_bound", "peak_rss_vs_limit",
+        "chunked_vs_token_by_token_prefill", "bounds",
+    }
+    for name, t in r["targets"].items():
+        if name != "bounds":
+            assert t["value"] > 0 and isinstance(t["met"], bool)
+    table = capsys.readouterr().out
+    assert "targets (ratios from this run)" in table and "warm decode" in table
