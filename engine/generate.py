@@ -113,8 +113,9 @@ def generate_tokens(
         generated += 1
         stats.generated_tokens = generated
         stats.decode_s = time.perf_counter() - t_first
-        stats.peak_rss_bytes = peak_rss_bytes()
         reason = "stop" if tok in eos_token_ids else ("length" if generated >= sampling.max_tokens else None)
+        if reason is not None or generated % 16 == 1:
+            stats.peak_rss_bytes = peak_rss_bytes()  # reads /proc: not every token
         yield TokenEvent(tok, fig, stats, reason)
         if reason is not None:
             return

@@ -228,6 +228,9 @@ class StreamedSwitch(nn.Module):
             y = self._run_group(x, host_idx, unique)
         else:
             y = self._run_grouped(x, host_idx, unique, cap)
+        # Start the experts' compute now, while Python builds the graph up to the next router.
+        # Its slots stay pinned until the next sync, which waits for this work.
+        mx.async_eval(y)
         if prediction is not None:
             predicted = np.unique(np.array(prediction))
             streamer.prefetch_experts(self.layer + 1, predicted)
