@@ -163,7 +163,7 @@ def _decode_side_by_side(
     from mlx_lm import stream_generate
     from mlx_lm.sample_utils import make_sampler
 
-    ref_model, tok = mlx_load(str(model))
+    ref_model, tok = mlx_load(str(model))[:2]
     if not _has_gpu():
         ref_model.set_dtype(mx.float32)  # the same activation dtype the engine uses on CPU
     mx.eval(ref_model.parameters())

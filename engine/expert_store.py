@@ -113,7 +113,7 @@ class ExpertStore:
 
     def read_into(self, layer: int, expert: int, dests: Sequence[np.ndarray]) -> int:
         """Read ``expert`` of ``layer`` into ``dests`` (uint8 arrays, one per parameter); return bytes."""
-        views = [memoryview(d).cast("B") for d in dests]
+        views = [memoryview(d).cast("B") for d in dests]  # type: ignore[arg-type]
         try:
             if self.packed:
                 n = self._read_packed(layer, expert, views)

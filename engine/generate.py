@@ -108,7 +108,7 @@ def generate_tokens(
     t_first = time.perf_counter()
     generated = 0
     while True:
-        tok = int(token.item())
+        tok = int(token.item())  # type: ignore[arg-type]
         history.append(tok)
         generated += 1
         stats.generated_tokens = generated

@@ -131,8 +131,8 @@ def _find_switch_modules(model: nn.Module) -> list[tuple[str, nn.Module, list[st
         for name, lin in linears.items():
             if getattr(lin, "global_scale", None) is not None:
                 raise UnsupportedModelError(f"{path}.{name}: experts with a global scale (nvfp4) cannot stream yet")
-            for pname, _ in tree_flatten(lin.parameters()):
-                keys.append(f"{name}.{pname}")
+            for item in tree_flatten(lin.parameters()):
+                keys.append(f"{name}.{item[0]}")
         found.append((path, module, sorted(keys)))
     found.sort(key=lambda item: _natural_key(item[0]))
     return found
@@ -299,7 +299,7 @@ def load_streamed_model(model_dir: Path, options: EngineOptions, progress: Progr
         model.set_dtype(mx.float32)
         if options.cpu_split:
             split_output_projection(model, cpu_streams())
-    params = tree_flatten(model.parameters())
+    params: list[tuple[str, mx.array]] = tree_flatten(model.parameters())  # type: ignore[assignment]
     dense_bytes = 0
     for i, (_, arr) in enumerate(params):
         mx.eval(arr)

@@ -68,7 +68,7 @@ def pack_model(model_dir: str | Path, *, io_threads: int = 4, progress: PackProg
             for f in futures:
                 f.result()
             checksums = [
-                zlib.crc32(buf[e * stride : e * stride + layer.expert_bytes]) for e in range(layer.num_experts)
+                zlib.crc32(buf[e * stride : e * stride + layer.expert_bytes].data) for e in range(layer.num_experts)
             ]
             name = f"layer-{layer.layer:04d}.experts"
             _write_file(tmp / name, buf, need - written)
@@ -91,7 +91,7 @@ def _write_file(path: Path, data: np.ndarray, still_needed: int) -> None:
     """Write and fsync ``data``; a full disk becomes a DiskFullError that says what is needed."""
     try:
         with open(path, "wb") as f:
-            f.write(memoryview(data))
+            f.write(data.data)
             f.flush()
             os.fsync(f.fileno())
     except OSError as e:
