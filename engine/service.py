@@ -8,12 +8,14 @@ tool calls), and keep the final cache state for the next turn.
 from __future__ import annotations
 
 import logging
+import queue
 import threading
+from concurrent.futures import Future
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from engine.chat import ChatFormat, OutputSplitter, Piece, prompt_ends_in_reasoning, render_prompt
 from engine.errors import MoeBarError, RequestError
@@ -42,6 +44,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 Emit = Callable[[Event], None]
+T = TypeVar("T")
 EngineLoader = Callable[..., "Engine"]
 NO_TOKEN = -1  # engine.generate's token id of an event that only reports a cancellation
 
@@ -64,6 +67,44 @@ def _default_loader(model_dir: str | Path, options: EngineOptions, progress: Any
     return Engine.load(model_dir, options, progress=progress)
 
 
+class _EngineThread:
+    """The one thread of the process that every engine call runs on, in arrival order.
+
+    MLX streams belong to the thread that created them (the engine makes extra CPU streams on
+    first use, kept for the process), so all MLX work stays on one thread, shared by every
+    EngineService. The thread is a daemon that never ends: a thread that made MLX streams must
+    not exit before the process (MLX aborts).
+    """
+
+    def __init__(self) -> None:
+        self._calls: queue.Queue[tuple[Future[Any], Callable[..., Any], tuple[Any, ...]]] = queue.Queue()
+        self._started = False
+        self._start_lock = threading.Lock()
+
+    def submit(self, fn: Callable[..., T], *args: Any) -> "Future[T]":
+        """Queue fn(*args) for the engine thread."""
+        with self._start_lock:
+            if not self._started:
+                threading.Thread(target=self._loop, name="moebar-engine", daemon=True).start()
+                self._started = True
+        future: Future[T] = Future()
+        self._calls.put((future, fn, args))
+        return future
+
+    def _loop(self) -> None:
+        while True:
+            future, fn, args = self._calls.get()
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn(*args))
+            except BaseException as exc:  # handed to the caller, who re-raises it
+                future.set_exception(exc)
+
+
+ENGINE_THREAD = _EngineThread()
+
+
 @dataclass
 class _Turn:
     """State of the chat turn in progress (read by the live-figures thread)."""
@@ -84,40 +125,48 @@ class EngineService:
         self.loaded: LoadedEvent | None = None
         self.prompt_cache = PromptCache(max_bytes=0)
         self._fmt = ChatFormat()
-        self._lock = threading.Lock()  # held by load, unload and chat
+        self._thread = ENGINE_THREAD
+        self._closed = False
         self._turn: _Turn | None = None
         self._loading = False
         self.live = live or LiveStats()
 
     # ------------------------------------------------------------------ load / unload
 
+    def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run fn on the engine thread (one call at a time, in arrival order) and return its result."""
+        if self._closed:
+            raise RequestError("the engine service is closed")
+        return self._thread.submit(fn, *args).result()
+
     def load(self, req: LoadRequest, emit: Emit) -> LoadedEvent:
         """Load a model (replacing the current one); emits progress; returns the loaded event."""
-        with self._lock:
-            self._unload_locked()
-            self._loading = True
-            t0 = time.perf_counter()
+        return self._run(self._load, req, emit)
 
-            def progress(stage: str, fraction: float) -> None:
-                emit(ProgressEvent(stage=str(stage), fraction=min(1.0, max(0.0, float(fraction)))))
+    def _load(self, req: LoadRequest, emit: Emit) -> LoadedEvent:
+        self._unload_now()
+        self._loading = True
+        t0 = time.perf_counter()
 
-            try:
-                engine = self._loader(req.model_dir, req.options, progress=progress)
-            finally:
-                self._loading = False
-            self.engine = engine
-            self._fmt = ChatFormat.from_tokenizer(engine.tokenizer)
-            self.prompt_cache = PromptCache(max_bytes=int(req.prompt_cache_mb * 2**20))
-            self.live.attach(engine)
-            self.loaded = _loaded_event(engine, self._fmt, time.perf_counter() - t0)
-            return self.loaded
+        def progress(stage: str, fraction: float) -> None:
+            emit(ProgressEvent(stage=str(stage), fraction=min(1.0, max(0.0, float(fraction)))))
+
+        try:
+            engine = self._loader(req.model_dir, req.options, progress=progress)
+        finally:
+            self._loading = False
+        self.engine = engine
+        self._fmt = ChatFormat.from_tokenizer(engine.tokenizer)
+        self.prompt_cache = PromptCache(max_bytes=int(req.prompt_cache_mb * 2**20))
+        self.live.attach(engine)
+        self.loaded = _loaded_event(engine, self._fmt, time.perf_counter() - t0)
+        return self.loaded
 
     def unload(self) -> None:
         """Free the model and the prompt cache."""
-        with self._lock:
-            self._unload_locked()
+        self._run(self._unload_now)
 
-    def _unload_locked(self) -> None:
+    def _unload_now(self) -> None:
         self.prompt_cache.clear()
         self.live.attach(None)
         if self.engine is not None:
@@ -125,8 +174,10 @@ class EngineService:
             engine.close()
 
     def close(self) -> None:
-        """Unload and stop background work."""
-        self.unload()
+        """Unload; later calls are refused."""
+        if not self._closed:
+            self.unload()
+            self._closed = True
 
     @property
     def busy(self) -> bool:
@@ -146,20 +197,22 @@ class EngineService:
 
     def chat(self, req: ChatRequest, emit: Emit, cancelled: Callable[[], bool]) -> DoneEvent:
         """Run one chat turn, emitting token/tool_call events; returns (does not emit) the done event."""
-        with self._lock:
-            engine = self.engine
-            if engine is None:
-                raise NotLoadedError("no model is loaded: send a load request first")
-            turn = _Turn(request_id=req.id)
-            self._turn = turn
-            try:
-                done = self._chat_locked(engine, req, emit, cancelled, turn)
-                emit(StatsEvent(figures=self.live.sample(_turn_figures(turn)), id=req.id))
-                return done
-            finally:
-                self._turn = None
+        return self._run(self._chat, req, emit, cancelled)
 
-    def _chat_locked(
+    def _chat(self, req: ChatRequest, emit: Emit, cancelled: Callable[[], bool]) -> DoneEvent:
+        engine = self.engine
+        if engine is None:
+            raise NotLoadedError("no model is loaded: send a load request first")
+        turn = _Turn(request_id=req.id)
+        self._turn = turn
+        try:
+            done = self._turn_of(engine, req, emit, cancelled, turn)
+            emit(StatsEvent(figures=self.live.sample(_turn_figures(turn)), id=req.id))
+            return done
+        finally:
+            self._turn = None
+
+    def _turn_of(
         self, engine: "Engine", req: ChatRequest, emit: Emit, cancelled: Callable[[], bool], turn: _Turn
     ) -> DoneEvent:
         tok = engine.tokenizer

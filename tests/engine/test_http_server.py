@@ -297,3 +297,40 @@ def test_serve_command_end_to_end(tiny_model: Any) -> None:
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_reasoning_is_separate_from_content() -> None:
+    reply = "<think>\nPlan it.\n</think>\n\nThe answer."
+    server, _ = scripted_server("qwen3_5", [reply, reply])
+    try:
+        client = server.client()
+        r = client.chat.completions.create(model="m", messages=MESSAGES)
+        msg = r.choices[0].message
+        assert msg.content == "The answer." and (msg.model_extra or {}).get("reasoning_content") == "Plan it."
+        chunks = list(client.chat.completions.create(model="m", messages=MESSAGES, stream=True))
+        deltas = [c.choices[0].delta for c in chunks if c.choices]
+        assert "".join((d.model_extra or {}).get("reasoning_content") or "" for d in deltas) == "Plan it."
+        assert "".join(d.content or "" for d in deltas) == "The answer."
+    finally:
+        server.stop()
+
+
+def test_concurrent_requests_are_served_one_after_the_other() -> None:
+    server, engine = scripted_server("qwen3", [f"reply {i}" for i in range(4)], delay_s=0.005)
+    try:
+        client = server.client()
+        results: list[str] = []
+
+        def ask() -> None:
+            r = client.chat.completions.create(model="m", messages=MESSAGES)
+            results.append(r.choices[0].message.content or "")
+
+        threads = [threading.Thread(target=ask) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        assert sorted(results) == [f"reply {i}" for i in range(4)]
+        assert engine.finish_reasons == ["stop"] * 4
+    finally:
+        server.stop()
