@@ -167,6 +167,10 @@ def _checked_call(item: Any) -> ParsedToolCall:
     name = item.get("name")
     if not isinstance(name, str) or not name.strip():
         raise ToolCallParseError("tool call has no function name")
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ToolCallParseError("tool call's function name is not valid text") from None
     args = item.get("arguments", {})
     if args is None:
         args = {}
@@ -177,8 +181,10 @@ def _checked_call(item: Any) -> ParsedToolCall:
             raise ToolCallParseError(f"arguments of {name!r} are not JSON") from None
     if not isinstance(args, dict):
         raise ToolCallParseError(f"arguments of {name!r} must be an object, got {type(args).__name__}")
-    try:  # normalise to plain JSON (tuples from literal_eval become lists; NaN is refused)
-        args = json.loads(json.dumps(args, allow_nan=False, ensure_ascii=False))
+    try:  # normalise to plain JSON (tuples from literal_eval become lists; NaN and lone surrogates refused)
+        text = json.dumps(args, allow_nan=False, ensure_ascii=False)
+        text.encode("utf-8")
+        args = json.loads(text)
     except (TypeError, ValueError, RecursionError) as exc:
         raise ToolCallParseError(f"arguments of {name!r} are not plain JSON ({exc})") from None
     return ParsedToolCall(name=name.strip(), arguments=args)

@@ -215,14 +215,14 @@ def _error_status(ev: ErrorEvent) -> int:
 
 
 async def _send_json(send: Send, status: int, body: dict[str, Any]) -> None:
-    data = json.dumps(body, ensure_ascii=False).encode()
+    data = json.dumps(body).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": data, "more_body": False})
 
 
 async def _send_sse(send: Send, obj: dict[str, Any]) -> None:
-    data = f"data: {json.dumps(obj, ensure_ascii=False)}\n\n".encode()
+    data = f"data: {json.dumps(obj)}\n\n".encode()
     await send({"type": "http.response.body", "body": data, "more_body": True})
 
 

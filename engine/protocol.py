@@ -318,8 +318,12 @@ def to_json_obj(message: Request | Event) -> dict[str, Any]:
 
 
 def encode(message: Request | Event) -> str:
-    """Encode a request or event as one JSON line (ending in a newline)."""
-    return json.dumps(to_json_obj(message), ensure_ascii=False, allow_nan=False) + "\n"
+    """Encode a request or event as one JSON line (ending in a newline); raises ProtocolError if it cannot be."""
+    try:
+        # ASCII-only: a lone surrogate from model output can never break the UTF-8 pipe.
+        return json.dumps(to_json_obj(message), ensure_ascii=True, allow_nan=False) + "\n"
+    except (ValueError, TypeError, RecursionError) as exc:
+        raise ProtocolError(f"cannot encode a {type(message).TYPE} message: {exc}") from None
 
 
 def decode_request(line: str | bytes) -> Request:

@@ -52,7 +52,11 @@ class EventWriter:
 
     def __call__(self, event: Event) -> None:
         """Write one event line and flush it."""
-        line = encode(event)
+        try:
+            line = encode(event)
+        except ProtocolError as exc:  # report what could not be sent rather than go silent
+            log.error("%s", exc)
+            line = encode(ErrorEvent(code="internal_error", message=str(exc), usable=True, id=getattr(event, "id", None)))
         with self._lock:
             if self.closed:
                 return

@@ -145,6 +145,8 @@ def test_without_a_tool_parser_markup_is_text() -> None:
         (QWEN3, '{"name": "f", "arguments": {"x": NaN}}'),
         (QWEN3, '{"name": "f", "arguments": "not json"}'),
         (QWEN3, "   "),
+        (QWEN3, '{"name": "f", "arguments": {"x": "\\ud800"}}'),
+        (QWEN3, '{"name": "\\udfff", "arguments": {}}'),
         (QWEN3_5, "<function=f>\n<parameter=x>\n1\n</parameter>"),
         (QWEN3_5, "no function at all"),
     ],

@@ -115,7 +115,8 @@ TOOLS = [{"type": "function", "function": {"name": "f", "parameters": {"type": "
     "e": {"type": "string"}}}}}]  # fmt: skip
 PIECES = ["<tool_call>", "</tool_call>", "<think>", "</think>", "<tool_", "call>", "</", "<", ">", "{", "}", "[", "]",
           '"name"', '"arguments"', ":", ", ", '"f"', "1e999", "NaN", "\n", " ", "x", "é", "<function=f>", "</function>",
-          "<parameter=a>", "<parameter=b>", "<parameter=d>", "</parameter>", "null", "true", "-0.5", "(1,", ")"]  # fmt: skip
+          "<parameter=a>", "<parameter=b>", "<parameter=d>", "</parameter>", "null", "true", "-0.5", "(1,", ")",
+          '"\\ud800"', "\ud800"]  # fmt: skip
 model_text = st.lists(st.sampled_from(PIECES) | st.text(max_size=4), max_size=40).map("".join)
 
 

@@ -121,3 +121,15 @@ def test_peek_id() -> None:
 def test_importable_without_mlx() -> None:
     code = "import sys, engine.protocol; assert not [m for m in sys.modules if m.split('.')[0] in ('mlx', 'mlx_lm')]"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=str(__import__("pathlib").Path(__file__).parents[2]))
+
+
+def test_lines_are_ascii_even_for_lone_surrogates() -> None:
+    ev = p.TokenTextEvent(id="a", text="caf\u00e9 \ud800 \u6c34")
+    line = p.encode(ev)
+    assert line.isascii()
+    assert p.decode_event(line) == ev
+
+
+def test_unencodable_message_is_a_protocol_error() -> None:
+    with pytest.raises(p.ProtocolError, match="cannot encode a tool_call"):
+        p.encode(p.ToolCallEvent(id="a", call_id="c", name="f", arguments={"x": float("nan")}))
