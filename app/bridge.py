@@ -14,12 +14,12 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import sys
 import time
 from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
 
+from app.frozen import engine_command
 from app.qt import QObject, Qt, QThread, QTimer, QtCore, Signal, Slot
 from engine import protocol
 from engine.protocol import (
@@ -42,7 +42,7 @@ from engine.types import EngineOptions
 
 log = logging.getLogger(__name__)
 
-DEFAULT_ENGINE_COMMAND: tuple[str, ...] = (sys.executable, "-m", "engine.stdio_server")
+DEFAULT_ENGINE_COMMAND: tuple[str, ...] = tuple(engine_command())  # `MoeBar --engine-stdio` in a bundle
 ENGINE_COMMAND_ENV = "MOEBAR_ENGINE_COMMAND"
 STDERR_TAIL_LINES = 40
 RESTART_DELAYS_S = (0.2, 1.0, 3.0)  # back-off for successive crashes inside CRASH_WINDOW_S
