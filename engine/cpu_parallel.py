@@ -8,20 +8,24 @@ the same dot product as before, so the logits are bit-identical; the parts run c
 from __future__ import annotations
 
 import os
+import threading
 from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
 
 
-_STREAMS: list[mx.Stream] = []
+_LOCAL = threading.local()
 
 
 def _cpu_stream(i: int) -> mx.Stream:
-    """The i-th extra CPU stream (created once per process; each runs on its own thread)."""
-    while len(_STREAMS) <= i:
-        _STREAMS.append(mx.new_stream(mx.cpu))
-    return _STREAMS[i]
+    """The i-th extra CPU stream of the calling thread (MLX streams belong to the thread that
+    made them); each stream runs its kernels on a thread of its own."""
+    streams: list[mx.Stream] = getattr(_LOCAL, "streams", None) or []
+    _LOCAL.streams = streams
+    while len(streams) <= i:
+        streams.append(mx.new_stream(mx.cpu))
+    return streams[i]
 
 
 class RowSplitLinear(nn.Module):

@@ -17,7 +17,7 @@ import threading
 import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -111,9 +111,13 @@ class ExpertStore:
             self._local.staging = buf
         return buf
 
-    def read_into(self, layer: int, expert: int, dests: Sequence[np.ndarray]) -> int:
-        """Read ``expert`` of ``layer`` into ``dests`` (uint8 arrays, one per parameter); return bytes."""
-        views = [memoryview(d).cast("B") for d in dests]  # type: ignore[arg-type]
+    def read_into(self, layer: int, expert: int, dests: Sequence[Any]) -> int:
+        """Read ``expert`` of ``layer`` into ``dests``, one per parameter; return the bytes read.
+
+        A destination is a uint8 array, or an object with a ``raw`` uint8 array and a ``finish()``
+        that converts what was read (see expert_cache.UpcastBuffer).
+        """
+        views = [memoryview(getattr(d, "raw", d)).cast("B") for d in dests]
         try:
             if self.packed:
                 n = self._read_packed(layer, expert, views)
@@ -121,6 +125,9 @@ class ExpertStore:
                 n = self._read_unpacked(layer, expert, views)
         except OSError as e:
             raise ExpertReadError(f"layer {layer} expert {expert}: read failed: {e}") from e
+        for d in dests:
+            if hasattr(d, "finish"):
+                d.finish()
         with self._lock:
             self.bytes_read += n
             self.reads += 1
@@ -172,7 +179,7 @@ class ExpertStore:
         with self._lock:
             self._verified.add((layer, expert))
 
-    def submit(self, layer: int, expert: int, dests: Sequence[np.ndarray]) -> "Future[int]":
+    def submit(self, layer: int, expert: int, dests: Sequence[Any]) -> "Future[int]":
         """Queue a read on the I/O threads; the future gives the bytes read."""
         return self._pool.submit(self.read_into, layer, expert, dests)
 

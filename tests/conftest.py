@@ -15,7 +15,7 @@ import pytest
 
 # Builder arguments a test may pass to tiny_model besides model_type and bits;
 # any other keyword becomes a config.json override (e.g. num_experts=32).
-_BUILDER_KWARGS = ("preset", "num_layers", "tokenizer", "seed", "max_shard_bytes")
+_BUILDER_KWARGS = ("preset", "num_layers", "tokenizer", "seed", "max_shard_bytes", "expert_scales_dtype")
 
 TinyModelFactory = Callable[..., Path]
 

@@ -123,3 +123,18 @@ def test_lower_k_override_runs_and_reads_fewer_experts(tiny_model, capsys) -> No
     finally:
         engine.close()
     assert "below the model's trained" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("budget", ["zero", "all"])
+def test_bf16_expert_scales_are_widened_exactly(tiny_model, budget: str) -> None:
+    """Real 4-bit Qwen models store expert scales as bf16; on the CPU the slots hold them as fp32
+    (widened once per read), which must not change a token."""
+    path = tiny_model("qwen3_moe", 4, expert_scales_dtype="bfloat16")
+    assert any(p.dtype == "BF16" for p in inspect_experts(path).layers[0].params)
+    prompt, expected = _reference(path)
+    engine = Engine.load(path, EngineOptions(cache_mb=_budget_mb(path, budget)), measure_disk=False)
+    try:
+        got = [ev.token for ev in engine.generate(prompt, SamplingParams(max_tokens=N_TOKENS))]
+    finally:
+        engine.close()
+    assert got == expected
