@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,7 @@ from .errors import CorruptModelError, MissingFileError, ModelError, TokenizerEr
 from .expert_layout import LayerExperts, layer_experts_from_index
 from .expert_store import ExpertStore
 from .packed_layout import open_packed_layout
-from .safetensors_index import read_model_index
+from .safetensors_index import TensorLocation, read_model_index
 from .streamed_moe import ExpertStreamer, StreamedSwitch
 from .types import EngineOptions
 
@@ -239,7 +240,7 @@ def inspect_experts(model_dir: Path, experts_per_token: int | None = None) -> Mo
     try:
         model, config = load_model(model_dir, lazy=True, model_config=overrides)
     except ValueError as e:
-        raise CorruptModelError(f"{model_dir}: the weights do not match config.json: {e}") from e
+        raise CorruptModelError(_weights_mismatch(model_dir, config, index, e)) from e
     except KeyError as e:
         raise CorruptModelError(f"{model_dir / 'config.json'}: missing field {e}") from e
     except TypeError as e:
@@ -258,6 +259,28 @@ def inspect_experts(model_dir: Path, experts_per_token: int | None = None) -> Mo
     expert_names = {s.name for layer in layers for s in layer.sources}
     dense = sum(loc.nbytes for name, loc in index.items() if name not in expert_names)
     return ModelExperts(model, config, found, layers, dense, trained_k, k)
+
+
+def _weights_mismatch(
+    model_dir: Path, config: dict[str, Any], index: dict[str, TensorLocation], exc: ValueError
+) -> str:
+    """One line saying how the weights and config.json disagree.
+
+    mlx lists every unexpected or missing tensor on a line of its own (dozens for a wrong
+    model_type); keep the first one as an example and name the field or the weight file at fault.
+    """
+    lines = [line.strip().rstrip(",") for line in str(exc).splitlines() if line.strip()]
+    head = lines[0].rstrip(": ") if lines else type(exc).__name__
+    example = f" (e.g. {lines[1]})" if len(lines) > 1 else ""
+    if "not in model" in head or head.startswith("Missing"):
+        return (
+            f"{model_dir / 'config.json'}: model_type {config['model_type']!r} does not match the weights: "
+            f"{head}{example}; is model_type right?"
+        )
+    match = re.search(r"for parameter (\S+)", head)
+    where = index.get(match.group(1)) if match else None
+    in_file = f" in {where.file.name}" if where is not None else ""
+    return f"{model_dir}: the weights{in_file} do not match config.json: {head}{example}"
 
 
 def load_streamed_model(model_dir: Path, options: EngineOptions, progress: ProgressFn | None = None) -> StreamedModel:

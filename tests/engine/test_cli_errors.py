@@ -83,14 +83,26 @@ def test_unknown_model_type(model_copy: Path) -> None:
 
 
 def test_wrong_model_type(model_copy: Path) -> None:
-    _edit_config(model_copy, model_type="qwen3")
-    _assert_one_line_error(_generate(model_copy))
+    _edit_config(model_copy, model_type="qwen3")  # a known dense family: the MoE tensors are not in it
+    proc = _generate(model_copy)
+    _assert_one_line_error(proc, "config.json", "model_type 'qwen3' does not match the weights")
+    assert "model.layers.1." not in proc.stderr  # one example tensor, not the whole list
 
 
 def test_config_disagrees_with_tensor_shapes(model_copy: Path) -> None:
     cfg = json.loads((model_copy / "config.json").read_text())
     _edit_config(model_copy, moe_intermediate_size=cfg["moe_intermediate_size"] * 2)
-    _assert_one_line_error(_generate(model_copy), "config.json")
+    index = json.loads((model_copy / "model.safetensors.index.json").read_text())["weight_map"]
+    tensor = "model.layers.0.mlp.switch_mlp.gate_proj.weight"
+    _assert_one_line_error(_generate(model_copy), "config.json", tensor, f"weights in {index[tensor]}")
+
+
+def test_empty_tokenizer(model_copy: Path) -> None:
+    path = model_copy / "tokenizer.json"
+    tokenizer = json.loads(path.read_text())
+    tokenizer["model"]["vocab"], tokenizer["model"]["merges"] = {}, []  # well-formed, encodes to nothing
+    path.write_text(json.dumps(tokenizer))
+    _assert_one_line_error(_generate(model_copy), str(model_copy), "tokenizer is empty")
 
 
 def test_no_tokenizer_files(model_copy: Path) -> None:
