@@ -116,7 +116,7 @@ class EngineProcessWorker(QObject):
         self._stderr_tail: deque[str] = deque(maxlen=STDERR_TAIL_LINES)
         self._in_flight: list[str] = []
         self._model_request: LoadRequest | None = None
-        self._loading = False
+        self._loads_pending = 0  # load requests sent to this process and not yet answered
         self._stopping = False
         self._fatal_message = ""
         self._crash_times: deque[float] = deque()
@@ -131,6 +131,7 @@ class EngineProcessWorker(QObject):
             return
         self._stopping = False
         self._fatal_message = ""
+        self._loads_pending = 0
         self._buffer.clear()
         self._stderr_buffer.clear()
         self._stderr_tail.clear()
@@ -148,7 +149,7 @@ class EngineProcessWorker(QObject):
         process.start(self._command[0], self._command[1:])
         if self._model_request is not None:
             self._write(self._model_request)
-            self._loading = True
+            self._loads_pending = 1  # a fresh process: only this load is pending
             self._set_state(LOADING)
 
     @Slot(object)
@@ -158,7 +159,7 @@ class EngineProcessWorker(QObject):
         if self._process is None:
             self.start()  # start() sends the remembered load request
             return
-        self._loading = True
+        self._loads_pending += 1
         self._write(request)
         self._set_state(LOADING)
 
@@ -280,10 +281,11 @@ class EngineProcessWorker(QObject):
                 self._set_state(READY)  # before `done`, so a done handler sees the new state
             self.done.emit(event)
         elif isinstance(event, LoadedEvent):
-            self._loading = False
+            self._loads_pending = max(0, self._loads_pending - 1)
             self._crash_times.clear()  # a successful load ends a crash streak
             self.loaded.emit(event)  # before READY, so whoever sees READY also finds the model
-            self._set_state(BUSY if self._in_flight else READY)
+            # A later load still pending replaces this model: stay LOADING until it answers.
+            self._set_state(LOADING if self._loads_pending else BUSY if self._in_flight else READY)
         elif isinstance(event, ProgressEvent):
             self.progress.emit(event.stage, event.fraction)
         elif isinstance(event, ErrorEvent):
@@ -297,11 +299,13 @@ class EngineProcessWorker(QObject):
             self._set_state(IDLE)
 
     def _on_error_event(self, event: ErrorEvent) -> None:
-        if event.id is None and self._loading:
-            # The model cannot be loaded: do not load it again after a restart.
-            self._loading = False
-            self._model_request = None
-            self._set_state(IDLE)
+        if event.id is None and self._loads_pending:
+            # A load failed; the engine dropped the model it had. If it was the last load sent,
+            # that model cannot be loaded: say so and do not load it again after a restart.
+            self._loads_pending -= 1
+            if not self._loads_pending:
+                self._model_request = None
+                self._set_state(IDLE)
         self.error.emit(event)
         if not event.usable and self._process is not None:
             # The engine says it cannot go on (e.g. out of memory): replace it.

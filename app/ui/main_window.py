@@ -163,8 +163,8 @@ class MainWindow(QtWidgets.QMainWindow):
             text = f"{text} · {self.bridge.model.name}"
         self.state_label.setText(text)
         self.model_panel.gauges.set_working(state == engine_state.BUSY)
-        if state in (engine_state.RESTARTING, engine_state.FAILED):
-            self.model_panel.show_unloaded(text)
+        if state in (engine_state.IDLE, engine_state.RESTARTING, engine_state.FAILED):
+            self.model_panel.show_unloaded(text)  # IDLE: none loaded yet, unloaded, or a load failed
 
     @Slot(object)
     def _on_loaded(self, event: LoadedEvent) -> None:

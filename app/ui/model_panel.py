@@ -124,4 +124,6 @@ class ModelPanel(QtWidgets.QFrame):
         """No model: say why (e.g. 'Restarting the engine…')."""
         self.load_progress.hide()
         self.name_label.setText(text)
+        self.name_label.setToolTip("")
         self.facts_label.setText("")
+        self.show_plan({})

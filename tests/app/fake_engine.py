@@ -8,7 +8,8 @@ Run as ``python tests/app/fake_engine.py``. The last user message steers it:
   "tool:NAME"    -> call tool NAME with {"path": "notes.txt"}
   "slow"         -> 100 tokens, 30 ms apart (to test Stop)
 Anything else is echoed back word by word after a short reasoning. After a tool result the
-answer quotes the result.
+answer quotes the result. Loading a folder whose name starts with "bad" fails with an error
+event naming a weight file, as the real engine does for a truncated shard.
 """
 
 from __future__ import annotations
@@ -107,7 +108,11 @@ def main() -> None:
         if not line.strip():
             continue
         request = protocol.decode_request(line)
-        if isinstance(request, LoadRequest):
+        if isinstance(request, LoadRequest) and Path(request.model_dir).name.startswith("bad"):
+            send(ProgressEvent(stage="reading headers", fraction=0.0))  # the engine drops its model first
+            send(ErrorEvent(code="corrupt_model", usable=True, message=f"{request.model_dir}/model-00001-of-00002"
+                            ".safetensors: truncated safetensors file (1000 bytes, no header)"))
+        elif isinstance(request, LoadRequest):
             send(ProgressEvent(stage="loading", fraction=0.5))
             send(LoadedEvent(model_dir=request.model_dir, name=Path(request.model_dir).name or "fake",
                              model_type="fake_moe", num_layers=2, num_experts=4, experts_per_token=2,
