@@ -150,9 +150,11 @@ def cmd_pack(args: argparse.Namespace) -> int:
         sys.stderr.write(f"\rpacking [{'#' * fill}{'.' * (width - fill)}] {done}/{total} layers, {rate:.2f} GB/s")
         sys.stderr.flush()
 
-    out = pack_model(args.model, io_threads=args.io_threads, progress=None if args.quiet else bar)
-    if not args.quiet:
-        sys.stderr.write("\n")
+    try:
+        out = pack_model(args.model, io_threads=args.io_threads, progress=None if args.quiet else bar)
+    finally:
+        if not args.quiet:
+            sys.stderr.write("\n")  # end the progress line, so an error starts a line of its own
     print(out)
     return 0
 

@@ -24,6 +24,7 @@ from .loader import inspect_experts
 from .packed_layout import PACKED_DIRNAME, PACKED_FORMAT_VERSION, aligned, layer_entry, source_fingerprint
 
 PackProgress = Callable[[int, int, int], None]  # (layers done, layers total, bytes written)
+INDEX_RESERVE_BYTES = 1 << 20  # room for index.json and file-system rounding, beyond the expert blobs
 
 
 def packed_size(model_dir: Path) -> int:
@@ -40,7 +41,7 @@ def pack_model(model_dir: str | Path, *, io_threads: int = 4, progress: PackProg
     """Write ``<model_dir>/moebar-packed`` and return it; raises DiskFullError when space runs out."""
     model_dir = Path(model_dir)
     layers = inspect_experts(model_dir).layers
-    need = sum(aligned(l.expert_bytes) * l.num_experts for l in layers)
+    need = sum(aligned(l.expert_bytes) * l.num_experts for l in layers) + INDEX_RESERVE_BYTES
     free = shutil.disk_usage(model_dir).free
     if free < need:
         raise DiskFullError(
@@ -77,8 +78,17 @@ def pack_model(model_dir: str | Path, *, io_threads: int = 4, progress: PackProg
             if progress:
                 progress(layer.layer + 1, len(layers), written)
         index = {"version": PACKED_FORMAT_VERSION, "source": source_fingerprint(layers), "layers": entries}
-        _write_file(tmp / "index.json", np.frombuffer(json.dumps(index).encode(), dtype=np.uint8), 0)
+        index_bytes = np.frombuffer(json.dumps(index).encode(), dtype=np.uint8)
+        _write_file(tmp / "index.json", index_bytes, index_bytes.nbytes)
         _replace_dir(tmp, final)
+    except DiskFullError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        # Say what a second try needs: the partial pack is gone, so the whole amount must be free.
+        free = shutil.disk_usage(model_dir).free
+        raise DiskFullError(
+            f"{model_dir}: the disk filled up while packing ({e}); packing needs {_gib(need)} of free "
+            f"space and {_gib(free)} is free now. Nothing was changed: free space and run `moebar-engine pack` again"
+        ) from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -96,10 +106,7 @@ def _write_file(path: Path, data: np.ndarray, still_needed: int) -> None:
             os.fsync(f.fileno())
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise DiskFullError(
-                f"{path.parent.parent}: the disk filled up while packing; {_gib(still_needed)} more "
-                "was needed. Nothing was changed: free space and run `moebar-engine pack` again"
-            ) from e
+            raise DiskFullError(f"{path.name} could not be written, {_gib(still_needed)} still to write") from e
         raise
 
 
