@@ -103,3 +103,10 @@ def test_arbitrary_json_values_give_text_or_tool_error(registry: ToolRegistry, n
 def test_pathological_argument_text_is_refused_cleanly(registry: ToolRegistry, text: str) -> None:
     with pytest.raises(ToolError):
         registry.run("read_file", text)
+
+
+@pytest.mark.slow
+@settings(FUZZ_SETTINGS, max_examples=20000)
+@given(call=PLAUSIBLE_CALLS)
+def test_plausible_arguments_long(registry: ToolRegistry, call: tuple[str, dict[str, Any]]) -> None:
+    test_plausible_arguments_give_text_or_tool_error.hypothesis.inner_test(registry, call)  # type: ignore[attr-defined]

@@ -1,7 +1,8 @@
 """Fuzzing the protocol, the stdio line handler, the tool-call parser and the OpenAI request parser.
 
 Every input ends in a value or a clean rejection (ProtocolError, ToolCallParseError, APIError),
-never another exception. CI runs a few thousand cases; the `slow` variants run many more.
+never another exception. CI runs 8,500 cases here (with tests/app/test_tools_fuzz.py over 10,000;
+tests/test_fuzz_budget.py checks the sum); the `slow` variants run 50,000 more here.
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ from engine.protocol import (
 from engine.service import EngineService
 from engine.stdio_server import StdioServer
 
-CI = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-LONG = settings(max_examples=10000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
+LONG = settings(FUZZ, max_examples=10000)
 
 json_scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=20)
 json_values = st.recursive(
@@ -72,13 +73,13 @@ def _decode_or_reject(line: str) -> None:
     assert decode_request(encode(req)) == req  # whatever is accepted survives a round trip
 
 
-@CI
+@settings(FUZZ, max_examples=2000)
 @given(st.text(max_size=200))
 def test_arbitrary_text_lines(text: str) -> None:
     _decode_or_reject(text)
 
 
-@CI
+@settings(FUZZ, max_examples=1200)
 @given(request_objects())
 def test_request_shaped_objects(obj: dict[str, Any]) -> None:
     _decode_or_reject(json.dumps(obj))
@@ -96,7 +97,7 @@ class _Lines:
         pass
 
 
-@CI
+@settings(FUZZ, max_examples=1300)
 @given(st.text(max_size=120) | request_objects().map(json.dumps))
 def test_stdio_line_handler_never_raises(line: str) -> None:
     out = _Lines()
@@ -134,7 +135,7 @@ def _run(fmt: ChatFormat, chunks: list[str]) -> OutputSplitter:
     return sp
 
 
-@CI
+@settings(FUZZ, max_examples=1500)
 @given(st.sampled_from([QWEN3, QWEN3_5]), model_text, st.lists(st.integers(1, 7), min_size=1, max_size=10))
 def test_model_output_splitting_never_crashes_or_leaks_markup(fmt: ChatFormat, text: str, sizes: list[int]) -> None:
     whole = _run(fmt, [text])
@@ -148,7 +149,7 @@ def test_model_output_splitting_never_crashes_or_leaks_markup(fmt: ChatFormat, t
     assert [(c.name, c.arguments) for c in split.tool_calls] == [(c.name, c.arguments) for c in whole.tool_calls]
 
 
-@CI
+@settings(FUZZ, max_examples=1500)
 @given(st.sampled_from([QWEN3, QWEN3_5]), model_text | st.text(max_size=80))
 def test_tool_call_parser_returns_calls_or_rejects(fmt: ChatFormat, text: str) -> None:
     try:
@@ -161,7 +162,7 @@ def test_tool_call_parser_returns_calls_or_rejects(fmt: ChatFormat, text: str) -
         json.dumps(c.arguments, allow_nan=False)
 
 
-@CI
+@settings(FUZZ, max_examples=1000)
 @given(json_values | st.dictionaries(st.sampled_from(["messages", "model", "tools", "max_tokens", "temperature", "top_p", "stream",
        "stream_options", "n", "stop", "seed", "tool_choice", "chat_template_kwargs"]), json_values))  # fmt: skip
 def test_openai_bodies_parse_or_give_400(body: Any) -> None:
@@ -185,3 +186,25 @@ def test_model_output_splitting_long(fmt: ChatFormat, text: str, sizes: list[int
 @given(st.text(max_size=400) | request_objects().map(json.dumps))
 def test_request_lines_long(line: str) -> None:
     _decode_or_reject(line)
+
+
+@pytest.mark.slow
+@LONG
+@given(st.sampled_from([QWEN3, QWEN3_5]), model_text | st.text(max_size=80))
+def test_tool_call_parser_long(fmt: ChatFormat, text: str) -> None:
+    test_tool_call_parser_returns_calls_or_rejects.hypothesis.inner_test(fmt, text)  # type: ignore[attr-defined]
+
+
+@pytest.mark.slow
+@LONG
+@given(st.text(max_size=120) | request_objects().map(json.dumps))
+def test_stdio_line_handler_long(line: str) -> None:
+    test_stdio_line_handler_never_raises.hypothesis.inner_test(line)  # type: ignore[attr-defined]
+
+
+@pytest.mark.slow
+@LONG
+@given(json_values | st.dictionaries(st.sampled_from(["messages", "model", "tools", "max_tokens", "temperature", "top_p", "stream",
+       "stream_options", "n", "stop", "seed", "tool_choice", "chat_template_kwargs"]), json_values))  # fmt: skip
+def test_openai_bodies_long(body: Any) -> None:
+    test_openai_bodies_parse_or_give_400.hypothesis.inner_test(body)  # type: ignore[attr-defined]
