@@ -1,0 +1,177 @@
+"""The OpenAI-compatible server's guard rails: loopback by default, the API key on every route but
+/health (with no generation started for a refused request), and malformed HTTP answered with 4xx
+while the server keeps serving.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+import pytest
+import uvicorn
+from scripted_engine import ScriptedEngine, load_tokenizer, scripted_loader
+
+from engine.http_server import create_app
+from engine.protocol import LoadRequest
+from engine.service import EngineService
+
+ROOT = Path(__file__).resolve().parents[2]
+KEY = "s3cret-Key_42"
+BODY = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class ScriptedServer:
+    """uvicorn on a thread serving a scripted engine that records every prompt it is given."""
+
+    def __init__(self, api_key: str | None = KEY) -> None:
+        self.engine = ScriptedEngine(load_tokenizer("qwen3"), ["ok"] * 100)
+        service = EngineService(loader=scripted_loader(self.engine))
+        service.load(LoadRequest(model_dir="/scripted"), lambda ev: None)
+        self.port = free_port()
+        config = uvicorn.Config(create_app(service, "m", api_key, max_body_bytes=4096), host="127.0.0.1",
+                                port=self.port, log_level="warning")  # fmt: skip
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert time.monotonic() < deadline, "server did not start"
+            time.sleep(0.02)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def raw(self, request: bytes) -> bytes:
+        """Send raw bytes and return the whole answer (the server closes after an error)."""
+        with socket.create_connection(("127.0.0.1", self.port), timeout=10) as sock:
+            sock.sendall(request)
+            sock.shutdown(socket.SHUT_WR)
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+        return answer
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[ScriptedServer]:
+    s = ScriptedServer()
+    yield s
+    s.stop()
+
+
+CREDENTIALS = {
+    "missing": {},
+    "wrong": {"Authorization": "Bearer not-the-key"},
+    "prefix-of-key": {"Authorization": f"Bearer {KEY[:-1]}"},
+    "key-plus-suffix": {"Authorization": f"Bearer {KEY}x"},
+    "other-case": {"Authorization": f"Bearer {KEY.upper()}"},
+    "empty-bearer": {"Authorization": "Bearer"},
+    "basic-scheme": {"Authorization": f"Basic {KEY}"},
+    "no-scheme": {"Authorization": KEY},
+    "other-header": {"X-API-Key": KEY, "Api-Key": KEY},
+}
+ROUTES = [("GET", "/v1/models"), ("POST", "/v1/chat/completions"), ("GET", "/v1/chat/completions"),
+          ("POST", "/v1/completions"), ("GET", "/nowhere"), ("GET", "/health/"), ("GET", "/Health"),
+          ("GET", "//v1/models"), ("OPTIONS", "/v1/chat/completions"), ("HEAD", "/v1/models"),
+          ("DELETE", "/v1/models")]  # fmt: skip
+
+
+@pytest.mark.parametrize("credential", CREDENTIALS, ids=list(CREDENTIALS))
+def test_every_route_but_health_refuses_a_missing_or_wrong_key(server: ScriptedServer, credential: str) -> None:
+    headers = CREDENTIALS[credential]
+    for method, path in ROUTES:
+        r = httpx.request(method, server.url + path, headers=headers, json=BODY if method == "POST" else None,
+                          params={"api_key": KEY})  # a key in the query string does not count  # fmt: skip
+        assert r.status_code == 401, (method, path, r.status_code, r.text)
+        if method != "HEAD":
+            assert r.json()["error"]["code"] == "invalid_api_key"
+    assert server.engine.prompts == []  # nothing refused reached the engine
+    health = httpx.get(server.url + "/health", headers=headers)
+    assert health.status_code == 200 and health.json()["status"] == "ok"
+
+
+def test_the_right_key_is_served(server: ScriptedServer) -> None:
+    before = len(server.engine.prompts)
+    r = httpx.post(server.url + "/v1/chat/completions", json=BODY, headers={"Authorization": f"Bearer {KEY}"})
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "ok"
+    assert len(server.engine.prompts) == before + 1
+
+
+AUTH = f"Authorization: Bearer {KEY}\r\n".encode()
+MALFORMED = {
+    "garbage-request-line": b"\x16\x03\x01\x02\x00 not http at all\r\n\r\n",
+    "bad-content-length": b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n" + AUTH + b"Content-Length: ten\r\n\r\n{}",
+    "negative-content-length": b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n" + AUTH
+    + b"Content-Length: -5\r\n\r\n{}",
+    "bad-chunk-size": b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n" + AUTH
+    + b"Transfer-Encoding: chunked\r\n\r\nzz\r\n{}\r\n0\r\n\r\n",
+    "header-without-colon": b"GET /v1/models HTTP/1.1\r\nHost: x\r\n" + AUTH + b"this is not a header\r\n\r\n",
+    "declared-body-over-limit": b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n" + AUTH
+    + b"Content-Type: application/json\r\nContent-Length: 999999999\r\n\r\n{",
+    "body-not-utf8": b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n" + AUTH
+    + b"Content-Type: application/json\r\nContent-Length: 4\r\n\r\n\xff\xfe\xfd\xfc",
+    "json-nested-deeply": b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n" + AUTH
+    + b"Content-Type: application/json\r\nContent-Length: 4000\r\n\r\n" + b"[" * 4000,
+}
+
+
+@pytest.mark.parametrize("request_bytes", MALFORMED.values(), ids=list(MALFORMED))
+def test_malformed_http_gets_4xx_and_the_server_goes_on(server: ScriptedServer, request_bytes: bytes) -> None:
+    answer = server.raw(request_bytes)
+    status = int(answer.split(b" ", 2)[1]) if answer.startswith(b"HTTP/1.1 ") else 0
+    assert 400 <= status < 500, answer[:200]
+    assert httpx.get(server.url + "/health").status_code == 200
+
+
+def listening_addresses(pid: int, port: int) -> set[str]:
+    """The addresses the process (or its children) listens on at `port`."""
+    procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+    return {c.laddr.ip for p in procs for c in p.net_connections(kind="inet")
+            if c.status == psutil.CONN_LISTEN and c.laddr.port == port}  # fmt: skip
+
+
+def test_serve_listens_on_loopback_only_by_default(tiny_model: Any) -> None:
+    port = free_port()
+    cmd = [sys.executable, "-m", "engine.cli", "serve", str(tiny_model("qwen3_moe")), "--port", str(port)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, PYTHONPATH=str(ROOT)))  # fmt: skip
+    try:
+        deadline = time.monotonic() + 240
+        while not listening_addresses(proc.pid, port):
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            assert time.monotonic() < deadline, "the server never listened"
+            time.sleep(0.2)
+        assert listening_addresses(proc.pid, port) == {"127.0.0.1"}
+        others = [a.address for addrs in psutil.net_if_addrs().values() for a in addrs
+                  if a.family == socket.AF_INET and not a.address.startswith("127.")]  # fmt: skip
+        for address in others:  # not reachable from the network
+            with pytest.raises(OSError), socket.create_connection((address, port), timeout=2):
+                pass
+        assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=10).status_code == 200
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
