@@ -33,6 +33,46 @@ from app.tools import (
 SECRET = "TOP SECRET 4242"
 LIMITS = ToolLimits(max_file_bytes=1 << 20, search_timeout_s=0.5)
 
+# Side effects the tools must never have, seen through Python's audit hooks (PEP 578): opening
+# for writing, changing the file system, starting programs, signals, network, native libraries.
+WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+FORBIDDEN_EVENTS = {
+    "os.remove", "os.rmdir", "os.rename", "os.mkdir", "os.symlink", "os.link", "os.chmod", "os.chown",
+    "os.chflags", "os.truncate", "os.utime", "os.setxattr", "os.removexattr", "os.putenv", "os.unsetenv",
+    "os.system", "os.fork", "os.forkpty", "os.kill", "os.killpg", "os.startfile", "subprocess.Popen", "pty.spawn",
+    "shutil.rmtree", "shutil.move", "shutil.copyfile", "shutil.copymode", "shutil.copystat", "shutil.chown",
+    "socket.connect", "socket.bind", "socket.sendto", "ctypes.dlopen", "tempfile.mkstemp", "tempfile.mkdtemp",
+}  # fmt: skip
+_recording: list[tuple[str, tuple[Any, ...]]] | None = None
+
+
+def _audit(event: str, args: tuple[Any, ...]) -> None:
+    if _recording is None:
+        return
+    if event == "open":
+        _path, mode, flags = args
+        if (isinstance(mode, str) and any(c in mode for c in "wax+")) or (flags or 0) & WRITE_FLAGS:
+            _recording.append((event, args))
+    elif event in FORBIDDEN_EVENTS or event.startswith(("os.exec", "os.spawn", "os.posix_spawn")):
+        _recording.append((event, args))
+
+
+sys.addaudithook(_audit)  # cannot be removed; it does nothing unless a test is recording
+
+
+def run_recording_side_effects(registry: ToolRegistry, tool: str, args: Any) -> tuple[Any, list[tuple[str, Any]]]:
+    """Run a tool; return its result (or the ToolError raised) and the forbidden side effects seen."""
+    global _recording
+    _recording = []
+    try:
+        try:
+            result: Any = registry.run(tool, args)
+        except ToolError as error:
+            result = error
+        return result, list(_recording)
+    finally:
+        _recording = None
+
 
 @dataclass
 class World:
@@ -294,9 +334,10 @@ def test_attack_is_refused_with_a_reason(world: World, attack: Attack) -> None:
     if attack.setup is not None:
         attack.setup(world)
     args = attack.args(world) if callable(attack.args) else attack.args
-    with pytest.raises(ToolError) as caught:
-        world.registry.run(attack.tool, args)
-    message = str(caught.value)
+    result, side_effects = run_recording_side_effects(world.registry, attack.tool, args)
+    assert side_effects == []  # refused without writing, deleting or running anything
+    assert isinstance(result, ToolError), result
+    message = str(result)
     assert SECRET not in message
     assert pytest.importorskip("re").search(attack.expect, message), message
     assert len(message) < 1000
@@ -308,8 +349,28 @@ def _all_traps(w: World) -> None:
         setup(w)
 
 
+def test_the_audit_hook_sees_writes_deletes_and_programs(tmp_path: Path) -> None:
+    """The side-effect check itself: a tool that writes, deletes or runs a program is caught."""
+    import subprocess
+
+    class Misbehaving(ToolRegistry):
+        def run(self, name: str, arguments: Any) -> str:  # type: ignore[override]
+            (tmp_path / "written.txt").write_text("x")
+            os.remove(tmp_path / "written.txt")
+            subprocess.run(["true"], check=False)
+            return "done"
+
+    _, side_effects = run_recording_side_effects(Misbehaving(DroppedFiles(LIMITS)), "read_file", {})
+    events = [event for event, _ in side_effects]
+    assert events[0] == "open" and "os.remove" in events and "subprocess.Popen" in events
+
+
 def test_searching_everything_never_reveals_outside_content(world: World) -> None:
     _all_traps(world)
+    for tool, args in [("search_text", {"pattern": "SECRET"}), ("list_folder", {"path": "project", "recursive": True}),
+                       ("read_file", {"path": "project/a.txt"}), ("file_info", {"path": "project"})]:  # fmt: skip
+        answer, side_effects = run_recording_side_effects(world.registry, tool, args)
+        assert side_effects == [] and isinstance(answer, str), (tool, answer, side_effects)
     result = world.registry.run("search_text", {"pattern": "SECRET"})
     assert SECRET not in result
     assert "No lines match" in result
