@@ -383,5 +383,12 @@ def error_event(exc: BaseException, request_id: str | None = None) -> ErrorEvent
     """Turn an exception into an error event; only memory exhaustion marks the engine unusable."""
     if isinstance(exc, MoeBarError):
         return ErrorEvent(code=exc.code, message=str(exc), usable=True, id=request_id, field=getattr(exc, "field", None))
-    usable = not isinstance(exc, MemoryError)
-    return ErrorEvent(code="internal_error", message=f"{type(exc).__name__}: {exc}", usable=usable, id=request_id)
+    if isinstance(exc, MemoryError):
+        return ErrorEvent(
+            code="out_of_memory",
+            message=f"out of memory ({type(exc).__name__}: {exc}); "
+            "a smaller expert cache or a smaller model helps",
+            usable=False,
+            id=request_id,
+        )
+    return ErrorEvent(code="internal_error", message=f"{type(exc).__name__}: {exc}", usable=True, id=request_id)
