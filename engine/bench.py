@@ -5,7 +5,8 @@ Phases, in this order so that the peak RSS of the streamed phases is not inflate
 2. the streamed engine alone (cache 0, page cache bypassed): a decode, then chunked prefill
    against token-by-token prefill, then its peak RSS against dense + budget + KV + 512 MiB;
 3. decode side by side, run by run: cold, cold with next-layer prefetch, warm (every expert
-   cached) and mlx-lm's own generation with the model in memory; medians compared;
+   preloaded into the cache, so layers route on the device), warm through the host-sync path,
+   and mlx-lm's own generation with the model in memory; medians compared;
 4. the ``plan`` prediction against what was measured.
 Ratios, not absolute times, are the results: shared machines are noisy.
 """
@@ -110,6 +111,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     }
 
     # 1. the disk on its own
+    _say("1/4 raw disk reads")
     files = model / "moebar-packed" if args.layout == "packed" else model
     raw = measure_cold_read_speed(
         files, block_bytes=expert_bytes, threads=args.io_threads, total_bytes=min(expert_total, args.disk_bytes)
@@ -117,6 +119,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     out["disk"] = {"raw_parallel_read_bytes_per_s": raw}
 
     # 2. streamed phases alone (their peak RSS is checked): cold decode, then prefill both ways
+    _say("2/4 cold decode and prefill")
     cold = _engine(model, args, cache_mb=0, cold=True)
     plan = cold.plan
     _decode(cold, prompt, args.decode_tokens)
@@ -138,10 +141,12 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     }
 
     # 3. decode side by side, run by run: cold, cold + prefetch, warm (all cached), mlx-lm in RAM
+    _say("3/4 decode side by side")
     out.update(_decode_side_by_side(model, args, prompt, expert_total, cold))
     cold.close()
 
     # 4. the plan's prediction
+    _say("4/4 plan")
     plan_disk = measure_expert_read_speed(layers, io_threads=args.io_threads, samples=32)
     per_token = len(layers) * plan.experts_per_token * expert_bytes
     out["plan"] = {
@@ -169,14 +174,18 @@ def _decode_side_by_side(
     mx.eval(ref_model.parameters())
     prefetch = _engine(model, args, cache_mb=0, cold=True, prefetch=True)
     warm = _engine(model, args, cache_mb=expert_total / 2**20 + 64)
-    runs: dict[str, list[dict[str, Any]]] = {"cold": [], "cold_prefetch": [], "warm": []}
+    runs: dict[str, list[dict[str, Any]]] = {"cold": [], "cold_prefetch": [], "warm": [], "warm_host_sync": []}
     ref_tps: list[float] = []
     same = True
     try:
-        _decode(warm, prompt, args.decode_tokens)  # fill the cache
+        preloaded = warm.preload_experts()  # every expert cached
+        _decode(warm, prompt, args.decode_tokens)  # first use of the slots, kernels compiled
         for _ in range(args.repeats):
             for name, engine in (("cold", cold), ("cold_prefetch", prefetch), ("warm", warm)):
                 runs[name].append(_decode(engine, prompt, args.decode_tokens))
+            warm.set_device_routing(False)  # the same cache, one host sync per layer
+            runs["warm_host_sync"].append(_decode(warm, prompt, args.decode_tokens))
+            warm.set_device_routing(True)
             ref_tokens, tps = [], 0.0
             for r in stream_generate(ref_model, tok, prompt, max_tokens=args.decode_tokens, sampler=make_sampler(0.0)):
                 ref_tokens.append(r.token)
@@ -184,6 +193,7 @@ def _decode_side_by_side(
             ref_tps.append(tps)
             same = same and all(runs[n][-1]["tokens"] == ref_tokens for n in runs)
         prefetched = prefetch.expert_counters()["prefetched_hits"]
+        device_routed = warm.expert_counters()["device_routed_calls"]
     finally:
         prefetch.close()
         warm.close()
@@ -195,7 +205,11 @@ def _decode_side_by_side(
         mlx_lm_tps=ref_tps,
         ratio=statistics.median(ours) / statistics.median(ref_tps) if min(ref_tps) > 0 else 0.0,
         same_tokens=same,
+        preloaded_bytes=preloaded,
+        device_routed_calls=device_routed,
     )
+    synced = [r["decode_tps"] for r in runs["warm_host_sync"]]
+    out["warm_host_sync"]["ratio"] = statistics.median(synced) / statistics.median(ref_tps) if min(ref_tps) > 0 else 0.0
     return out
 
 
@@ -206,6 +220,11 @@ def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             out[key] = statistics.median(r[key] for r in runs)
     return out
+
+
+def _say(phase: str) -> None:
+    """Progress on stderr (the table comes at the end)."""
+    print(f"bench: {phase} ...", file=sys.stderr, flush=True)
 
 
 def _has_gpu() -> bool:

@@ -53,6 +53,8 @@ def format_table(r: dict[str, Any]) -> str:
                                    f"{r['cold_prefetch']['prefetched_hits']} prefetched hits"),
         ("warm decode: streamed / mlx-lm", f"{max(warm['streamed_tps']):.2f} / {max(warm['mlx_lm_tps']):.2f} tok/s "
                                            f"(best), median ratio {warm['ratio']:.3f}, same tokens: {warm['same_tokens']}"),
+        ("warm decode, host sync per layer", f"{r['warm_host_sync']['decode_tps']:.2f} tok/s (median), "
+                                             f"ratio to mlx-lm {r['warm_host_sync']['ratio']:.3f}"),
         (f"prefill {pre['prompt_tokens']} tokens: chunked / token-by-token",
          f"{pre['chunked']['prompt_tps']:.1f} / {pre['token_by_token']['prompt_tps']:.1f} tok/s, expert bytes "
          f"{pre['chunked']['bytes_read'] / 2**20:.0f} / {pre['token_by_token']['bytes_read'] / 2**20:.0f} MiB"),

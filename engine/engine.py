@@ -119,6 +119,18 @@ class Engine:
             prefill_chunk=self.options.prefill_chunk,
         )
 
+    def preload_experts(self) -> int:
+        """Read now every expert of the cache pools that can hold all of theirs; return bytes read.
+
+        With a cache budget as large as the experts, this makes every layer resident at once, and
+        such layers then route on the device with no host sync per layer.
+        """
+        return self._loaded.streamer.preload()
+
+    def set_device_routing(self, enabled: bool) -> None:
+        """Let fully resident layers route on the device (default), or force the host sync path."""
+        self._loaded.streamer.device_routing = enabled
+
     def expert_counters(self) -> dict[str, int]:
         """Cumulative expert figures since load: bytes read, cache hits and misses, resident bytes."""
         s = self._loaded.streamer
@@ -127,6 +139,7 @@ class Engine:
             "cache_hits": s.hits,
             "cache_misses": s.misses,
             "prefetched_hits": s.prefetched_hits,
+            "device_routed_calls": s.device_routed_calls,
             "resident_bytes": s.resident_bytes + self._loaded.dense_bytes,
             "expert_cache_bytes": s.resident_bytes,
         }

@@ -4,7 +4,8 @@ A ``SlotPool`` is one set of stacked arrays (``[slots, *per_expert_shape]`` per 
 the compute reads with ``gather_qmm`` and the I/O threads write through NumPy views of the same
 memory (no copy into MLX). An ``ExpertCache`` maps ``(layer, expert)`` to a slot with a
 pluggable replacement policy and counts hits and misses. Slots used by computation that is not
-yet evaluated are pinned and never chosen as victims.
+yet evaluated are pinned and never chosen as victims. A cache that knows its layers' expert counts
+can say when it holds every expert of a layer, and where each one is (``layer_slots``).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Hashable, Iterable, Protocol
 import mlx.core as mx
 import numpy as np
 
+from . import cuda_memory
 from .expert_layout import ExpertParam
 
 _MX_DTYPES = {
@@ -109,6 +111,15 @@ class SlotPool:
         """The bytes held in ``slot`` (for tests and packing)."""
         return b"".join(v[slot].tobytes() for v in self._views)
 
+    def prefer_host(self) -> bool:
+        """On CUDA, keep the pool's pages on the host, read by the GPU in place (streaming pools)."""
+        return cuda_memory.prefer_host(self._views)
+
+    def slots_to_device(self, slots: Iterable[int] | None = None, *, wait: bool = False) -> bool:
+        """On CUDA, move these slots' pages (all when None) to GPU memory (pools that keep experts)."""
+        buffers = self._views if slots is None else [v[s] for s in slots for v in self._views]
+        return cuda_memory.to_device(buffers, wait=wait)
+
     @property
     def nbytes(self) -> int:
         """Resident bytes of the pool."""
@@ -118,7 +129,7 @@ class SlotPool:
 class ExpertCache:
     """Maps (layer, expert) to slots of one pool; LRU (or another policy) over the slots."""
 
-    def __init__(self, pool: SlotPool, policy: str = "lru") -> None:
+    def __init__(self, pool: SlotPool, policy: str = "lru", layer_experts: dict[int, int] | None = None) -> None:
         if policy not in POLICIES:
             raise ValueError(f"unknown cache policy {policy!r}; known: {', '.join(POLICIES)}")
         self.pool = pool
@@ -128,6 +139,25 @@ class ExpertCache:
         self._free = list(range(pool.n_slots - 1, -1, -1))
         self.hits = 0  # counted by the streamer, which knows what a lookup was for
         self.misses = 0
+        self.layer_experts = dict(layer_experts or {})  # layer -> number of experts, for layer_slots
+        self._resident_per_layer: dict[int, int] = {}
+        self.version = 0  # changes whenever a key gains or loses a slot
+
+    @property
+    def holds_all(self) -> bool:
+        """Whether the pool has a slot for every expert of its layers (so nothing is ever evicted)."""
+        return bool(self.layer_experts) and self.pool.n_slots >= sum(self.layer_experts.values())
+
+    def layer_slots(self, layer: int) -> np.ndarray | None:
+        """The slot of each expert ``0..E-1`` of ``layer`` when all are resident, else None."""
+        n = self.layer_experts.get(layer)
+        if n is None or self._resident_per_layer.get(layer, 0) < n:
+            return None
+        return np.array([self._slot_of[(layer, e)] for e in range(n)], dtype=np.int32)
+
+    def _count(self, key: Key, delta: int) -> None:
+        self._resident_per_layer[key[0]] = self._resident_per_layer.get(key[0], 0) + delta
+        self.version += 1
 
     def lookup(self, key: Key) -> int | None:
         """The slot holding ``key`` (marked as used), or None."""
@@ -149,9 +179,11 @@ class ExpertCache:
             slot = self._slot_of.pop(victim)
             self.policy.remove(victim)
             del self._key_of[slot]
+            self._count(victim, -1)
         self._slot_of[key] = slot
         self._key_of[slot] = key
         self.policy.insert(key)
+        self._count(key, +1)
         return slot
 
     def forget(self, key: Key) -> None:
@@ -161,6 +193,7 @@ class ExpertCache:
             del self._key_of[slot]
             self.policy.remove(key)
             self._free.append(slot)
+            self._count(key, -1)
 
     def resident(self) -> Iterable[Hashable]:
         """Keys currently held."""

@@ -7,6 +7,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
 from .errors import RequestError
@@ -97,6 +98,7 @@ def generate_tokens(
             streamer.release_pins()
     finally:
         streamer.skip_layer = None
+    syncs_before_last = streamer.host_syncs
     token = sample(model(prompt[n - 1 :][None], cache=kv_cache))
     mx.eval(token)
     streamer.release_pins()
@@ -107,8 +109,25 @@ def generate_tokens(
     stats.ttft_s = time.perf_counter() - t_start
     t_first = time.perf_counter()
     generated = 0
+    # A step that needed no host sync (every layer routed on the device) can be queued before the
+    # token it starts from is read, as mlx-lm does: the device computes token i+1 while the host
+    # reads token i. If generation then ends, that step is undone by trimming the KV cache.
+    may_queue = not processors and can_trim_prompt_cache(kv_cache)
+    lazy = streamer.host_syncs == syncs_before_last
+    t_ready = time.perf_counter()
+    queued = False
     while True:
+        ahead = None
+        if may_queue and lazy and generated + 1 < sampling.max_tokens:
+            syncs = streamer.host_syncs
+            ahead = sample(model(token.reshape(1, 1), cache=kv_cache))
+            mx.async_eval(ahead)
+            lazy = streamer.host_syncs == syncs
         tok = int(token.item())  # type: ignore[arg-type]
+        if generated > 0 and queued:
+            fig = finish_step(t_ready, 1)  # this token's step was queued one token earlier
+            stats.decode.add(fig)
+        t_ready = time.perf_counter()
         history.append(tok)
         generated += 1
         stats.generated_tokens = generated
@@ -116,16 +135,39 @@ def generate_tokens(
         reason = "stop" if tok in eos_token_ids else ("length" if generated >= sampling.max_tokens else None)
         if reason is not None or generated % 16 == 1:
             stats.peak_rss_bytes = peak_rss_bytes()  # reads /proc: not every token
-        yield TokenEvent(tok, fig, stats, reason)
+        try:
+            yield TokenEvent(tok, fig, stats, reason)
+        except GeneratorExit:  # closed by the consumer: leave the cache as it would be unqueued
+            _undo_queued_step(ahead, streamer, kv_cache)
+            raise
+        cancelled = reason is None and should_stop()
+        if reason is not None or cancelled:
+            _undo_queued_step(ahead, streamer, kv_cache)
         if reason is not None:
             return
-        if should_stop():
+        if cancelled:
             yield TokenEvent(NO_TOKEN, StepFigures(), stats, "cancelled")
             return
+        queued = ahead is not None
+        if ahead is not None:
+            token = ahead
+            continue
         t0 = time.perf_counter()
+        syncs = streamer.host_syncs
         out = model(token.reshape(1, 1), cache=kv_cache)
         token = sample(out)
+        lazy = streamer.host_syncs == syncs
         mx.eval(token)
         streamer.release_pins()
         fig = finish_step(t0, 1)
         stats.decode.add(fig)
+        t_ready = time.perf_counter()
+
+
+def _undo_queued_step(ahead: mx.array | None, streamer: ExpertStreamer, kv_cache: list[Any]) -> None:
+    """Take a step queued ahead (whose token will not be used) back out of the KV cache."""
+    if ahead is None:
+        return
+    mx.eval(ahead)  # let it finish writing the cache before the cache is trimmed
+    streamer.release_pins()
+    trim_prompt_cache(kv_cache, 1)

@@ -37,9 +37,32 @@ def _gib(n: int) -> str:
     return f"{n / 2**30:.2f} GiB ({n} bytes)"
 
 
+def remove_stale_pack_folders(model_dir: Path) -> list[Path]:
+    """Delete temporary folders of packs whose process is gone (killed mid-pack); return them."""
+    removed = []
+    for path in model_dir.glob(f".{PACKED_DIRNAME}.tmp-*"):
+        pid = path.name.rsplit("-", 1)[-1]
+        if not pid.isdigit() or _process_alive(int(pid)):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def pack_model(model_dir: str | Path, *, io_threads: int = 4, progress: PackProgress | None = None) -> Path:
     """Write ``<model_dir>/moebar-packed`` and return it; raises DiskFullError when space runs out."""
     model_dir = Path(model_dir)
+    remove_stale_pack_folders(model_dir)
     layers = inspect_experts(model_dir).layers
     need = sum(aligned(l.expert_bytes) * l.num_experts for l in layers) + INDEX_RESERVE_BYTES
     free = shutil.disk_usage(model_dir).free

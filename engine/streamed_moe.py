@@ -4,7 +4,9 @@
 but its stacked ``[E, ...]`` expert tensors are swapped for slot arrays ``[S, ...]``; expert ids
 are remapped to slot ids and the original ``__call__`` runs unchanged, so the arithmetic is
 mlx-lm's. Each call synchronises once (the router's indices are needed on the host to know what
-to read), reads the missing experts in parallel, and queues the compute lazily.
+to read), reads the missing experts in parallel, and queues the compute lazily. A layer whose
+every expert is resident in a pool that holds all of its layers (nothing can be evicted) routes
+on the device instead: expert ids go through a device-side table of slots, with no host sync.
 """
 
 from __future__ import annotations
@@ -54,6 +56,10 @@ class ExpertStreamer:
         self.store = store
         self.k = experts_per_token
         self.prefetch = prefetch
+        self.device_routing = True  # route fully resident layers on the device (no host sync)
+        self.device_routed_calls = 0  # layer calls that did so, since load
+        self.host_syncs = 0  # layer calls that waited for the router on the host, since load
+        self._luts: dict[int, tuple[int, mx.array]] = {}  # layer -> (cache version, slot table)
         self.figures = StepFigures()
         self.prefetched_hits = 0
         self.skip_layer: int | None = None  # a layer whose output will not be used (see generate)
@@ -83,7 +89,10 @@ class ExpertStreamer:
             for b in range(n_banks):
                 bank_layers = members[b::n_banks]
                 slots = max(working, budget_slots * len(bank_layers) // len(members))
-                cache = ExpertCache(SlotPool(members[0].params, slots), policy)
+                sizes = {l.layer: l.num_experts for l in bank_layers}
+                cache = ExpertCache(SlotPool(members[0].params, slots), policy, layer_experts=sizes)
+                if not cache.holds_all:
+                    cache.pool.prefer_host()  # slots refilled all the time: read in place (CUDA)
                 self.caches.append(cache)
                 for layer in bank_layers:
                     self.cache_of_layer[layer.layer] = cache
@@ -121,6 +130,7 @@ class ExpertStreamer:
         cache = self.cache_of_layer[layer]
         slots = np.empty(len(experts), dtype=np.int32)
         waits: list[tuple[Key, Future[int]]] = []
+        filled: list[int] = []
         keys = [(layer, int(e)) for e in experts]
         self._pinned.update(keys)
         self.drain_prefetch()  # predicted experts become ordinary resident ones
@@ -139,6 +149,7 @@ class ExpertStreamer:
             self._prefetched.discard(key)
             slot = cache.assign(key, self._pinned)
             slots[i] = slot
+            filled.append(slot)
             waits.append((key, self.store.submit(layer, key[1], cache.pool.dests(slot))))
         t0 = time.perf_counter()
         error: BaseException | None = None
@@ -148,10 +159,65 @@ class ExpertStreamer:
             except BaseException as e:  # keep waiting for the others, then report the first
                 cache.forget(key)
                 error = error or e
+        if filled and cache.holds_all and error is None:  # experts that stay: into GPU memory (CUDA)
+            cache.pool.slots_to_device(filled)
         self.figures.io_wait_s += time.perf_counter() - t0
         if error is not None:
             raise error
         return slots
+
+    def device_table(self, layer: int) -> mx.array | None:
+        """Slot of each expert of ``layer`` as a device array, when routing may skip the host.
+
+        Only for a layer whose every expert is resident in a pool that holds all of its layers:
+        no key of that pool is ever evicted, so the table stays valid without pinning.
+        """
+        cache = self.cache_of_layer[layer]
+        if not (self.device_routing and cache.holds_all):
+            return None
+        cached = self._luts.get(layer)
+        if cached is not None and cached[0] == cache.version:
+            return cached[1]
+        if self._inflight:
+            self.drain_prefetch()  # a slot being filled must not be read
+        slots = cache.layer_slots(layer)
+        if slots is None:
+            return None
+        table = mx.array(slots)
+        self._luts[layer] = (cache.version, table)
+        return table
+
+    def preload(self) -> int:
+        """Read every expert of the pools that hold all of their layers; return the bytes read.
+
+        Afterwards those layers route on the device (see ``device_table``). Other pools are left
+        as they are: they could not keep every expert anyway.
+        """
+        waits: list[tuple[ExpertCache, Key, Future[int]]] = []
+        for layer in self.layers:
+            cache = self.cache_of_layer[layer.layer]
+            if not cache.holds_all:
+                continue
+            for e in range(layer.num_experts):
+                key = (layer.layer, e)
+                if key in cache or key in self._inflight:
+                    continue
+                slot = cache.assign(key, self._pinned)
+                waits.append((cache, key, self.store.submit(layer.layer, e, cache.pool.dests(slot))))
+        self.drain_prefetch()
+        total = 0
+        error: BaseException | None = None
+        for cache, key, fut in waits:
+            try:
+                total += fut.result()
+            except BaseException as e:  # wait for the others, then report the first
+                cache.forget(key)
+                error = error or e
+        if error is not None:
+            raise error
+        for cache in {id(c): c for c, _, _ in waits}.values():
+            cache.pool.slots_to_device(wait=True)  # experts that stay: into GPU memory (CUDA)
+        return total
 
     def prefetch_experts(self, layer: int, experts: np.ndarray) -> None:
         """Start reading predicted experts of ``layer`` into free or unpinned slots; never wait."""
@@ -210,6 +276,15 @@ class StreamedSwitch(nn.Module):
             # Nothing downstream reads this output (prefill chunks keep only the KV caches):
             # no routing sync and no reads; the zeros never reach a logit.
             return mx.zeros((*indices.shape, x.shape[-1]), dtype=x.dtype)
+        table = streamer.device_table(self.layer)
+        if table is not None:
+            # Every expert is resident and stays so: map ids to slots on the device, no sync.
+            # Hits are counted per routed choice (the host never sees the ids).
+            streamer.device_routed_calls += 1
+            streamer.cache_of_layer[self.layer].hits += indices.size
+            streamer.figures.cache_hits += indices.size
+            return b.inner(x, table[indices])
+        streamer.host_syncs += 1
         t0 = time.perf_counter()
         prediction = None
         if streamer.prefetch and b.next_router is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -176,3 +177,18 @@ def test_index_reports_truncated_shard(model_copy: Path) -> None:
         f.truncate(shard.stat().st_size // 2)
     with pytest.raises(CorruptModelError, match="truncated"):
         read_model_index(model_copy)
+
+
+def test_pack_removes_folders_left_by_a_killed_pack(model_copy: Path) -> None:
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = model_copy / f".{PACKED_DIRNAME}.tmp-{int(dead.stdout)}"
+    stale.mkdir()
+    (stale / "layer-0000.experts").write_bytes(b"\0" * 1000)
+    live = model_copy / f".{PACKED_DIRNAME}.tmp-{os.getpid()}-other"  # not a pid suffix: kept
+    live.mkdir()
+    pack_model(model_copy)
+    assert not stale.exists()
+    assert live.exists()
