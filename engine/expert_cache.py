@@ -11,7 +11,8 @@ can say when it holds every expert of a layer, and where each one is (``layer_sl
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Hashable, Iterable, Protocol
+from dataclasses import dataclass
+from typing import Hashable, Iterable, Protocol, Union
 
 import mlx.core as mx
 import numpy as np
@@ -73,20 +74,49 @@ class LRUPolicy:
 POLICIES = {"lru": LRUPolicy}
 
 
-class SlotPool:
-    """Stacked MLX arrays with ``n_slots`` expert slots, writable from NumPy without copies."""
+_HALF_FLOATS = ("BF16", "F16")
 
-    def __init__(self, params: list[ExpertParam], n_slots: int) -> None:
+
+@dataclass
+class UpcastBuffer:
+    """A 16-bit float parameter read into ``raw``, then widened exactly into ``target`` (fp32)."""
+
+    raw: np.ndarray  # uint8, the bytes as stored on disk
+    target: np.ndarray  # uint8 view of the fp32 slot memory
+    dtype: str  # "BF16" or "F16"
+
+    def finish(self) -> None:
+        """Write the fp32 values into the slot (bf16 -> fp32 and f16 -> fp32 are exact)."""
+        out = self.target.view(np.float32)
+        if self.dtype == "BF16":
+            out[:] = (self.raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+        else:
+            out[:] = self.raw.view(np.float16).astype(np.float32)
+
+
+SlotDest = Union[np.ndarray, UpcastBuffer]
+
+
+class SlotPool:
+    """Stacked MLX arrays with ``n_slots`` expert slots, writable from NumPy without copies.
+
+    With ``upcast_half=True`` (CPU), 16-bit float parameters (scales, biases) are held as fp32:
+    MLX promotes them to fp32 anyway next to fp32 activations, and doing it in the kernel's
+    inputs converts the whole stacked array on every call; widening once per read is cheaper.
+    """
+
+    def __init__(self, params: list[ExpertParam], n_slots: int, *, upcast_half: bool = False) -> None:
         self.params = params
         self.n_slots = n_slots
         self.arrays: dict[str, mx.array] = {}
         self._raw: list[mx.array] = []
-        self._views: list[np.ndarray] = []  # uint8 [n_slots, nbytes] per parameter
-        for p in params:
-            arr = mx.zeros((n_slots, *p.shape), dtype=_MX_DTYPES[p.dtype])
+        self._views: list[np.ndarray] = []  # uint8 [n_slots, slot bytes] per parameter
+        self._upcast = [upcast_half and p.dtype in _HALF_FLOATS for p in params]
+        for p, up in zip(params, self._upcast):
+            arr = mx.zeros((n_slots, *p.shape), dtype=mx.float32 if up else _MX_DTYPES[p.dtype])
             raw = mx.view(arr, mx.uint8)
             mx.eval(arr, raw)
-            view = np.array(raw, copy=False).reshape(n_slots, p.nbytes)
+            view = np.array(raw, copy=False).reshape(n_slots, p.nbytes * 2 if up else p.nbytes)
             self.arrays[p.key] = arr
             self._raw.append(raw)
             self._views.append(view)
@@ -103,13 +133,13 @@ class SlotPool:
         if probe != 1:
             raise RuntimeError("MLX slot arrays do not share memory with their NumPy views on this platform")
 
-    def dests(self, slot: int) -> list[np.ndarray]:
-        """The writable byte buffers of ``slot``, one per parameter, in parameter order."""
-        return [v[slot] for v in self._views]
-
-    def read_slot_bytes(self, slot: int) -> bytes:
-        """The bytes held in ``slot`` (for tests and packing)."""
-        return b"".join(v[slot].tobytes() for v in self._views)
+    def dests(self, slot: int) -> list[SlotDest]:
+        """Where to read each parameter of ``slot``, in parameter order: the slot's bytes, or an
+        UpcastBuffer whose ``finish()`` widens what was read into the slot."""
+        return [
+            UpcastBuffer(np.empty(p.nbytes, dtype=np.uint8), v[slot], p.dtype) if up else v[slot]
+            for p, v, up in zip(self.params, self._views, self._upcast)
+        ]
 
     def prefer_host(self) -> bool:
         """On CUDA, keep the pool's pages on the host, read by the GPU in place (streaming pools)."""

@@ -304,7 +304,12 @@ def load_streamed_model(model_dir: Path, options: EngineOptions, progress: Progr
     packed = open_packed_layout(model_dir, layers) if options.use_packed else None
     store = ExpertStore(layers, io_threads=options.io_threads, cold=options.cold, packed=packed)
     streamer = ExpertStreamer(
-        layers, store, cache_bytes=int(options.cache_mb * 2**20), experts_per_token=k, prefetch=options.prefetch
+        layers,
+        store,
+        cache_bytes=int(options.cache_mb * 2**20),
+        experts_per_token=k,
+        prefetch=options.prefetch,
+        upcast_half=device == "cpu",
     )
     switches: list[StreamedSwitch] = []
     parents: list[nn.Module] = []

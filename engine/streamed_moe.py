@@ -51,6 +51,7 @@ class ExpertStreamer:
         experts_per_token: int,
         prefetch: bool = False,
         policy: str = "lru",
+        upcast_half: bool = False,
     ) -> None:
         self.layers = layers
         self.store = store
@@ -69,9 +70,9 @@ class ExpertStreamer:
         self._prefetched: set[Key] = set()  # resident because of a prediction, not yet used
         self.caches: list[ExpertCache] = []  # one per bank
         self.cache_of_layer: list[ExpertCache] = [None] * len(layers)  # type: ignore[list-item]
-        self._build_banks(cache_bytes, policy)
+        self._build_banks(cache_bytes, policy, upcast_half)
 
-    def _build_banks(self, cache_bytes: int, policy: str) -> None:
+    def _build_banks(self, cache_bytes: int, policy: str, upcast_half: bool) -> None:
         """Split layers into banks of equal expert shapes; size each bank's pool from the budget."""
         groups: dict[tuple, list[LayerExperts]] = {}
         for layer in self.layers:
@@ -90,7 +91,7 @@ class ExpertStreamer:
                 bank_layers = members[b::n_banks]
                 slots = max(working, budget_slots * len(bank_layers) // len(members))
                 sizes = {l.layer: l.num_experts for l in bank_layers}
-                cache = ExpertCache(SlotPool(members[0].params, slots), policy, layer_experts=sizes)
+                cache = ExpertCache(SlotPool(members[0].params, slots, upcast_half=upcast_half), policy, layer_experts=sizes)
                 if not cache.holds_all:
                     cache.pool.prefer_host()  # slots refilled all the time: read in place (CUDA)
                 self.caches.append(cache)
