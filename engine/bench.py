@@ -125,11 +125,11 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     _decode(cold, prompt, args.decode_tokens)
     long_prompt = [rng.randrange(1000, 100_000) for _ in range(args.prompt_tokens)]
     prefill: dict[str, Any] = {"prompt_tokens": args.prompt_tokens}
-    for name, chunk in (("chunked", 128), ("token_by_token", 1)):
+    for name, chunk in (("chunked", args.prefill_chunk), ("token_by_token", 1)):
         cold.options.prefill_chunk = chunk
         r = _decode(cold, long_prompt, 1)
         prefill[name] = {"prompt_tps": r["prompt_tps"], "prompt_s": r["prompt_s"], "bytes_read": r["prefill_bytes"]}
-    cold.options.prefill_chunk = 128
+    cold.options.prefill_chunk = args.prefill_chunk
     out["prefill"] = prefill
     kv_bytes = 4 * 2**20 * len(layers)  # generous for these prompts (fp32 KV)
     out["memory"] = {
@@ -246,6 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layout", choices=["packed", "safetensors"], default="packed")
     p.add_argument("--decode-tokens", type=int, default=16)
     p.add_argument("--prompt-tokens", type=int, default=512)
+    p.add_argument("--prefill-chunk", type=int, default=128, help="prompt tokens routed together")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--io-threads", type=int, default=4)
     p.add_argument("--disk-bytes", type=int, default=512 * 2**20, help="bytes read by the raw disk test")

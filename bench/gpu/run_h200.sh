@@ -8,7 +8,7 @@
 #   (mlx-cuda-13 is larger than one call may carry; see /work/shared/notes/gpu-notes.md).
 #   With no WHEEL_DIR nothing is installed (MLX must already be importable).
 # Environment: OUT (results), LAYERS (48), IO_THREADS (8), DECODE_TOKENS (12), PROMPT_TOKENS (24),
-#   REPEATS (3), SKIP_BENCH=1 / SKIP_CHECK=1 / SKIP_SWEEP=1 (leave a step out), CHECK_ARGS (e.g. --exactness-only), TIME_LIMIT
+#   PREFILL_CHUNK (128), REPEATS (3), SKIP_BENCH=1 / SKIP_CHECK=1 / SKIP_SWEEP=1 (leave a step out), CHECK_ARGS (e.g. --exactness-only), TIME_LIMIT
 #   (seconds for the whole script: steps are stopped so that it ends in time), CHECK_S (seconds
 #   kept back for the benchmark while checking, default 240); DEVICE=cpu and
 #   PYTHON=.venv/bin/python make a smoke run of the same steps off the GPU.
@@ -120,7 +120,7 @@ if [ "${SKIP_BENCH:-0}" = 1 ]; then save_ptx; exit "$check_rc"; fi
 sync && { echo 3 >/proc/sys/vm/drop_caches; } 2>/dev/null || log "could not drop the page cache"
 log "bench: layers=$LAYERS io_threads=$IO_THREADS decode_tokens=$DECODE_TOKENS prompt_tokens=$PROMPT_TOKENS repeats=$REPEATS"
 left_for bench 30 "$PY" -m engine.cli bench --preset "$PRESET" --layers "$LAYERS" --device "$DEVICE" --work-dir "$WORK" \
-    --io-threads "$IO_THREADS" --decode-tokens "$DECODE_TOKENS" --prompt-tokens "$PROMPT_TOKENS" \
+    --io-threads "$IO_THREADS" --decode-tokens "$DECODE_TOKENS" --prompt-tokens "$PROMPT_TOKENS" --prefill-chunk "${PREFILL_CHUNK:-128}" \
     --repeats "$REPEATS" --disk-bytes $((2 * 1024 * 1024 * 1024)) --json "$OUT/gpu_bench.json" 2>&1 |
     tee "$OUT/gpu_bench.log"
 bench_rc=${PIPESTATUS[0]}
