@@ -246,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layout", choices=["packed", "safetensors"], default="packed")
     p.add_argument("--decode-tokens", type=int, default=16)
     p.add_argument("--prompt-tokens", type=int, default=512)
-    p.add_argument("--prefill-chunk", type=int, default=128, help="prompt tokens routed together")
+    p.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens routed together")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--io-threads", type=int, default=4)
     p.add_argument("--disk-bytes", type=int, default=512 * 2**20, help="bytes read by the raw disk test")

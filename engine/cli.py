@@ -18,7 +18,7 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--experts-per-token", type=int, default=None, help="override K (warns below trained K)")
     p.add_argument("--cold", action="store_true", help="bypass the OS page cache for expert reads")
     p.add_argument("--io-threads", type=int, default=4, help="parallel expert reads")
-    p.add_argument("--prefill-chunk", type=int, default=128, help="prompt tokens routed together")
+    p.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens routed together")
     p.add_argument("--prefetch", action="store_true", help="predict and read the next layer's experts")
     p.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto")
     p.add_argument("--no-packed", action="store_true", help="ignore a packed expert layout")

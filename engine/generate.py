@@ -37,7 +37,7 @@ def generate_tokens(
     eos_token_ids: set[int],
     stop: Callable[[], bool] | None = None,
     reused_tokens: int = 0,
-    prefill_chunk: int = 128,
+    prefill_chunk: int = 512,
 ) -> Iterator[TokenEvent]:
     """Prefill ``prompt_tokens`` into ``kv_cache`` in chunks, then decode until eos or the limit.
 

@@ -14,7 +14,7 @@ class EngineOptions:
     experts_per_token: int | None = None  # override K; None keeps the model's trained value
     cold: bool = False  # bypass the OS page cache on expert reads (honest disk figures)
     io_threads: int = 4  # parallel pread workers
-    prefill_chunk: int = 128  # prompt tokens routed together during prefill
+    prefill_chunk: int = 512  # prompt tokens routed together: each needed expert is read once per chunk
     prefetch: bool = False  # read layer l+1's predicted experts while layer l computes
     device: str = "auto"  # "auto", "cpu" or "gpu"
     use_packed: bool = True  # use the packed per-expert layout when present
