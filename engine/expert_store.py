@@ -23,9 +23,9 @@ import numpy as np
 
 from .errors import ExpertReadError
 from .expert_layout import LayerExperts
+from .platform_info import drop_file_cache, set_macos_nocache
 from .packed_layout import ALIGNMENT, PackedLayer
 
-_F_NOCACHE = 48  # macOS fcntl command
 
 
 def _pread_full(fd: int, buffers: list[memoryview], offset: int, path: Path) -> int:
@@ -91,11 +91,9 @@ class ExpertStore:
         fd = os.open(path, os.O_RDONLY)
         if self.cold:
             if sys.platform == "darwin":
-                import fcntl
-
-                fcntl.fcntl(fd, _F_NOCACHE, 1)
-            elif hasattr(os, "posix_fadvise"):
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                set_macos_nocache(fd)
+            else:
+                drop_file_cache(fd)
         if self._use_direct:
             try:
                 self._direct_fds[path] = os.open(path, os.O_RDONLY | os.O_DIRECT)
@@ -138,8 +136,8 @@ class ExpertStore:
         for (path, offset, nbytes), view in zip(self.layers[layer].source_ranges(expert), views):
             fd = self._fds[path]
             total += _pread_full(fd, [view], offset, path)
-            if self.cold and sys.platform != "darwin" and hasattr(os, "posix_fadvise"):
-                os.posix_fadvise(fd, offset, nbytes, os.POSIX_FADV_DONTNEED)
+            if self.cold:
+                drop_file_cache(fd, offset, nbytes)  # keep it cold for the next read (no-op on macOS)
         return total
 
     def _read_packed(self, layer: int, expert: int, views: list[memoryview]) -> int:
@@ -159,8 +157,8 @@ class ExpertStore:
         else:
             fd = self._fds[pl.file]
             n = _pread_full(fd, views, offset, pl.file)
-            if self.cold and sys.platform != "darwin" and hasattr(os, "posix_fadvise"):
-                os.posix_fadvise(fd, offset, pl.stride, os.POSIX_FADV_DONTNEED)
+            if self.cold:
+                drop_file_cache(fd, offset, pl.stride)
         self._check(layer, expert, views, pl)
         return n
 
@@ -185,9 +183,8 @@ class ExpertStore:
 
     def drop_page_cache(self) -> None:
         """Evict the store's files from the OS page cache (Linux), for cold measurements."""
-        if hasattr(os, "posix_fadvise"):
-            for fd in self._fds.values():
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        for fd in self._fds.values():
+            drop_file_cache(fd)
 
     def close(self) -> None:
         """Stop the I/O threads and close the files."""
