@@ -15,7 +15,7 @@ import pytest
 from scripted_engine import ScriptedEngine, load_tokenizer, scripted_loader
 from stdio_harness import InProcess
 
-from engine.protocol import DoneEvent, ErrorEvent, HelloEvent, LoadedEvent, TokenTextEvent
+from engine.protocol import DoneEvent, ErrorEvent, HelloEvent, LoadedEvent, StatsEvent, TokenTextEvent
 from engine.service import EngineService, error_event
 from engine.types import TokenEvent
 
@@ -38,9 +38,10 @@ class FailingEngine(ScriptedEngine):
 
 
 def chat_events(io: InProcess, rid: str) -> list[Any]:
-    """Send a chat and collect its events up to its `done`."""
+    """Send a chat and collect its events up to its `done`, less the periodic `stats` events."""
     io.send({"type": "chat", "id": rid, "messages": [{"role": "user", "content": "go"}], "thinking": False})
-    return io.events.until(lambda e: isinstance(e, DoneEvent) and e.id == rid, timeout=60)
+    events = io.events.until(lambda e: isinstance(e, DoneEvent) and e.id == rid, timeout=60)
+    return [e for e in events if not isinstance(e, StatsEvent)]
 
 
 @pytest.mark.parametrize(

@@ -17,7 +17,7 @@ import pytest
 from bad_models import BAD_MODELS, BadModel, copy_model
 from stdio_harness import Subprocess
 
-from engine.protocol import DoneEvent, ErrorEvent, Event, HelloEvent, LoadedEvent, TokenTextEvent
+from engine.protocol import DoneEvent, ErrorEvent, Event, HelloEvent, LoadedEvent, StatsEvent, TokenTextEvent
 
 LOAD_TIMEOUT_S = 300
 
@@ -50,10 +50,11 @@ def load(engine: Subprocess, model: Path) -> Event:
 
 
 def chat(engine: Subprocess, rid: str, max_tokens: int = 4) -> list[Event]:
-    """Send a short chat and return its events up to its `done`."""
+    """Send a short chat and return its events up to its `done`, less the periodic `stats` events."""
     engine.send({"type": "chat", "id": rid, "messages": [{"role": "user", "content": "Hello"}],
                  "sampling": {"max_tokens": max_tokens}, "thinking": False})  # fmt: skip
-    return engine.events.until(lambda e: isinstance(e, DoneEvent) and e.id == rid, timeout=LOAD_TIMEOUT_S)
+    events = engine.events.until(lambda e: isinstance(e, DoneEvent) and e.id == rid, timeout=LOAD_TIMEOUT_S)
+    return [e for e in events if not isinstance(e, StatsEvent)]
 
 
 def assert_named(event: Event, code: str, needles: tuple[str, ...], request_id: str | None) -> None:
