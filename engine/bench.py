@@ -78,7 +78,10 @@ def _engine(model: Path, args: argparse.Namespace, **opts: Any) -> Any:
     from .engine import Engine
     from .types import EngineOptions
 
-    options = EngineOptions(io_threads=args.io_threads, device=args.device, use_packed=args.layout == "packed", **opts)
+    options = EngineOptions(
+        io_threads=args.io_threads, device=args.device, use_packed=args.layout == "packed",
+        prefill_matmul=args.prefill_matmul, **opts,
+    )  # fmt: skip
     return Engine.load(model, options, measure_disk=False)
 
 
@@ -87,6 +90,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     import random
 
     from .engine import measure_expert_read_speed
+    from .fast_blas import fast_blas_status
     from .loader import inspect_experts
     from .platform_info import measure_cold_read_speed, peak_rss_bytes, process_rss_bytes
 
@@ -108,6 +112,8 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         "layout": args.layout,
         "io_threads": args.io_threads,
         "decode_tokens": args.decode_tokens,
+        "blas": fast_blas_status()[1],
+        "prefill_matmul": args.prefill_matmul,
     }
 
     # 1. the disk on its own
@@ -251,6 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--io-threads", type=int, default=4)
     p.add_argument("--disk-bytes", type=int, default=512 * 2**20, help="bytes read by the raw disk test")
     p.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto")
+    p.add_argument("--prefill-matmul", choices=["auto", "on", "off"], default="auto",
+                   help="CPU prefill chunks as dequantize + dense GEMM (auto: where MLX has a fast BLAS)")
     p.add_argument("--json", default=None, help="write the results here")
     return p
 

@@ -57,7 +57,8 @@ def format_table(r: dict[str, Any]) -> str:
                                              f"ratio to mlx-lm {r['warm_host_sync']['ratio']:.3f}"),
         (f"prefill {pre['prompt_tokens']} tokens: chunked / token-by-token",
          f"{pre['chunked']['prompt_tps']:.1f} / {pre['token_by_token']['prompt_tps']:.1f} tok/s, expert bytes "
-         f"{pre['chunked']['bytes_read'] / 2**20:.0f} / {pre['token_by_token']['bytes_read'] / 2**20:.0f} MiB"),
+         f"{pre['chunked']['bytes_read'] / 2**20:.0f} / {pre['token_by_token']['bytes_read'] / 2**20:.0f} MiB"
+         f"; dense-GEMM prefill {r.get('prefill_matmul', 'auto')}, BLAS: {r.get('blas', '?')}"),
         ("peak RSS / limit", f"{r['memory']['peak_rss'] / 2**20:.0f} / {r['memory']['limit_bytes'] / 2**20:.0f} MiB "
                              f"(baseline + dense + KV + 512 MiB)"),
         ("plan: predicted / measured cold tok/s", f"{r['plan']['tps_bound_cold'] or 0:.2f} (disk only) / "

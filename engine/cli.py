@@ -22,6 +22,10 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefetch", action="store_true", help="predict and read the next layer's experts")
     p.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto")
     p.add_argument("--no-packed", action="store_true", help="ignore a packed expert layout")
+    p.add_argument(
+        "--prefill-matmul", choices=["auto", "on", "off"], default="auto",
+        help="CPU prefill chunks as dequantize + dense GEMM (auto: where MLX has a fast BLAS)",
+    )  # fmt: skip
 
 
 def engine_options(args: argparse.Namespace) -> EngineOptions:
@@ -35,6 +39,7 @@ def engine_options(args: argparse.Namespace) -> EngineOptions:
         prefetch=args.prefetch,
         device=args.device,
         use_packed=not args.no_packed,
+        prefill_matmul=args.prefill_matmul,
     )
 
 

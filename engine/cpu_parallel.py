@@ -18,7 +18,7 @@ import mlx.nn as nn
 _LOCAL = threading.local()
 
 
-def _cpu_stream(i: int) -> mx.Stream:
+def cpu_stream(i: int) -> mx.Stream:
     """The i-th extra CPU stream of the calling thread (MLX streams belong to the thread that
     made them); each stream runs its kernels on a thread of its own."""
     streams: list[mx.Stream] = getattr(_LOCAL, "streams", None) or []
@@ -59,7 +59,7 @@ class RowSplitLinear(nn.Module):
     def __call__(self, x: mx.array) -> mx.array:
         outs = []
         for i, part in enumerate(self.parts):
-            with mx.stream(_cpu_stream(i)):
+            with mx.stream(cpu_stream(i)):
                 outs.append(self._one(x, part))
         return mx.concatenate(outs, axis=-1)
 

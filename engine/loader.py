@@ -22,9 +22,11 @@ from mlx.utils import tree_flatten
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 
 from .cpu_parallel import cpu_streams, split_output_projection
-from .errors import CorruptModelError, MissingFileError, ModelError, TokenizerError, UnsupportedModelError
+from .cpu_prefill import install_prefill_matmul
+from .errors import CorruptModelError, MissingFileError, ModelError, RequestError, TokenizerError, UnsupportedModelError
 from .expert_layout import LayerExperts, layer_experts_from_index
 from .expert_store import ExpertStore
+from .fast_blas import fast_blas_status
 from .packed_layout import open_packed_layout
 from .safetensors_index import TensorLocation, read_model_index
 from .streamed_moe import ExpertStreamer, StreamedSwitch
@@ -194,6 +196,13 @@ def _load_tokenizer(model_dir: Path, config: dict[str, Any]) -> Any:
     return tokenizer
 
 
+def use_prefill_matmul(setting: str) -> bool:
+    """Whether CPU prefill chunks run as dequantize + GEMM: "on", "off", or "auto" (fast BLAS)."""
+    if setting not in ("auto", "on", "off"):
+        raise RequestError(f"prefill_matmul must be 'auto', 'on' or 'off', got {setting!r}")
+    return setting == "on" or (setting == "auto" and fast_blas_status()[0])
+
+
 def pick_device(requested: str) -> str:
     """Resolve ``auto``/``cpu``/``gpu`` to the device MLX will run on, and make it the default."""
     has_gpu = False
@@ -327,6 +336,10 @@ def load_streamed_model(model_dir: Path, options: EngineOptions, progress: Progr
         model.set_dtype(mx.float32)
         if options.cpu_split:
             split_output_projection(model, cpu_streams())
+        if use_prefill_matmul(options.prefill_matmul):
+            streamer.prefill_matmul.enabled = True
+            streamer.prefill_matmul.streams = cpu_streams()
+            install_prefill_matmul([model, *(s.inner_module for s in switches)], streamer.prefill_matmul)
     params: list[tuple[str, mx.array]] = tree_flatten(model.parameters())  # type: ignore[assignment]
     dense_bytes = 0
     for i, (_, arr) in enumerate(params):

@@ -138,6 +138,11 @@ class LoadRequest:
             "load.options.device",
             f"must be auto, cpu or gpu, got {o.device!r}",
         )
+        _require(
+            o.prefill_matmul in ("auto", "on", "off"),
+            "load.options.prefill_matmul",
+            f"must be auto, on or off, got {o.prefill_matmul!r}",
+        )
 
 
 @dataclass

@@ -21,6 +21,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from .cpu_prefill import PrefillMatmul
 from .expert_cache import ExpertCache, Key, SlotPool
 from .expert_layout import LayerExperts
 from .expert_store import ExpertStore
@@ -65,6 +66,7 @@ class ExpertStreamer:
         self.prefetched_hits = 0
         self.skip_layer: int | None = None  # a layer whose output will not be used (see generate)
         self.last_layer_is_final_block = False  # set by the loader
+        self.prefill_matmul = PrefillMatmul()  # dense-GEMM path for long CPU calls (see cpu_prefill)
         self._pinned: set[Key] = set()
         self._inflight: dict[Key, tuple[ExpertCache, "Future[int]"]] = {}
         self._prefetched: set[Key] = set()  # resident because of a prediction, not yet used
@@ -266,6 +268,11 @@ class StreamedSwitch(nn.Module):
                 owner = getattr(owner, part)
             setattr(owner, attr, cache.pool.arrays[key])
 
+    @property
+    def inner_module(self) -> nn.Module:
+        """The mlx-lm switch module this layer runs (kept outside the model's parameter tree)."""
+        return self._binding.inner
+
     def set_next_router(self, router: Callable[[mx.array], mx.array] | None) -> None:
         """Give this layer the next MoE layer's router (for next-layer prefetch)."""
         self._binding.next_router = router
@@ -314,14 +321,26 @@ class StreamedSwitch(nn.Module):
         streamer.figures.sync_s += time.perf_counter() - t1 - (streamer.figures.io_wait_s - io_before)
         return y
 
-    def _slot_indices(self, host_idx: np.ndarray, unique: np.ndarray) -> mx.array:
+    def _slot_indices(self, host_idx: np.ndarray, unique: np.ndarray) -> tuple[np.ndarray, mx.array]:
         slots = self._binding.streamer.ensure(self.layer, unique)
         lut = np.zeros(int(unique.max()) + 1, dtype=np.int32)
         lut[unique] = slots
-        return mx.array(lut[host_idx])
+        host_slots = lut[host_idx]
+        return host_slots, mx.array(host_slots)
+
+    def _call_inner(self, x: mx.array, host_slots: np.ndarray, slot_idx: mx.array) -> mx.array:
+        """The switch module on slot ids; long calls tell the expert projections their runs."""
+        mode = self._binding.streamer.prefill_matmul
+        if not mode.enabled or host_slots.size < mode.min_rows:
+            return self._binding.inner(x, slot_idx)
+        mode.plan = np.unique(host_slots, return_counts=True)  # runs in the sorted call's order
+        try:
+            return self._binding.inner(x, slot_idx)
+        finally:
+            mode.plan = None
 
     def _run_group(self, x: mx.array, host_idx: np.ndarray, unique: np.ndarray) -> mx.array:
-        return self._binding.inner(x, self._slot_indices(host_idx, unique))
+        return self._call_inner(x, *self._slot_indices(host_idx, unique))
 
     def _run_grouped(self, x: mx.array, host_idx: np.ndarray, unique: np.ndarray, cap: int) -> mx.array:
         """More distinct experts than slots (long prefill chunks with a small cache): go in groups.
@@ -341,9 +360,9 @@ class StreamedSwitch(nn.Module):
                 self._binding.streamer.release_pins()
             group = unique[start : start + cap]
             pos = np.nonzero(np.isin(flat_idx, group))[0]
-            slot_idx = self._slot_indices(flat_idx[pos], group)
+            host_slots, slot_idx = self._slot_indices(flat_idx[pos], group)
             rows = x_rows[mx.array(pos // k)]
-            pieces.append(self._binding.inner(rows, slot_idx[:, None])[:, 0, :])
+            pieces.append(self._call_inner(rows, host_slots[:, None], slot_idx[:, None])[:, 0, :])
             positions.append(pos)
         order = np.argsort(np.concatenate(positions))
         y = mx.concatenate(pieces, axis=0)[mx.array(order)]

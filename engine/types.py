@@ -19,6 +19,9 @@ class EngineOptions:
     device: str = "auto"  # "auto", "cpu" or "gpu"
     use_packed: bool = True  # use the packed per-expert layout when present
     cpu_split: bool = True  # on CPU, split the output projection over the cores (exact)
+    # long CPU calls (prefill chunks) as dequantize + dense GEMM: "auto" (where MLX has a fast
+    # BLAS), "on" or "off"; see cpu_prefill
+    prefill_matmul: str = "auto"
 
     def to_dict(self) -> dict[str, Any]:
         """Return the options as a JSON-ready dict."""
