@@ -33,6 +33,33 @@ CANDIDATES: tuple[str, ...] = (
 
 _loaded: dict[str, str | None] = {"path": None, "why_not": "not tried"}
 
+# OpenBLAS kernels by the CPU features they need (x86-64). OpenBLAS picks its kernels from the
+# CPU model, and older releases (Debian 12 ships 0.3.21) fall back to a generic SSE kernel on
+# models they do not know, as under some VMs: 3.4x slower sgemm on this project's VM.
+_CORETYPES: tuple[tuple[str, frozenset[str]], ...] = (
+    ("SkylakeX", frozenset({"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512cd"})),
+    ("Haswell", frozenset({"avx2", "fma"})),
+)
+
+
+def openblas_coretype(cpuinfo: str) -> str | None:
+    """The OpenBLAS kernel family the CPU's feature flags allow (x86-64), from /proc/cpuinfo text."""
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[-1].split())
+            for name, needs in _CORETYPES:
+                if needs <= flags:
+                    return name
+            return None
+    return None
+
+
+def _cpuinfo() -> str:
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+
 
 def _open_global(path: str) -> ctypes.CDLL:
     return ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
@@ -68,6 +95,10 @@ def load_fast_blas(
     if "mlx.core" in modules:
         _loaded["why_not"] = "mlx.core was imported before engine"
         return None
+    if env is os.environ and "OPENBLAS_CORETYPE" not in env:  # read when the library loads
+        coretype = openblas_coretype(_cpuinfo())
+        if coretype:
+            os.environ["OPENBLAS_CORETYPE"] = coretype
     errors = []
     for path in _candidates(env):
         if not exists(path):

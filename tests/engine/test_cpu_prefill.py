@@ -144,3 +144,16 @@ def test_dense_prefill_gives_mlx_lm_tokens(tiny_model, model_type: str) -> None:
             engine.close()
         assert got == expected, (setting, cache_mb)
         assert (gemms > 0) == (setting == "on"), (setting, gemms)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 6, 8])
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+def test_dequantize_affine_equals_mlx_dequantize(bits: int, group_size: int) -> None:
+    from engine.cpu_prefill import dequantize_affine
+
+    w = mx.random.normal((96, 256))
+    q, s, b = mx.quantize(w, group_size, bits)
+    ref = mx.dequantize(q, s, b, group_size=group_size, bits=bits)
+    assert np.array_equal(np.array(dequantize_affine(q, s, b, group_size, bits)), np.array(ref))
+    # row blocks of a slot (what the split over CPU streams takes)
+    assert np.array_equal(np.array(dequantize_affine(q[40:96], s[40:96], b[40:96], group_size, bits)), np.array(ref[40:96]))

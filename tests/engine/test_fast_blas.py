@@ -98,3 +98,11 @@ def test_importing_engine_puts_openblas_under_mlx() -> None:
     probe = json.loads(out.stdout.strip().splitlines()[-1])
     assert probe["ok"] and probe["mapped"], probe
     assert probe["err"] < 1e-3, probe
+
+
+def test_openblas_kernel_family_follows_the_cpu_flags() -> None:
+    skx = "processor : 0\nflags\t\t: fpu sse2 avx avx2 fma avx512f avx512dq avx512cd avx512bw avx512vl\n"
+    assert fast_blas.openblas_coretype(skx) == "SkylakeX"
+    assert fast_blas.openblas_coretype("flags : fpu sse2 avx avx2 fma avx512f\n") == "Haswell"  # not all of SKX's
+    assert fast_blas.openblas_coretype("flags : fpu sse2 avx\n") is None
+    assert fast_blas.openblas_coretype("Features : fp asimd\n") is None  # aarch64: left to OpenBLAS
