@@ -8,7 +8,9 @@
 #   (mlx-cuda-13 is larger than one call may carry; see /work/shared/notes/gpu-notes.md).
 #   With no WHEEL_DIR nothing is installed (MLX must already be importable).
 # Environment: OUT (results), LAYERS (48), IO_THREADS (8), DECODE_TOKENS (12), PROMPT_TOKENS (24),
-#   PREFILL_CHUNK (128), REPEATS (3), SKIP_BENCH=1 / SKIP_CHECK=1 / SKIP_SWEEP=1 (leave a step out), CHECK_ARGS (e.g. --exactness-only), TIME_LIMIT
+#   PREFILL_CHUNK (128), REPEATS (3), SKIP_BENCH=1 / SKIP_CHECK=1 / SKIP_SWEEP=1 (leave a step out),
+#   PROFILE=1 (bench/gpu/profile_decode.py: warm decode against mlx-lm, host time per token;
+#   PROFILE_TOKENS, 64), CHECK_ARGS (e.g. --exactness-only), TIME_LIMIT
 #   (seconds for the whole script: steps are stopped so that it ends in time), CHECK_S (seconds
 #   kept back for the benchmark while checking, default 240); DEVICE=cpu and
 #   PYTHON=.venv/bin/python make a smoke run of the same steps off the GPU.
@@ -114,6 +116,15 @@ Path(sys.argv[2]).write_text(json.dumps({"block_bytes": block, "bytes_per_s_by_t
 EOF
 
 save_ptx() { tar -czf "$OUT/mlx_ptx.tgz" -C "$MLX_PTX_CACHE_DIR" . 2>/dev/null; }
+
+# 4b. where a warm decode token's time goes, engine against mlx-lm (PROFILE=1)
+if [ "${PROFILE:-0}" = 1 ]; then
+    log "profile_decode"
+    left_for profile_decode 20 "$PY" bench/gpu/profile_decode.py --model "$MODEL" --device "$DEVICE" \
+        --tokens "${PROFILE_TOKENS:-64}" --out "$OUT" >"$OUT/profile_decode.log" 2>&1
+    log "profile_decode rc=$?"
+    head -n 30 "$OUT/profile_decode.log"
+fi
 if [ "${SKIP_BENCH:-0}" = 1 ]; then save_ptx; exit "$check_rc"; fi
 
 # 5. the benchmark, page cache dropped first (the engine's cold reads bypass it anyway)

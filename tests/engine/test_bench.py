@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from engine.bench import main as bench_main
 
 
@@ -36,3 +38,10 @@ def test_bench_runs_and_writes_json(tiny_model, tmp_path: Path, capsys) -> None:
             assert t["value"] > 0 and isinstance(t["met"], bool)
     table = capsys.readouterr().out
     assert "targets (ratios from this run)" in table and "warm decode" in table
+
+
+def test_decode_rate_counts_the_tokens_after_the_first() -> None:
+    from engine.bench import decode_rate
+
+    assert decode_rate([10.0, 10.5, 11.0, 11.5]) == pytest.approx(2.0)  # 3 tokens in 1.5 s
+    assert decode_rate([3.0]) == 0.0 and decode_rate([]) == 0.0 and decode_rate([1.0, 1.0]) == 0.0
