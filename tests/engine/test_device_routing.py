@@ -182,3 +182,20 @@ def test_pool_placement_does_nothing_off_cuda() -> None:
     assert not cuda_memory.active()
     assert pool.prefer_host() is False and pool.slots_to_device([2], wait=True) is False
     assert np.array(pool.arrays["w"][2]).tolist() == [7] * 8  # the zero-copy CPU path is untouched
+
+
+@pytest.mark.parametrize(("device", "norm_dtype", "widen"), [
+    ("cpu", "bfloat16", True),  # the CPU always runs fp32 activations
+    ("gpu", "float32", True),  # fp32 activations on a GPU: bf16 slot scales would be promoted per call
+    ("gpu", "bfloat16", False),  # bf16 activations: slots keep the stored dtype, as mlx-lm does
+])  # fmt: skip
+def test_slot_scales_are_widened_wherever_activations_are_fp32(tiny_model, device: str, norm_dtype: str, widen: bool) -> None:
+    import mlx.core as mx
+
+    from engine.loader import dense_dtype, slots_widen_half_floats
+
+    model = inspect_experts(tiny_model("qwen3_moe", 4)).model
+    assert dense_dtype(model) == mx.float32  # the demo builder writes fp32 dense weights
+    model.set_dtype(getattr(mx, norm_dtype))
+    assert dense_dtype(model) == getattr(mx, norm_dtype)
+    assert slots_widen_half_floats(device, model) is widen
