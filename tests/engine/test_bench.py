@@ -45,3 +45,21 @@ def test_decode_rate_counts_the_tokens_after_the_first() -> None:
 
     assert decode_rate([10.0, 10.5, 11.0, 11.5]) == pytest.approx(2.0)  # 3 tokens in 1.5 s
     assert decode_rate([3.0]) == 0.0 and decode_rate([]) == 0.0 and decode_rate([1.0, 1.0]) == 0.0
+
+
+def test_cold_bound_uses_the_compute_of_a_step_with_host_syncs() -> None:
+    from engine.bench_report import targets
+
+    step = {"decode_tps": 1.0, "bytes_per_token": 1e8, "read_bytes_per_s": 1e9}
+    r = {
+        "disk": {"raw_parallel_read_bytes_per_s": 1e9},  # 0.1 s of disk per token
+        "cold": step,
+        "warm": {"compute_per_token_s": 0.3, "ratio": 1.0},  # routed on the device: no syncs
+        "warm_host_sync": {"compute_per_token_s": 0.35, "sync_per_token_s": 0.05},
+        "prefill": {"chunked": {"prompt_tps": 10.0}, "token_by_token": {"prompt_tps": 1.0}},
+        "memory": {"peak_rss": 1, "limit_bytes": 2},
+    }
+    t = targets(r)
+    assert t["bounds"]["compute_s_per_token"] == pytest.approx(0.4)
+    assert t["cold_decode_vs_serial_bound"]["value"] == pytest.approx(0.5)  # 1 tok/s against 1/(0.1 + 0.4)
+    assert t["bounds"]["cold_decode_vs_serial_bound_device_routed"] == pytest.approx(0.4)
