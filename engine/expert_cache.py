@@ -87,11 +87,12 @@ class UpcastBuffer:
 
     def finish(self) -> None:
         """Write the fp32 values into the slot (bf16 -> fp32 and f16 -> fp32 are exact)."""
-        out = self.target.view(np.float32)
-        if self.dtype == "BF16":
-            out[:] = (self.raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+        if self.dtype == "BF16":  # bf16 is the top half of an fp32: widen, then shift (no temporaries)
+            bits = self.target.view(np.uint32)
+            np.copyto(bits, self.raw.view(np.uint16), casting="unsafe")
+            np.left_shift(bits, 16, out=bits)
         else:
-            out[:] = self.raw.view(np.float16).astype(np.float32)
+            np.copyto(self.target.view(np.float32), self.raw.view(np.float16))
 
 
 SlotDest = Union[np.ndarray, UpcastBuffer]

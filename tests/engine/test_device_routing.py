@@ -199,3 +199,17 @@ def test_slot_scales_are_widened_wherever_activations_are_fp32(tiny_model, devic
     model.set_dtype(getattr(mx, norm_dtype))
     assert dense_dtype(model) == getattr(mx, norm_dtype)
     assert slots_widen_half_floats(device, model) is widen
+
+
+@pytest.mark.parametrize("dtype", ["BF16", "F16"])
+def test_half_float_parameters_are_widened_exactly(dtype: str) -> None:
+    import mlx.core as mx
+
+    from engine.expert_cache import UpcastBuffer
+
+    half = {"BF16": mx.bfloat16, "F16": mx.float16}[dtype]
+    values = (mx.random.normal((4096,)) * 1e3).astype(half)
+    raw = np.array(mx.view(values, mx.uint8))
+    target = np.zeros(4096 * 4, dtype=np.uint8)
+    UpcastBuffer(raw, target, dtype).finish()
+    assert np.array_equal(target.view(np.float32), np.array(values.astype(mx.float32)))
