@@ -1,7 +1,8 @@
 """``moebar-engine bench``: the engine against the disk and against mlx-lm, side by side in one run.
 
 Phases, in this order so that the peak RSS of the streamed phases is not inflated by mlx-lm:
-1. the disk: cold parallel preads of expert-sized blocks at the engine's thread count;
+1. the disk: cold parallel preads of expert-sized blocks at the engine's thread count (sampled
+   again beside each cold decode run in phase 3; the median is the raw figure);
 2. the streamed engine alone (cache 0, page cache bypassed): a decode, then chunked prefill
    against token-by-token prefill, then its peak RSS against dense + budget + KV + 512 MiB;
 3. decode side by side, run by run: cold, cold with next-layer prefetch, warm (every expert
@@ -20,7 +21,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .bench_report import format_table, targets
 
@@ -119,10 +120,13 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     # 1. the disk on its own
     _say("1/4 raw disk reads")
     files = model / "moebar-packed" if args.layout == "packed" else model
-    raw = measure_cold_read_speed(
-        files, block_bytes=expert_bytes, threads=args.io_threads, total_bytes=min(expert_total, args.disk_bytes)
-    )
-    out["disk"] = {"raw_parallel_read_bytes_per_s": raw}
+
+    def sample_disk() -> float:
+        return measure_cold_read_speed(
+            files, block_bytes=expert_bytes, threads=args.io_threads, total_bytes=min(expert_total, args.disk_bytes)
+        )
+
+    disk_samples = [sample_disk()]
 
     # 2. streamed phases alone (their peak RSS is checked): cold decode, then prefill both ways
     _say("2/4 cold decode and prefill")
@@ -148,7 +152,10 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
 
     # 3. decode side by side, run by run: cold, cold + prefetch, warm (all cached), mlx-lm in RAM
     _say("3/4 decode side by side")
-    out.update(_decode_side_by_side(model, args, prompt, expert_total, cold))
+    out.update(_decode_side_by_side(model, args, prompt, expert_total, cold, lambda: disk_samples.append(sample_disk())))
+    # A disk's rate drifts during a run (1.12-1.53 GB/s within one on the GPU machine): the raw
+    # figure is the median of a sample before the phases and one beside each cold decode run.
+    out["disk"] = {"raw_parallel_read_bytes_per_s": statistics.median(disk_samples), "samples_bytes_per_s": disk_samples}
     cold.close()
 
     # 4. the plan's prediction
@@ -166,7 +173,8 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _decode_side_by_side(
-    model: Path, args: argparse.Namespace, prompt: list[int], expert_total: int, cold: Any
+    model: Path, args: argparse.Namespace, prompt: list[int], expert_total: int, cold: Any,
+    sample_disk: Callable[[], None],
 ) -> dict[str, Any]:
     """Interleave the decode runs so that machine noise hits each the same; report medians."""
     import mlx.core as mx
@@ -187,6 +195,7 @@ def _decode_side_by_side(
         preloaded = warm.preload_experts()  # every expert cached
         _decode(warm, prompt, args.decode_tokens)  # first use of the slots, kernels compiled
         for _ in range(args.repeats):
+            sample_disk()  # the raw rate, right beside the cold runs
             for name, engine in (("cold", cold), ("cold_prefetch", prefetch), ("warm", warm)):
                 runs[name].append(_decode(engine, prompt, args.decode_tokens))
             warm.set_device_routing(False)  # the same cache, one host sync per layer

@@ -45,6 +45,13 @@ def targets(r: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return result
 
 
+def _samples(samples: list[float]) -> str:
+    """', median of N samples: a-b GB/s' when the disk was sampled more than once."""
+    if len(samples) < 2:
+        return ""
+    return f"; median of {len(samples)} samples, {min(samples) / 1e9:.2f}-{max(samples) / 1e9:.2f} GB/s"
+
+
 def format_table(r: dict[str, Any]) -> str:
     """A plain-text table of the figures and targets."""
     gb = 1e9
@@ -53,7 +60,8 @@ def format_table(r: dict[str, Any]) -> str:
         ("model", f"{r['layers']} MoE layers x {r['experts']} experts, {r['expert_bytes'] / 2**20:.2f} MiB/expert, "
                   f"{r['expert_bytes_total'] / gb:.2f} GB of experts, {r['layout']} layout"),
         ("disk: raw cold parallel pread", f"{r['disk']['raw_parallel_read_bytes_per_s'] / gb:.2f} GB/s "
-                                          f"({r['io_threads']} threads, expert-sized blocks)"),
+                                          f"({r['io_threads']} threads, expert-sized blocks"
+                                          f"{_samples(r['disk'].get('samples_bytes_per_s', []))})"),
         ("cold decode (cache 0)", f"{cold['decode_tps']:.2f} tok/s, {cold['bytes_per_token'] / 2**20:.1f} MiB/token, "
                                   f"reads {cold['read_bytes_per_s'] / gb:.2f} GB/s, I/O wait {100 * cold['io_share']:.0f}%"),
         ("cold decode + prefetch", f"{r['cold_prefetch']['decode_tps']:.2f} tok/s, "

@@ -23,6 +23,7 @@ def test_bench_runs_and_writes_json(tiny_model, tmp_path: Path, capsys) -> None:
     assert rc == 0
     r = json.loads(out.read_text())
     assert r["disk"]["raw_parallel_read_bytes_per_s"] > 0
+    assert len(r["disk"]["samples_bytes_per_s"]) == 2  # before the phases, and beside the one cold run
     for phase in ("cold", "cold_prefetch"):
         assert r[phase]["decode_tps"] > 0 and r[phase]["bytes_per_token"] > 0
     assert r["warm"]["same_tokens"] is True
@@ -37,7 +38,7 @@ def test_bench_runs_and_writes_json(tiny_model, tmp_path: Path, capsys) -> None:
         if name != "bounds":
             assert t["value"] > 0 and isinstance(t["met"], bool)
     table = capsys.readouterr().out
-    assert "targets (ratios from this run)" in table and "warm decode" in table
+    assert "targets (ratios from this run)" in table and "warm decode" in table and "median of 2 samples" in table
 
 
 def test_decode_rate_counts_the_tokens_after_the_first() -> None:
