@@ -12,8 +12,8 @@ from typing import Any
 import httpx
 import openai
 import pytest
-import uvicorn
 from scripted_engine import ENDLESS, ScriptedEngine, load_tokenizer, scripted_loader
+from server_harness import ThreadedServer
 
 from engine.chat import render_prompt
 from engine.http_server import create_app, is_loopback
@@ -23,30 +23,14 @@ from engine.service import EngineService
 KEY = "sekret-key"
 
 
-class Server:
+class Server(ThreadedServer):
     """uvicorn on a thread, serving one EngineService."""
 
     def __init__(self, service: EngineService, api_key: str | None = KEY, max_body_bytes: int = 1 << 20) -> None:
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        self.port = sock.getsockname()[1]
-        sock.close()
-        app = create_app(service, "tiny-moe", api_key, max_body_bytes=max_body_bytes)
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert time.monotonic() < deadline, "server did not start"
-            time.sleep(0.02)
-        self.url = f"http://127.0.0.1:{self.port}"
+        super().__init__(create_app(service, "tiny-moe", api_key, max_body_bytes=max_body_bytes))
 
     def client(self, key: str = KEY) -> openai.OpenAI:
         return openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0, timeout=120)
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
 
 
 @pytest.fixture(scope="module")

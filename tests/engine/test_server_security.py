@@ -10,7 +10,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,8 +18,8 @@ from typing import Any
 import httpx
 import psutil
 import pytest
-import uvicorn
 from scripted_engine import ScriptedEngine, load_tokenizer, scripted_loader
+from server_harness import ThreadedServer, free_port
 
 from engine.http_server import create_app
 from engine.protocol import LoadRequest
@@ -31,31 +30,14 @@ KEY = "s3cret-Key_42"
 BODY = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
 
 
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class ScriptedServer:
+class ScriptedServer(ThreadedServer):
     """uvicorn on a thread serving a scripted engine that records every prompt it is given."""
 
     def __init__(self, api_key: str | None = KEY) -> None:
         self.engine = ScriptedEngine(load_tokenizer("qwen3"), ["ok"] * 100)
         service = EngineService(loader=scripted_loader(self.engine))
         service.load(LoadRequest(model_dir="/scripted"), lambda ev: None)
-        self.port = free_port()
-        config = uvicorn.Config(create_app(service, "m", api_key, max_body_bytes=4096), host="127.0.0.1",
-                                port=self.port, log_level="warning")  # fmt: skip
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert time.monotonic() < deadline, "server did not start"
-            time.sleep(0.02)
-        self.url = f"http://127.0.0.1:{self.port}"
+        super().__init__(create_app(service, "m", api_key, max_body_bytes=4096))
 
     def raw(self, request: bytes) -> bytes:
         """Send raw bytes and return the whole answer (the server closes after an error)."""
@@ -66,10 +48,6 @@ class ScriptedServer:
             while chunk := sock.recv(65536):
                 answer += chunk
         return answer
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
 
 
 @pytest.fixture(scope="module")
