@@ -21,8 +21,8 @@ from pathlib import Path
 
 from app.frozen import engine_command
 from app.qt import QObject, Qt, QThread, QTimer, QtCore, Signal, Slot
-from engine import protocol
-from engine.protocol import (
+from engine.serving import protocol
+from engine.serving.protocol import (
     CancelRequest,
     ChatRequest,
     DoneEvent,

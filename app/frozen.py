@@ -1,13 +1,13 @@
 """Helper processes from a source checkout and from a frozen (PyInstaller) bundle.
 
 From source, MoeBar starts its helpers with the interpreter it runs on: the engine is
-`python -m engine.stdio_server`, and the model manager runs `python -c ...` (demo model) and
+`python -m engine.serving.stdio_server`, and the model manager runs `python -c ...` (demo model) and
 `python -m engine.cli plan ...` (memory plan). In a bundle `sys.executable` is the MoeBar
 binary, which is no interpreter, so the binary doubles as one. Its entry script calls
 `run_helper(sys.argv)` before anything imports Qt, and a command line that names a helper runs
 that helper instead of the app:
 
-    MoeBar --engine-stdio [options]   the engine's JSON-lines loop (engine.stdio_server)
+    MoeBar --engine-stdio [options]   the engine's JSON-lines loop (engine.serving.stdio_server)
     MoeBar -m MODULE [args]           a bundled module as __main__, like `python -m`
     MoeBar -c CODE [args]             a line of code, like `python -c`
     MoeBar --self-check               import MLX, compute on its default device, print JSON
@@ -27,7 +27,7 @@ from typing import Any
 
 ENGINE_STDIO_FLAG = "--engine-stdio"
 SELF_CHECK_FLAG = "--self-check"
-ENGINE_STDIO_MODULE = "engine.stdio_server"
+ENGINE_STDIO_MODULE = "engine.serving.stdio_server"
 
 
 def is_frozen() -> bool:
@@ -76,7 +76,7 @@ def run_helper(argv: Sequence[str]) -> int | None:
         return None
     rest = list(argv[2:])
     if kind == "engine-stdio":
-        from engine.stdio_server import main as engine_main
+        from engine.serving.stdio_server import main as engine_main
 
         return int(engine_main(rest) or 0)
     if kind == "self-check":
@@ -101,7 +101,7 @@ def self_check() -> dict[str, Any]:
     """
     import mlx.core as mx
 
-    from engine.tokenizer_builder import TOKENIZER_SPECS, chat_template, tiktoken_path
+    from engine.demo.tokenizer_builder import TOKENIZER_SPECS, chat_template, tiktoken_path
 
     device = mx.default_device()
     total = mx.sum(mx.arange(10, dtype=mx.float32) * 2.0)

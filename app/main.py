@@ -23,7 +23,7 @@ from app.ui.quick_ask import QuickAskWindow
 from app.ui.settings_dialog import SettingsDialog
 from app.ui.theme import app_icon, apply_theme, resolve_theme
 from app.ui.tray import TrayController, tray_available
-from engine.protocol import LoadedEvent
+from engine.serving.protocol import LoadedEvent
 
 log = logging.getLogger(__name__)
 

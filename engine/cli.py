@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import MoeBarError
-from .types import EngineOptions, SamplingParams
+from engine.errors import MoeBarError
+from engine.types import EngineOptions, SamplingParams
 
 
 def _add_engine_options(p: argparse.ArgumentParser) -> None:
@@ -45,8 +45,8 @@ def engine_options(args: argparse.Namespace) -> EngineOptions:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     """Generate from a prompt and print the text (or JSON lines) and optionally the timing."""
-    from .engine import Engine
-    from .generate import NO_TOKEN
+    from engine.engine import Engine
+    from engine.model.generate import NO_TOKEN
 
     engine = Engine.load(args.model, engine_options(args), measure_disk=False)
     tok = engine.tokenizer
@@ -112,10 +112,10 @@ def timing_report(s: dict[str, Any]) -> str:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     """Print the memory plan of a model directory without loading its weights."""
-    from .engine import measure_expert_read_speed
-    from .loader import inspect_experts
-    from .packed_layout import open_packed_layout
-    from .plan import make_plan
+    from engine.engine import measure_expert_read_speed
+    from engine.model.loader import inspect_experts
+    from engine.storage.packed_layout import open_packed_layout
+    from engine.model.plan import make_plan
 
     model_dir = Path(args.model).expanduser().resolve()
     inspected = inspect_experts(model_dir, args.experts_per_token)
@@ -144,7 +144,7 @@ def cmd_pack(args: argparse.Namespace) -> int:
     """Write the packed expert layout with a progress bar on stderr."""
     import time
 
-    from .pack import pack_model
+    from engine.storage.pack import pack_model
 
     t0 = time.perf_counter()
 
@@ -166,7 +166,7 @@ def cmd_pack(args: argparse.Namespace) -> int:
 
 def cmd_demo_model(args: argparse.Namespace) -> int:
     """Build the random-weight demo model."""
-    from .demo_model import build_demo_model
+    from engine.demo.demo_model import build_demo_model
 
     out = build_demo_model(args.dir, preset=args.preset, overwrite=args.overwrite)
     print(out)
@@ -222,9 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Subcommands whose arguments and code live in their own modules (imported only when run).
 _DELEGATED = (
-    ("stdio", "stdio_server", "the JSON-lines protocol loop the app runs"),
-    ("serve", "http_server", "OpenAI-compatible HTTP server"),
-    ("bench", "bench", "benchmark the engine against mlx-lm and the disk"),
+    ("stdio", "serving.stdio_server", "the JSON-lines protocol loop the app runs"),
+    ("serve", "serving.http_server", "OpenAI-compatible HTTP server"),
+    ("bench", "diagnostics.bench", "benchmark the engine against mlx-lm and the disk"),
 )
 
 

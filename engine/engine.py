@@ -9,12 +9,12 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from .expert_layout import LayerExperts
-from .expert_store import ExpertStore
-from .generate import generate_tokens
-from .loader import ProgressFn, StreamedModel, load_streamed_model
-from .plan import MemoryPlan, make_plan
-from .types import EngineOptions, SamplingParams, TokenEvent
+from engine.storage.expert_layout import LayerExperts
+from engine.storage.expert_store import ExpertStore
+from engine.model.generate import generate_tokens
+from engine.model.loader import ProgressFn, StreamedModel, load_streamed_model
+from engine.model.plan import MemoryPlan, make_plan
+from engine.types import EngineOptions, SamplingParams, TokenEvent
 
 
 def measure_expert_read_speed(

@@ -62,9 +62,9 @@ def delete_listed_shard(model: Path) -> tuple[str, ...]:
 
 def flip_packed_expert_bytes(model: Path) -> tuple[str, ...]:
     """Pack the experts, then flip one byte inside every expert blob of layer 0."""
-    from engine.loader import inspect_experts
-    from engine.pack import pack_model
-    from engine.packed_layout import open_packed_layout
+    from engine.model.loader import inspect_experts
+    from engine.storage.pack import pack_model
+    from engine.storage.packed_layout import open_packed_layout
 
     pack_model(model)
     layers = inspect_experts(model).layers

@@ -37,7 +37,7 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> TinyModelFactory:
     ("preset", "num_layers", "tokenizer", "seed", "max_shard_bytes") go to the builder, the rest
     override config fields. Treat the returned directory as read-only: other tests share it.
     """
-    from engine.demo_model import build_random_moe_model
+    from engine.demo.demo_model import build_random_moe_model
 
     built: dict[Any, Path] = {}
     root = tmp_path_factory.mktemp("tiny_models")

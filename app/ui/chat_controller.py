@@ -19,7 +19,7 @@ from app.throttle import Throttle
 from app.tools import DroppedFiles, ToolError, ToolRegistry
 from app.ui import history_sync
 from app.ui.conversation import Attachment, ChatEntry, ToolState, request_messages, tool_result_for
-from engine.protocol import ChatRequest, DoneEvent, ErrorEvent, LoadedEvent, ToolCall, ToolCallEvent
+from engine.serving.protocol import ChatRequest, DoneEvent, ErrorEvent, LoadedEvent, ToolCall, ToolCallEvent
 from engine.types import SamplingParams
 
 log = logging.getLogger(__name__)

@@ -10,7 +10,7 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Literal
 
-from engine.protocol import ChatMessage, MessageFigures, ToolCall
+from engine.serving.protocol import ChatMessage, MessageFigures, ToolCall
 
 Role = Literal["system", "user", "assistant", "tool"]
 EntryStatus = Literal["complete", "streaming", "stopped", "interrupted", "error"]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from engine.protocol import MessageFigures
+from engine.serving.protocol import MessageFigures
 
 _UNITS = ("B", "KB", "MB", "GB", "TB")
 

@@ -11,7 +11,7 @@ from collections import deque
 from app.qt import Qt, QTimer, QtCore, QtGui, QtWidgets, Slot
 from app.ui.format import human_bytes, human_rate, percent, seconds, tokens_per_second
 from app.ui.theme import LIGHT, Theme
-from engine.protocol import LiveFigures
+from engine.serving.protocol import LiveFigures
 
 REFRESH_MS = 250  # four repaints a second at most
 HISTORY_SAMPLES = 120  # 30 s of decode tok/s at REFRESH_MS

@@ -11,7 +11,7 @@ from typing import Any
 
 from app.history import HistoryStore, Message
 from app.ui.conversation import Attachment, ChatEntry, EntryStatus, ToolState
-from engine.protocol import MessageFigures, ToolCall
+from engine.serving.protocol import MessageFigures, ToolCall
 
 STATUS_KEY = "status"  # "stopped", "interrupted" or "error" for an incomplete answer
 NOTE_KEY = "note"  # the reason shown beside that status

@@ -21,7 +21,7 @@ from app.ui.history_sidebar import HistorySidebar
 from app.ui.model_panel import ModelPanel
 from app.ui.notice_bar import NoticeBar
 from app.ui.theme import LIGHT, Theme, app_icon, icon
-from engine.protocol import LoadedEvent, StatsEvent
+from engine.serving.protocol import LoadedEvent, StatsEvent
 
 STATE_TEXT = {
     engine_state.STOPPED: "Engine stopped",

@@ -9,7 +9,7 @@ from app.ui.markdown import MarkdownRenderer
 from app.ui.text_view import FittedTextView
 from app.ui.theme import LIGHT, Theme, icon
 from app.ui.tool_card import ToolCallCard
-from engine.protocol import ToolCall
+from engine.serving.protocol import ToolCall
 
 STATUS_TEXT = {
     "streaming": "writing…",

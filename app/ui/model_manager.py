@@ -31,7 +31,7 @@ def engine_python_command(*args: str) -> list[str]:
 
 def build_demo_model() -> Path:
     """Build (once) the random-weight demo model and return its folder."""
-    script = "from engine.demo_model import ensure_demo_model; print(ensure_demo_model())"
+    script = "from engine.demo.demo_model import ensure_demo_model; print(ensure_demo_model())"
     done = subprocess.run(
         engine_python_command("-c", script), capture_output=True, text=True, timeout=DEMO_BUILD_TIMEOUT_S
     )

@@ -8,7 +8,7 @@ from app.qt import Qt, QtWidgets, Signal
 from app.ui.format import human_bytes, human_rate
 from app.ui.gauges import GaugesPanel
 from app.ui.theme import LIGHT, Theme
-from engine.protocol import LoadedEvent
+from engine.serving.protocol import LoadedEvent
 
 
 def plan_lines(plan: dict[str, Any]) -> list[tuple[str, str]]:

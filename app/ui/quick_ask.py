@@ -19,7 +19,7 @@ from app.ui.history_sync import append_entry, update_entry
 from app.ui.markdown import MarkdownRenderer
 from app.ui.text_view import FittedTextView
 from app.ui.theme import LIGHT, Theme
-from engine.protocol import ChatRequest, DoneEvent
+from engine.serving.protocol import ChatRequest, DoneEvent
 from engine.types import SamplingParams
 
 REPAINT_MS = 80

@@ -6,7 +6,7 @@ import json
 
 from app.qt import Qt, QtWidgets, Signal, Slot
 from app.ui.conversation import ToolState
-from engine.protocol import ToolCall
+from engine.serving.protocol import ToolCall
 
 STATE_TEXT: dict[ToolState, str] = {
     "awaiting": "Waiting for your approval",

@@ -14,7 +14,7 @@ from app.bridge import EngineBridge
 from app.qt import QObject, QTimer, QtGui, QtWidgets, Signal, Slot
 from app.ui.format import human_rate, tokens_per_second
 from app.ui.theme import ThemeName, icon
-from engine.protocol import LiveFigures, LoadedEvent, StatsEvent
+from engine.serving.protocol import LiveFigures, LoadedEvent, StatsEvent
 
 MENU_REFRESH_MS = 500
 ERROR_STATES = (engine_state.FAILED,)

@@ -28,8 +28,8 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-from engine.expert_cache import SlotPool
-from engine.expert_layout import ExpertParam
+from engine.model.expert_cache import SlotPool
+from engine.storage.expert_layout import ExpertParam
 
 # One expert of the qwen3-30b-shape preset: gate/up/down, 4-bit, group 64, bf16 scales and biases.
 EXPERT_PARAMS = [
@@ -140,9 +140,9 @@ def end_to_end(work: Path, device: str, model_dir: Path | None = None) -> dict[s
     from mlx_lm import stream_generate
     from mlx_lm.sample_utils import make_sampler
 
-    from engine.demo_model import build_random_moe_model
+    from engine.demo.demo_model import build_random_moe_model
     from engine.engine import Engine
-    from engine.loader import inspect_experts
+    from engine.model.loader import inspect_experts
     from engine.types import EngineOptions, SamplingParams
 
     path = model_dir or build_random_moe_model(work / "tiny", "qwen3_moe", 4)

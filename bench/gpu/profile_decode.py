@@ -27,7 +27,7 @@ from mlx_lm import stream_generate
 from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.sample_utils import make_sampler
 
-from engine.bench import decode_rate
+from engine.diagnostics.bench import decode_rate
 from engine.engine import Engine
 from engine.types import EngineOptions, SamplingParams
 

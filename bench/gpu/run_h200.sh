@@ -82,7 +82,7 @@ if [ "$fit" -lt "$LAYERS" ]; then LAYERS=$fit; fi
 MODEL="$WORK/$PRESET-L$LAYERS"
 log "building $PRESET with $LAYERS layers in $MODEL (free: $((free_bytes / 1024 / 1024 / 1024)) GiB)"
 t0=$(date +%s)
-"$PY" -c "from engine.demo_model import build_random_moe_model as b; \
+"$PY" -c "from engine.demo.demo_model import build_random_moe_model as b; \
 b('$MODEL', 'qwen3_moe', 4, preset='$PRESET', num_layers=$LAYERS, overwrite=True)" || { log "build failed"; exit 4; }
 t1=$(date +%s)
 "$PY" -m engine.cli pack --quiet "$MODEL" || { log "pack failed"; exit 4; }
@@ -104,7 +104,7 @@ sync && { echo 3 >/proc/sys/vm/drop_caches; } 2>/dev/null || log "could not drop
 [ "${SKIP_SWEEP:-0}" = 1 ] || "$PY" - "$MODEL" "$OUT/gpu_disk.json" <<'EOF' 2>&1 | tee -a "$OUT/gpu_run.log"
 import json, sys
 from pathlib import Path
-from engine.loader import inspect_experts
+from engine.model.loader import inspect_experts
 from engine.platform_info import measure_cold_read_speed
 model = Path(sys.argv[1])
 block = inspect_experts(model).layers[0].expert_bytes

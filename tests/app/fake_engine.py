@@ -23,8 +23,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from engine import protocol  # noqa: E402
-from engine.protocol import (  # noqa: E402
+from engine.serving import protocol  # noqa: E402
+from engine.serving.protocol import (  # noqa: E402
     ChatRequest,
     DoneEvent,
     ErrorEvent,

@@ -12,9 +12,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from engine import service  # noqa: E402
-from engine.protocol import TokenTextEvent  # noqa: E402
-from engine.stdio_server import main  # noqa: E402
+from engine.serving import service  # noqa: E402
+from engine.serving.protocol import TokenTextEvent  # noqa: E402
+from engine.serving.stdio_server import main  # noqa: E402
 
 FAIL_AFTER_PIECES = 3
 _real_turn_of = service.EngineService._turn_of

@@ -25,7 +25,7 @@ from app.qt import QtWidgets
 from app.settings import SettingsStore
 
 LOAD_TIMEOUT_MS = 180_000  # MLX import and load on 2 busy CPU cores
-ENGINE_COMMAND = [sys.executable, "-m", "engine.stdio_server"]
+ENGINE_COMMAND = [sys.executable, "-m", "engine.serving.stdio_server"]
 
 
 def test_failed_load_leaves_no_model_in_bridge_or_window(qtbot: Any, main_window: Any, tmp_path: Path) -> None:

@@ -9,7 +9,7 @@ import pytest
 
 from app.bridge import READY, RESTARTING, EngineBridge, describe_exit
 from app.qt import QObject, Slot
-from engine.protocol import ChatMessage, ChatRequest, DoneEvent, ErrorEvent, LoadedEvent
+from engine.serving.protocol import ChatMessage, ChatRequest, DoneEvent, ErrorEvent, LoadedEvent
 
 
 class Recorder(QObject):

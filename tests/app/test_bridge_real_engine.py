@@ -1,4 +1,4 @@
-"""EngineBridge against the real engine process (`python -m engine.stdio_server`) on a tiny
+"""EngineBridge against the real engine process (`python -m engine.serving.stdio_server`) on a tiny
 random-weight model: a full turn, then SIGKILL mid-answer with restart, reload and nothing lost."""
 
 from __future__ import annotations

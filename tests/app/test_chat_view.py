@@ -7,7 +7,7 @@ from app.qt import QtCore, QtGui
 from app.ui.chat_view import ChatView
 from app.ui.conversation import ChatEntry
 from app.ui.markdown import MarkdownRenderer, copy_link_index
-from engine.protocol import MessageFigures
+from engine.serving.protocol import MessageFigures
 
 
 def answers(controller) -> list[ChatEntry]:

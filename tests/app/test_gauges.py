@@ -8,7 +8,7 @@ import pytest
 
 from app.throttle import Throttle
 from app.ui.gauges import REFRESH_MS, GaugesPanel
-from engine.protocol import LiveFigures
+from engine.serving.protocol import LiveFigures
 
 
 def test_throttle_runs_first_call_at_once_and_merges_a_burst(qtbot: pytest.FixtureRequest) -> None:

@@ -14,7 +14,7 @@ from app.qt import QtWidgets
 from app.settings import SettingsStore
 from app.ui.settings_dialog import SettingsDialog
 from app.ui.tray import TrayController, tray_state_for
-from engine.protocol import LiveFigures, StatsEvent
+from engine.serving.protocol import LiveFigures, StatsEvent
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ from pathlib import Path
 from app.qt import Qt
 from app.tools import ToolRegistry
 from app.ui.tool_card import ToolCallCard
-from engine.protocol import ToolCall
+from engine.serving.protocol import ToolCall
 
 
 def drop_notes(controller, tmp_path: Path) -> Path:

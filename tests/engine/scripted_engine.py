@@ -106,6 +106,6 @@ def load_tokenizer(kind: str) -> Any:
     """The real Qwen3 ("qwen3") or Qwen3.5 ("qwen3_5") tokenizer through mlx-lm's wrapper."""
     from mlx_lm.tokenizer_utils import load
 
-    from engine.tokenizer_builder import cached_tokenizer_dir
+    from engine.demo.tokenizer_builder import cached_tokenizer_dir
 
     return load(Path(cached_tokenizer_dir(kind)))

@@ -13,9 +13,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from engine.protocol import Event, decode_event
-from engine.service import EngineService
-from engine.stdio_server import StdioServer
+from engine.serving.protocol import Event, decode_event
+from engine.serving.service import EngineService
+from engine.serving.stdio_server import StdioServer
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -116,12 +116,12 @@ class InProcess:
 
 
 class Subprocess:
-    """`python -m engine.stdio_server` with pipes; a thread decodes stdout."""
+    """`python -m engine.serving.stdio_server` with pipes; a thread decodes stdout."""
 
     def __init__(self, *args: str) -> None:
         env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "engine.stdio_server", "--idle-stats-interval", "0", *args],
+            [sys.executable, "-m", "engine.serving.stdio_server", "--idle-stats-interval", "0", *args],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,

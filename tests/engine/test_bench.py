@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.bench import main as bench_main
+from engine.diagnostics.bench import main as bench_main
 
 
 def test_bench_runs_and_writes_json(tiny_model, tmp_path: Path, capsys) -> None:
@@ -42,14 +42,14 @@ def test_bench_runs_and_writes_json(tiny_model, tmp_path: Path, capsys) -> None:
 
 
 def test_decode_rate_counts_the_tokens_after_the_first() -> None:
-    from engine.bench import decode_rate
+    from engine.diagnostics.bench import decode_rate
 
     assert decode_rate([10.0, 10.5, 11.0, 11.5]) == pytest.approx(2.0)  # 3 tokens in 1.5 s
     assert decode_rate([3.0]) == 0.0 and decode_rate([]) == 0.0 and decode_rate([1.0, 1.0]) == 0.0
 
 
 def test_cold_bound_uses_the_compute_of_a_step_with_host_syncs() -> None:
-    from engine.bench_report import targets
+    from engine.diagnostics.bench_report import targets
 
     step = {"decode_tps": 1.0, "bytes_per_token": 1e8, "read_bytes_per_s": 1e9}
     r = {

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from mlx_lm.tool_parsers import json_tools, qwen3_coder
 
-from engine.chat import (
+from engine.serving.chat import (
     ChatFormat,
     OutputSplitter,
     Piece,
@@ -19,7 +19,7 @@ from engine.chat import (
     template_messages,
 )
 from engine.errors import RequestError
-from engine.protocol import ChatMessage, ToolCall
+from engine.serving.protocol import ChatMessage, ToolCall
 
 QWEN3 = ChatFormat("<think>", "</think>", "<tool_call>", "</tool_call>", json_tools.parse_tool_call)
 QWEN3_5 = ChatFormat("<think>", "</think>", "<tool_call>", "</tool_call>", qwen3_coder.parse_tool_call)
@@ -54,7 +54,7 @@ def texts(pieces: list[Piece], kind: str) -> str:
 def tokenizers() -> dict[str, object]:
     from mlx_lm.tokenizer_utils import load
 
-    from engine.tokenizer_builder import cached_tokenizer_dir
+    from engine.demo.tokenizer_builder import cached_tokenizer_dir
 
     return {kind: load(Path(cached_tokenizer_dir(kind))) for kind in ("qwen3", "qwen3_5")}
 

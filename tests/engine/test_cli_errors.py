@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from engine.pack import pack_model
-from engine.packed_layout import PACKED_DIRNAME, open_packed_layout
-from engine.loader import inspect_experts
+from engine.storage.pack import pack_model
+from engine.storage.packed_layout import PACKED_DIRNAME, open_packed_layout
+from engine.model.loader import inspect_experts
 
 
 def _run(*args: str) -> subprocess.CompletedProcess[str]:

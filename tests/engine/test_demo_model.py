@@ -11,8 +11,8 @@ from typing import Any
 import mlx.core as mx
 import pytest
 
-from engine import demo_model as dm
-from engine import tokenizer_builder as tb
+from engine.demo import demo_model as dm
+from engine.demo import tokenizer_builder as tb
 from engine.errors import ModelError, TokenizerError, UnsupportedModelError
 
 MIXED_TEXT = [

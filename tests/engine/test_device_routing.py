@@ -11,9 +11,9 @@ from mlx_lm import stream_generate
 from mlx_lm.sample_utils import make_sampler
 
 from engine.engine import Engine
-from engine.expert_cache import ExpertCache, SlotPool
-from engine.expert_layout import ExpertParam
-from engine.loader import inspect_experts
+from engine.model.expert_cache import ExpertCache, SlotPool
+from engine.storage.expert_layout import ExpertParam
+from engine.model.loader import inspect_experts
 from engine.types import EngineOptions, SamplingParams
 
 PROMPT = "Experts that never leave the cache need no round trip to the host"
@@ -129,8 +129,8 @@ def _preloaded(tiny_model) -> tuple[Engine, list[int]]:
 
 def _run(engine: Engine, prompt: list[int], eos: set[int], max_tokens: int, take: int | None = None):
     """Generate (closing the generator after ``take`` events if given); return (tokens, reason, cache length)."""
-    from engine.generate import generate_tokens
-    from engine.prompt_cache import cache_length
+    from engine.model.generate import generate_tokens
+    from engine.model.prompt_cache import cache_length
 
     kv = engine.make_kv_cache()
     gen = generate_tokens(
@@ -146,7 +146,7 @@ def _run(engine: Engine, prompt: list[int], eos: set[int], max_tokens: int, take
 
 
 def test_steps_queued_ahead_are_taken_back_out_of_the_cache(tiny_model, monkeypatch) -> None:
-    import engine.generate as generate_module
+    import engine.model.generate as generate_module
 
     trims: list[int] = []
     real_trim = generate_module.trim_prompt_cache
@@ -175,7 +175,7 @@ def test_steps_queued_ahead_are_taken_back_out_of_the_cache(tiny_model, monkeypa
 
 
 def test_pool_placement_does_nothing_off_cuda() -> None:
-    from engine import cuda_memory
+    from engine.model import cuda_memory
 
     pool = SlotPool([ExpertParam("w", "U8", (8,), 8)], 4)
     pool.dests(2)[0][:] = 7
@@ -192,7 +192,7 @@ def test_pool_placement_does_nothing_off_cuda() -> None:
 def test_slot_scales_are_widened_wherever_activations_are_fp32(tiny_model, device: str, norm_dtype: str, widen: bool) -> None:
     import mlx.core as mx
 
-    from engine.loader import dense_dtype, slots_widen_half_floats
+    from engine.model.loader import dense_dtype, slots_widen_half_floats
 
     model = inspect_experts(tiny_model("qwen3_moe", 4)).model
     assert dense_dtype(model) == mx.float32  # the demo builder writes fp32 dense weights
@@ -205,7 +205,7 @@ def test_slot_scales_are_widened_wherever_activations_are_fp32(tiny_model, devic
 def test_half_float_parameters_are_widened_exactly(dtype: str) -> None:
     import mlx.core as mx
 
-    from engine.expert_cache import UpcastBuffer
+    from engine.model.expert_cache import UpcastBuffer
 
     half = {"BF16": mx.bfloat16, "F16": mx.float16}[dtype]
     values = (mx.random.normal((4096,)) * 1e3).astype(half)

@@ -15,8 +15,8 @@ import pytest
 from scripted_engine import ScriptedEngine, load_tokenizer, scripted_loader
 from stdio_harness import InProcess
 
-from engine.protocol import DoneEvent, ErrorEvent, HelloEvent, LoadedEvent, StatsEvent, TokenTextEvent
-from engine.service import EngineService, error_event
+from engine.serving.protocol import DoneEvent, ErrorEvent, HelloEvent, LoadedEvent, StatsEvent, TokenTextEvent
+from engine.serving.service import EngineService, error_event
 from engine.types import TokenEvent
 
 

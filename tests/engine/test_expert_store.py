@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 
 from engine.errors import CorruptModelError, DiskFullError, ExpertReadError
-from engine.expert_store import ExpertStore
-from engine.loader import inspect_experts
-from engine.pack import pack_model
-from engine.packed_layout import PACKED_DIRNAME, open_packed_layout
-from engine.safetensors_index import read_model_index
+from engine.storage.expert_store import ExpertStore
+from engine.model.loader import inspect_experts
+from engine.storage.pack import pack_model
+from engine.storage.packed_layout import PACKED_DIRNAME, open_packed_layout
+from engine.storage.safetensors_index import read_model_index
 
 
 def _expected_bytes(model_dir: Path, layer, expert: int) -> list[bytes]:
@@ -138,7 +138,7 @@ def test_short_read_is_an_expert_read_error(model_copy: Path) -> None:
 
 
 def test_pack_refuses_when_space_is_short(model_copy: Path, monkeypatch) -> None:
-    import engine.pack as pack
+    import engine.storage.pack as pack
 
     monkeypatch.setattr(pack.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10, 10, 1000))  # type: ignore[attr-defined]
     with pytest.raises(DiskFullError, match=r"needs .* bytes"):
@@ -160,7 +160,7 @@ def test_disk_filling_up_mid_pack_leaves_no_partial_store(tiny_model, tmp_path: 
     try:
         dst = mnt / "model"
         shutil.copytree(src, dst)
-        import engine.pack as pack
+        import engine.storage.pack as pack
 
         monkeypatch.setattr(pack.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(1 << 40, 0, 1 << 40))  # type: ignore[attr-defined]
         with pytest.raises(DiskFullError, match=r"disk filled up while packing .* packing needs .* bytes\) of free space"):

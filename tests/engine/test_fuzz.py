@@ -16,9 +16,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from mlx_lm.tool_parsers import json_tools, qwen3_coder
 
-from engine.chat import ChatFormat, OutputSplitter, ToolCallParseError, parse_tool_text
-from engine.openai_format import APIError, parse_completion_request
-from engine.protocol import (
+from engine.serving.chat import ChatFormat, OutputSplitter, ToolCallParseError, parse_tool_text
+from engine.serving.openai_format import APIError, parse_completion_request
+from engine.serving.protocol import (
     REQUEST_TYPES,
     ErrorEvent,
     ProtocolError,
@@ -28,8 +28,8 @@ from engine.protocol import (
     decode_request,
     encode,
 )
-from engine.service import EngineService
-from engine.stdio_server import StdioServer
+from engine.serving.service import EngineService
+from engine.serving.stdio_server import StdioServer
 
 FUZZ = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 LONG = settings(FUZZ, max_examples=10000)

@@ -15,10 +15,10 @@ import pytest
 from scripted_engine import ENDLESS, ScriptedEngine, load_tokenizer, scripted_loader
 from server_harness import ThreadedServer
 
-from engine.chat import render_prompt
-from engine.http_server import create_app, is_loopback
-from engine.protocol import ChatMessage, LoadRequest
-from engine.service import EngineService
+from engine.serving.chat import render_prompt
+from engine.serving.http_server import create_app, is_loopback
+from engine.serving.protocol import ChatMessage, LoadRequest
+from engine.serving.service import EngineService
 
 KEY = "sekret-key"
 

@@ -18,7 +18,7 @@ CACHE_MB = 16
 
 @pytest.fixture(scope="module")
 def large_expert_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from engine.demo_model import build_random_moe_model
+    from engine.demo.demo_model import build_random_moe_model
 
     out = tmp_path_factory.mktemp("mem") / "model"
     return build_random_moe_model(out, "qwen3_moe", 4, preset="small", config_overrides={"num_experts": 64})

@@ -21,9 +21,9 @@ from typing import Any
 import pytest
 
 from engine.errors import DiskFullError
-from engine.loader import inspect_experts
-from engine.pack import INDEX_RESERVE_BYTES, pack_model, packed_size
-from engine.packed_layout import PACKED_DIRNAME, open_packed_layout
+from engine.model.loader import inspect_experts
+from engine.storage.pack import INDEX_RESERVE_BYTES, pack_model, packed_size
+from engine.storage.packed_layout import PACKED_DIRNAME, open_packed_layout
 
 ROOT = Path(__file__).resolve().parents[2]
 PAGE = 4096

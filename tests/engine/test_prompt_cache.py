@@ -7,7 +7,7 @@ import pytest
 from mlx_lm.models.cache import ArraysCache, KVCache
 
 from engine.errors import RequestError
-from engine.prompt_cache import (
+from engine.model.prompt_cache import (
     PromptCache,
     cache_is_trimmable,
     cache_length,

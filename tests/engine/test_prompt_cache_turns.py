@@ -8,10 +8,10 @@ from typing import Any
 
 import pytest
 
-from engine.chat import render_prompt
-from engine.prompt_cache import common_prefix_len
-from engine.protocol import ChatMessage, ChatRequest, DoneEvent, Event, LoadRequest, TokenTextEvent
-from engine.service import EngineService
+from engine.serving.chat import render_prompt
+from engine.model.prompt_cache import common_prefix_len
+from engine.serving.protocol import ChatMessage, ChatRequest, DoneEvent, Event, LoadRequest, TokenTextEvent
+from engine.serving.service import EngineService
 from engine.types import SamplingParams
 
 MODELS = ["qwen3_moe", "qwen3_next", "qwen3_5_moe"]

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from engine import protocol as p
+from engine.serving import protocol as p
 from engine.types import EngineOptions, SamplingParams
 
 REQUESTS = [
@@ -120,7 +120,7 @@ def test_peek_id() -> None:
 
 
 def test_importable_without_mlx() -> None:
-    code = "import sys, engine.protocol; assert not [m for m in sys.modules if m.split('.')[0] in ('mlx', 'mlx_lm')]"
+    code = "import sys, engine.serving.protocol; assert not [m for m in sys.modules if m.split('.')[0] in ('mlx', 'mlx_lm')]"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=str(__import__("pathlib").Path(__file__).parents[2]))
 
 

@@ -1,6 +1,6 @@
 """Bad model files over the stdio protocol: a named error event, and the engine serves on.
 
-One real engine process (`python -m engine.stdio_server`) takes every damaged model in turn. A
+One real engine process (`python -m engine.serving.stdio_server`) takes every damaged model in turn. A
 `load` of a damaged model answers with one `error` event (id null, usable) whose one-line
 message names the file or field at fault; a damaged packed expert shows at the first `chat` as an
 error with the chat's id and a `done` with finish_reason "error". After each, the same process
@@ -17,7 +17,7 @@ import pytest
 from bad_models import BAD_MODELS, BadModel, copy_model
 from stdio_harness import Subprocess
 
-from engine.protocol import DoneEvent, ErrorEvent, Event, HelloEvent, LoadedEvent, StatsEvent, TokenTextEvent
+from engine.serving.protocol import DoneEvent, ErrorEvent, Event, HelloEvent, LoadedEvent, StatsEvent, TokenTextEvent
 
 LOAD_TIMEOUT_S = 300
 

@@ -21,9 +21,9 @@ import pytest
 from scripted_engine import ScriptedEngine, load_tokenizer, scripted_loader
 from server_harness import ThreadedServer, free_port
 
-from engine.http_server import create_app
-from engine.protocol import LoadRequest
-from engine.service import EngineService
+from engine.serving.http_server import create_app
+from engine.serving.protocol import LoadRequest
+from engine.serving.service import EngineService
 
 ROOT = Path(__file__).resolve().parents[2]
 KEY = "s3cret-Key_42"

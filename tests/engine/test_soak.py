@@ -1,6 +1,6 @@
 """Soak: hundreds of chat turns over the stdio protocol on a tiny model.
 
-In a real engine process (`python -m engine.stdio_server`), after a warm-up (the prompt cache
+In a real engine process (`python -m engine.serving.stdio_server`), after a warm-up (the prompt cache
 full, the allocator's pools and the I/O threads made) the process must hold still: resident
 memory grows by less than 5 %, and the counts of open file descriptors and threads do not grow.
 The turns mix what the app sends: growing conversations and fresh ones, thinking on and off,
@@ -31,8 +31,8 @@ import psutil
 import pytest
 from stdio_harness import InProcess, Subprocess
 
-from engine.protocol import DoneEvent, ErrorEvent, HelloEvent, LoadedEvent, TokenTextEvent
-from engine.service import EngineService
+from engine.serving.protocol import DoneEvent, ErrorEvent, HelloEvent, LoadedEvent, TokenTextEvent
+from engine.serving.service import EngineService
 
 TOOLS = [
     {

@@ -11,8 +11,8 @@ import pytest
 from scripted_engine import ENDLESS, ScriptedEngine, load_tokenizer, scripted_loader
 from stdio_harness import ROOT, InProcess, Subprocess
 
-from engine.chat import render_prompt
-from engine.protocol import (
+from engine.serving.chat import render_prompt
+from engine.serving.protocol import (
     ChatMessage,
     DoneEvent,
     ErrorEvent,
@@ -24,7 +24,7 @@ from engine.protocol import (
     ToolCallEvent,
     UnloadedEvent,
 )
-from engine.service import EngineService
+from engine.serving.service import EngineService
 
 GREEDY = {"temperature": 0.0, "max_tokens": 10}
 
@@ -95,7 +95,7 @@ def test_full_turns_over_stdio_reuse_the_prompt_cache(tiny_model: Any, model_typ
 
 @pytest.fixture(scope="module")
 def real_service(tiny_model: Any) -> Any:
-    from engine.protocol import LoadRequest
+    from engine.serving.protocol import LoadRequest
 
     svc = EngineService()
     svc.load(LoadRequest(model_dir=str(tiny_model("qwen3_moe"))), lambda ev: None)
@@ -307,7 +307,7 @@ def test_stats_arrive_at_least_twice_a_second_while_working() -> None:
 
 def test_stray_prints_go_to_stderr_not_the_protocol() -> None:
     code = (
-        "import os; from engine.stdio_server import _protocol_stdout\n"
+        "import os; from engine.serving.stdio_server import _protocol_stdout\n"
         "out = _protocol_stdout(); print('stray print'); os.write(1, b'raw fd write\\n')\n"
         "out.write('protocol line\\n'); out.flush()\n"
     )
@@ -317,7 +317,7 @@ def test_stray_prints_go_to_stderr_not_the_protocol() -> None:
     assert "stray print" in res.stderr and "raw fd write" in res.stderr
 
 
-@pytest.mark.parametrize("entry", [["engine.stdio_server"], ["engine.cli", "stdio"]], ids=["module", "cli"])
+@pytest.mark.parametrize("entry", [["engine.serving.stdio_server"], ["engine.cli", "stdio"]], ids=["module", "cli"])
 def test_end_of_input_shuts_down_cleanly(entry: list[str]) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", *entry],
@@ -333,7 +333,7 @@ def test_end_of_input_shuts_down_cleanly(entry: list[str]) -> None:
 
 
 def test_overlong_line_is_dropped_with_an_error(unloaded: InProcess, monkeypatch: pytest.MonkeyPatch) -> None:
-    import engine.stdio_server as stdio_server
+    import engine.serving.stdio_server as stdio_server
 
     monkeypatch.setattr(stdio_server, "MAX_LINE_CHARS", 100)
     unloaded.send('{"v":1,"type":"chat","id":"big","messages":[{"role":"user","content":"' + "x" * 500 + '"}]}\n')

@@ -13,7 +13,7 @@ from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.sample_utils import make_sampler
 
 from engine.engine import Engine
-from engine.loader import inspect_experts
+from engine.model.loader import inspect_experts
 from engine.types import EngineOptions, SamplingParams
 
 # fp32 weights and activations; observed differences are 0.0 (the same kernels run on the same

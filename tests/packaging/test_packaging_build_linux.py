@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from engine.protocol import (
+from engine.serving.protocol import (
     DoneEvent,
     HelloEvent,
     LoadedEvent,
@@ -109,7 +109,7 @@ def test_bundled_transformers_loads_a_qwen_tokenizer_and_config(bundle: Path, tm
     code = (
         "import json, sys\n"
         "from pathlib import Path\n"
-        "from engine.tokenizer_builder import build_tokenizer_files\n"
+        "from engine.demo.tokenizer_builder import build_tokenizer_files\n"
         "from transformers import AutoConfig, AutoTokenizer\n"
         "out = Path(sys.argv[1])\n"
         "build_tokenizer_files('qwen3', out)\n"

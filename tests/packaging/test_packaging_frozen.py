@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from app import frozen
-from engine.protocol import ErrorEvent, HelloEvent, UnloadedEvent, decode_event
+from engine.serving.protocol import ErrorEvent, HelloEvent, UnloadedEvent, decode_event
 
 ROOT = Path(__file__).resolve().parents[2]
 ENTRY = ROOT / "packaging" / "moebar_entry.py"
@@ -18,7 +18,7 @@ ENTRY = ROOT / "packaging" / "moebar_entry.py"
 
 def test_source_run_starts_the_engine_module_with_this_python() -> None:
     assert frozen.engine_command(frozen=False, executable="/venv/bin/python") == [
-        "/venv/bin/python", "-m", "engine.stdio_server"]
+        "/venv/bin/python", "-m", "engine.serving.stdio_server"]
 
 
 def test_frozen_run_starts_its_own_binary_as_the_engine() -> None:
@@ -28,7 +28,7 @@ def test_frozen_run_starts_its_own_binary_as_the_engine() -> None:
 
 def test_engine_command_follows_sys_frozen(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delattr(sys, "frozen", raising=False)
-    assert frozen.engine_command() == [sys.executable, "-m", "engine.stdio_server"]
+    assert frozen.engine_command() == [sys.executable, "-m", "engine.serving.stdio_server"]
     monkeypatch.setattr(sys, "frozen", True, raising=False)
     assert frozen.is_frozen()
     assert frozen.engine_command() == [sys.executable, "--engine-stdio"]

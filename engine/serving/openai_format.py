@@ -8,7 +8,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from engine.protocol import (
+from engine.serving.protocol import (
     ChatMessage,
     ChatRequest,
     MessageFigures,

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from .bench_report import format_table, targets
+from engine.diagnostics.bench_report import format_table, targets
 
 
 def _model_dir(args: argparse.Namespace) -> Path:
@@ -34,7 +34,7 @@ def _model_dir(args: argparse.Namespace) -> Path:
     out = Path(args.work_dir).expanduser() / f"{args.preset}{layers}"
     if not (out / "config.json").is_file():
         code = (
-            "import sys; from engine.demo_model import build_random_moe_model as b; "
+            "import sys; from engine.demo.demo_model import build_random_moe_model as b; "
             f"b({str(out)!r}, 'qwen3_moe', 4, preset={args.preset!r}, num_layers={args.layers!r}, overwrite=True)"
         )
         print(f"building synthetic model {args.preset} in {out} ...", file=sys.stderr)
@@ -44,8 +44,8 @@ def _model_dir(args: argparse.Namespace) -> Path:
 
 def _ensure_packed(model: Path, layout: str) -> None:
     """Pack once, in a subprocess (its buffers must not count in this process's peak RSS)."""
-    from .loader import inspect_experts
-    from .packed_layout import open_packed_layout
+    from engine.model.loader import inspect_experts
+    from engine.storage.packed_layout import open_packed_layout
 
     if layout == "packed" and open_packed_layout(model, inspect_experts(model).layers) is None:
         print("packing experts (one-time) ...", file=sys.stderr)
@@ -53,7 +53,7 @@ def _ensure_packed(model: Path, layout: str) -> None:
 
 
 def _decode(engine: Any, prompt: list[int], tokens: int) -> dict[str, Any]:
-    from .types import SamplingParams
+    from engine.types import SamplingParams
 
     events = list(engine.generate(prompt, SamplingParams(max_tokens=tokens)))
     s = events[-1].stats
@@ -76,8 +76,8 @@ def _decode(engine: Any, prompt: list[int], tokens: int) -> dict[str, Any]:
 
 
 def _engine(model: Path, args: argparse.Namespace, **opts: Any) -> Any:
-    from .engine import Engine
-    from .types import EngineOptions
+    from engine.engine import Engine
+    from engine.types import EngineOptions
 
     options = EngineOptions(
         io_threads=args.io_threads, device=args.device, use_packed=args.layout == "packed",
@@ -90,10 +90,10 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     """Run every phase and return the results as a JSON-ready dict."""
     import random
 
-    from .engine import measure_expert_read_speed
-    from .fast_blas import fast_blas_status
-    from .loader import inspect_experts
-    from .platform_info import measure_cold_read_speed, peak_rss_bytes, process_rss_bytes
+    from engine.engine import measure_expert_read_speed
+    from engine.fast_blas import fast_blas_status
+    from engine.model.loader import inspect_experts
+    from engine.platform_info import measure_cold_read_speed, peak_rss_bytes, process_rss_bytes
 
     model = _model_dir(args)
     _ensure_packed(model, args.layout)

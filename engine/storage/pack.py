@@ -18,10 +18,10 @@ from typing import Callable
 
 import numpy as np
 
-from .errors import DiskFullError
-from .expert_store import ExpertStore
-from .loader import inspect_experts
-from .packed_layout import PACKED_DIRNAME, PACKED_FORMAT_VERSION, aligned, layer_entry, source_fingerprint
+from engine.errors import DiskFullError
+from engine.storage.expert_store import ExpertStore
+from engine.model.loader import inspect_experts
+from engine.storage.packed_layout import PACKED_DIRNAME, PACKED_FORMAT_VERSION, aligned, layer_entry, source_fingerprint
 
 PackProgress = Callable[[int, int, int], None]  # (layers done, layers total, bytes written)
 INDEX_RESERVE_BYTES = 1 << 20  # room for index.json and file-system rounding, beyond the expert blobs

@@ -21,16 +21,16 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 
-from .cpu_parallel import cpu_streams, split_output_projection
-from .cpu_prefill import install_prefill_matmul
-from .errors import CorruptModelError, MissingFileError, ModelError, RequestError, TokenizerError, UnsupportedModelError
-from .expert_layout import LayerExperts, layer_experts_from_index
-from .expert_store import ExpertStore
-from .fast_blas import fast_blas_status
-from .packed_layout import open_packed_layout
-from .safetensors_index import TensorLocation, read_model_index
-from .streamed_moe import ExpertStreamer, StreamedSwitch
-from .types import EngineOptions
+from engine.model.cpu_parallel import cpu_streams, split_output_projection
+from engine.model.cpu_prefill import install_prefill_matmul
+from engine.errors import CorruptModelError, MissingFileError, ModelError, RequestError, TokenizerError, UnsupportedModelError
+from engine.storage.expert_layout import LayerExperts, layer_experts_from_index
+from engine.storage.expert_store import ExpertStore
+from engine.fast_blas import fast_blas_status
+from engine.storage.packed_layout import open_packed_layout
+from engine.storage.safetensors_index import TensorLocation, read_model_index
+from engine.model.streamed_moe import ExpertStreamer, StreamedSwitch
+from engine.types import EngineOptions
 
 log = logging.getLogger("moebar.engine")
 

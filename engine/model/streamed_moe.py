@@ -21,11 +21,11 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .cpu_prefill import PrefillMatmul
-from .expert_cache import ExpertCache, Key, SlotPool
-from .expert_layout import LayerExperts
-from .expert_store import ExpertStore
-from .types import StepFigures
+from engine.model.cpu_prefill import PrefillMatmul
+from engine.model.expert_cache import ExpertCache, Key, SlotPool
+from engine.storage.expert_layout import LayerExperts
+from engine.storage.expert_store import ExpertStore
+from engine.types import StepFigures
 
 # MLX indexes with 32-bit element counts in places; keep each stacked slot array below this.
 _MAX_ELEMENTS_PER_ARRAY = 2**31 - 1

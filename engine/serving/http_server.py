@@ -26,7 +26,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from engine.errors import ModelError
-from engine.openai_format import (
+from engine.serving.openai_format import (
     APIError,
     CompletionRequest,
     chunk,
@@ -36,8 +36,8 @@ from engine.openai_format import (
     tool_call_json,
     usage_chunk,
 )
-from engine.protocol import DoneEvent, ErrorEvent, Event, LoadRequest, TokenTextEvent, ToolCallEvent
-from engine.service import EngineService, NotLoadedError, error_event
+from engine.serving.protocol import DoneEvent, ErrorEvent, Event, LoadRequest, TokenTextEvent, ToolCallEvent
+from engine.serving.service import EngineService, NotLoadedError, error_event
 from engine.types import EngineOptions
 
 log = logging.getLogger("moebar.http")
@@ -301,7 +301,7 @@ def run_server(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of `moebar-engine serve` (and `python -m engine.http_server`)."""
+    """Entry point of `moebar-engine serve` (and `python -m engine.serving.http_server`)."""
     import argparse
 
     from engine.cli import _add_engine_options, engine_options

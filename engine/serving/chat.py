@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from engine.errors import MoeBarError, RequestError, TokenizerError
-from engine.protocol import ChatMessage
+from engine.serving.protocol import ChatMessage
 
 log = logging.getLogger(__name__)
 

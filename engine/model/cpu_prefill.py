@@ -25,7 +25,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear
 
-from .cpu_parallel import cpu_stream
+from engine.model.cpu_parallel import cpu_stream
 
 # Experts dequantized between two evaluations: bounds the transient dense copies (a 768 x 2048
 # expert projection is 6 MiB in fp32) without costing a measurable sync.

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from collections.abc import Iterator
 from typing import Any, TextIO
 
-from engine.protocol import (
+from engine.serving.protocol import (
     MAX_LINE_CHARS,
     CancelRequest,
     ChatRequest,
@@ -37,7 +37,7 @@ from engine.protocol import (
     encode,
     peek_id,
 )
-from engine.service import EngineService, error_event
+from engine.serving.service import EngineService, error_event
 
 log = logging.getLogger("moebar.stdio")
 
@@ -246,7 +246,7 @@ def run_stdio(args: Any = None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of `moebar-engine stdio` and `python -m engine.stdio_server`."""
+    """Entry point of `moebar-engine stdio` and `python -m engine.serving.stdio_server`."""
     parser = argparse.ArgumentParser(prog="moebar-engine stdio", description=__doc__.splitlines()[0])
     add_stdio_arguments(parser)
     return run_stdio(parser.parse_args(argv))

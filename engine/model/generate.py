@@ -10,10 +10,10 @@ import mlx.nn as nn
 from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
-from .errors import RequestError
-from .platform_info import peak_rss_bytes
-from .streamed_moe import ExpertStreamer
-from .types import GenerationStats, SamplingParams, StepFigures, TokenEvent
+from engine.errors import RequestError
+from engine.platform_info import peak_rss_bytes
+from engine.model.streamed_moe import ExpertStreamer
+from engine.types import GenerationStats, SamplingParams, StepFigures, TokenEvent
 
 NO_TOKEN = -1  # token id of the event that only reports a cancellation
 

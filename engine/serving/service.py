@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from engine.chat import ChatFormat, OutputSplitter, Piece, prompt_ends_in_reasoning, render_prompt
+from engine.serving.chat import ChatFormat, OutputSplitter, Piece, prompt_ends_in_reasoning, render_prompt
 from engine.errors import MoeBarError, RequestError
-from engine.live_stats import LiveStats
-from engine.prompt_cache import PromptCache, cache_is_trimmable, cache_length, common_prefix_len, snapshot
-from engine.protocol import (
+from engine.serving.live_stats import LiveStats
+from engine.model.prompt_cache import PromptCache, cache_is_trimmable, cache_length, common_prefix_len, snapshot
+from engine.serving.protocol import (
     ChatMessage,
     ChatRequest,
     DoneEvent,
@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 Emit = Callable[[Event], None]
 T = TypeVar("T")
 EngineLoader = Callable[..., "Engine"]
-NO_TOKEN = -1  # engine.generate's token id of an event that only reports a cancellation
+NO_TOKEN = -1  # engine.model.generate's token id of an event that only reports a cancellation
 
 
 class NotLoadedError(RequestError):

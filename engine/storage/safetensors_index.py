@@ -8,7 +8,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import CorruptModelError, MissingFileError
+from engine.errors import CorruptModelError, MissingFileError
 
 # Byte width of each safetensors dtype string.
 DTYPE_BYTES = {

@@ -30,7 +30,7 @@ import numpy as np
 import platformdirs
 
 from engine.errors import ModelError, UnsupportedModelError
-from engine.tokenizer_builder import (
+from engine.demo.tokenizer_builder import (
     APP_NAME,
     install_tokenizer,
     tokenizer_spec,
@@ -307,7 +307,7 @@ correctly; only the model behind it is random.
 | seed | {seed} |
 | weights on disk | {size_mb:.1f} MB in {shards} safetensors file(s) |
 
-Built by MoeBar (`engine/demo_model.py`, build version {version}) with mlx-lm's own model
+Built by MoeBar (`engine/demo/demo_model.py`, build version {version}) with mlx-lm's own model
 classes; it loads with `mlx_lm.load`. To use a real model, choose one in MoeBar's settings.
 """
 

@@ -17,8 +17,8 @@ from typing import Hashable, Iterable, Protocol, Union
 import mlx.core as mx
 import numpy as np
 
-from . import cuda_memory
-from .expert_layout import ExpertParam
+from engine.model import cuda_memory
+from engine.storage.expert_layout import ExpertParam
 
 _MX_DTYPES = {
     "BOOL": mx.bool_, "U8": mx.uint8, "I8": mx.int8, "U16": mx.uint16, "I16": mx.int16,

@@ -21,10 +21,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .errors import ExpertReadError
-from .expert_layout import LayerExperts
-from .platform_info import drop_file_cache, set_macos_nocache
-from .packed_layout import ALIGNMENT, PackedLayer
+from engine.errors import ExpertReadError
+from engine.storage.expert_layout import LayerExperts
+from engine.platform_info import drop_file_cache, set_macos_nocache
+from engine.storage.packed_layout import ALIGNMENT, PackedLayer
 
 
 

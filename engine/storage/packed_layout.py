@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import CorruptModelError
-from .expert_layout import LayerExperts
+from engine.errors import CorruptModelError
+from engine.storage.expert_layout import LayerExperts
 
 PACKED_DIRNAME = "moebar-packed"
 PACKED_FORMAT_VERSION = 1

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import UnsupportedModelError
-from .safetensors_index import TensorLocation
+from engine.errors import UnsupportedModelError
+from engine.storage.safetensors_index import TensorLocation
 
 
 @dataclass(frozen=True)

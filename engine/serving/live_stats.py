@@ -8,7 +8,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from engine import platform_info
-from engine.protocol import LiveFigures, MessageFigures
+from engine.serving.protocol import LiveFigures, MessageFigures
 
 if TYPE_CHECKING:
     from engine.engine import Engine

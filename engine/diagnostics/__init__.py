@@ -1,0 +1,1 @@
+"""Tools that measure and check the engine: the benchmark and its report."""

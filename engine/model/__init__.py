@@ -1,0 +1,1 @@
+"""The streamed model: loading, the streamed MoE layer, the expert cache, prefill, the generate loop, memory plan."""
