@@ -150,8 +150,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the app until Quit."""
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    """Run the app until Quit (`moebar mcp ...` checks the MCP servers instead, without a GUI)."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["mcp"]:
+        from app.mcp.check import main as mcp_main
+
+        return mcp_main(argv[1:])
+    args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     qt_app = QtWidgets.QApplication(sys.argv[:1])
     qt_app.setApplicationName("MoeBar")

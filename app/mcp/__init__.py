@@ -1,0 +1,1 @@
+"""MCP (Model Context Protocol) tool servers: configuration, connections, tools for the model, the check command."""
