@@ -11,6 +11,7 @@ from pathlib import Path
 from app import paths
 from app.bridge import EngineBridge
 from app.history import HistoryError, HistoryStore, open_history
+from app.platform_check import exit_if_qt_cannot_start
 from app.qt import QtCore, QtWidgets, Slot
 from app.settings import SettingsStore
 from app.tools import DroppedFiles
@@ -23,6 +24,7 @@ from app.ui.quick_ask import QuickAskWindow
 from app.ui.settings_dialog import SettingsDialog
 from app.ui.theme import app_icon, apply_theme, resolve_theme
 from app.ui.tray import TrayController, tray_available
+from engine.cli import moebar_version
 from engine.serving.protocol import LoadedEvent
 
 log = logging.getLogger(__name__)
@@ -143,6 +145,8 @@ class MoeBarApp(QtCore.QObject):
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """Command-line options of `moebar`."""
     parser = argparse.ArgumentParser(prog="moebar", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {moebar_version()}",
+                        help="print the version and exit")
     parser.add_argument("--background", action="store_true",
                         help="start in the menu bar without opening the chat window")
     parser.add_argument("--no-tray", action="store_true", help="do not put an item in the menu bar")
@@ -158,6 +162,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return mcp_main(argv[1:])
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    exit_if_qt_cannot_start()  # a sentence with the apt line instead of Qt's abort
     qt_app = QtWidgets.QApplication(sys.argv[:1])
     qt_app.setApplicationName("MoeBar")
     qt_app.setApplicationDisplayName("MoeBar")

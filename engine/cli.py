@@ -13,6 +13,24 @@ from engine.errors import MoeBarError
 from engine.types import EngineOptions, SamplingParams
 
 
+def moebar_version() -> str:
+    """The installed MoeBar version (package metadata; bundles carry it too)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("moebar")
+    except PackageNotFoundError:
+        return "unknown (not installed as a package)"
+
+
+def delegated_parser(name: str) -> argparse.ArgumentParser:
+    """The argument parser of a subcommand that lives in its own module (stdio, serve, bench)."""
+    import importlib
+
+    module = importlib.import_module(f"engine.{dict((n, m) for n, m, _ in _DELEGATED)[name]}")
+    return module.build_parser()  # type: ignore[no-any-return]
+
+
 def _add_engine_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-mb", type=float, default=0.0, help="in-process expert cache budget in MiB")
     p.add_argument("--experts-per-token", type=int, default=None, help="override K (warns below trained K)")
@@ -20,7 +38,8 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--io-threads", type=int, default=4, help="parallel expert reads")
     p.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens routed together")
     p.add_argument("--prefetch", action="store_true", help="predict and read the next layer's experts")
-    p.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto")
+    p.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto",
+                   help="where the model computes (auto: the GPU when MLX has one)")
     p.add_argument("--no-packed", action="store_true", help="ignore a packed expert layout")
     p.add_argument(
         "--prefill-matmul", choices=["auto", "on", "off"], default="auto",
@@ -177,15 +196,17 @@ def cmd_demo_model(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     parser = argparse.ArgumentParser(prog="moebar-engine", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {moebar_version()}",
+                        help="print the version and exit")
     sub = parser.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="generate text from a prompt")
-    g.add_argument("model")
-    g.add_argument("--prompt", required=True)
-    g.add_argument("--max-tokens", type=int, default=128)
-    g.add_argument("--temp", type=float, default=0.0)
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("model", help="model directory (an mlx-lm MoE model)")
+    g.add_argument("--prompt", required=True, help="the text to continue (or, with --chat, the user message)")
+    g.add_argument("--max-tokens", type=int, default=128, help="most tokens to generate (default 128)")
+    g.add_argument("--temp", type=float, default=0.0, help="sampling temperature; 0 is greedy (default)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (default 1.0: off)")
+    g.add_argument("--seed", type=int, default=None, help="random seed for sampling (default: random)")
     g.add_argument("--chat", action="store_true", help="apply the model's chat template to the prompt")
     g.add_argument("--json", action="store_true", help="one JSON object per token, then the stats")
     g.add_argument("--timing", action="store_true", help="print where the time went (stderr)")
@@ -193,24 +214,24 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("plan", help="memory plan and disk-bound tok/s of a model directory")
-    p.add_argument("model")
-    p.add_argument("--cache-mb", type=float, default=0.0)
-    p.add_argument("--experts-per-token", type=int, default=None)
-    p.add_argument("--io-threads", type=int, default=4)
+    p.add_argument("model", help="model directory (an mlx-lm MoE model)")
+    p.add_argument("--cache-mb", type=float, default=0.0, help="in-process expert cache budget in MiB")
+    p.add_argument("--experts-per-token", type=int, default=None, help="plan for this K instead of the trained one")
+    p.add_argument("--io-threads", type=int, default=4, help="parallel reads when measuring the disk")
     p.add_argument("--samples", type=int, default=32, help="experts read to measure the disk")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(func=cmd_plan)
 
     k = sub.add_parser("pack", help="write one aligned blob per expert (one read per expert)")
-    k.add_argument("model")
-    k.add_argument("--io-threads", type=int, default=4)
-    k.add_argument("--quiet", action="store_true")
+    k.add_argument("model", help="model directory to pack (the packed file is written inside it)")
+    k.add_argument("--io-threads", type=int, default=4, help="parallel reads and writes")
+    k.add_argument("--quiet", action="store_true", help="no progress bar")
     k.set_defaults(func=cmd_pack)
 
     d = sub.add_parser("demo-model", help="build the random-weight demo model")
-    d.add_argument("dir")
-    d.add_argument("--preset", choices=["tiny", "small"], default="tiny")
-    d.add_argument("--overwrite", action="store_true")
+    d.add_argument("dir", help="folder to write the model into")
+    d.add_argument("--preset", choices=["tiny", "small"], default="tiny", help="model size (default tiny)")
+    d.add_argument("--overwrite", action="store_true", help="replace a model already in the folder")
     d.set_defaults(func=cmd_demo_model)
 
     for name, module, help_text in _DELEGATED:

@@ -265,18 +265,22 @@ def _has_gpu() -> bool:
 def build_parser() -> argparse.ArgumentParser:
     """Arguments of ``moebar-engine bench``."""
     p = argparse.ArgumentParser(prog="moebar-engine bench", description=__doc__.splitlines()[0])
-    p.add_argument("--preset", default="mini", choices=["mini", "small", "qwen3-30b-shape", "tiny"])
+    p.add_argument("--preset", default="mini", choices=["mini", "small", "qwen3-30b-shape", "tiny"],
+                   help="shape of the random-weight model built for the run (default mini)")
     p.add_argument("--layers", type=int, default=None, help="number of layers (to fit the disk)")
     p.add_argument("--model", default=None, help="benchmark this model directory instead of a preset")
-    p.add_argument("--work-dir", default=str(Path.home() / ".cache" / "moebar-bench"))
-    p.add_argument("--layout", choices=["packed", "safetensors"], default="packed")
-    p.add_argument("--decode-tokens", type=int, default=16)
-    p.add_argument("--prompt-tokens", type=int, default=512)
+    p.add_argument("--work-dir", default=str(Path.home() / ".cache" / "moebar-bench"),
+                   help="where the preset model is built and kept between runs")
+    p.add_argument("--layout", choices=["packed", "safetensors"], default="packed",
+                   help="read experts from the packed file or the safetensors (default packed)")
+    p.add_argument("--decode-tokens", type=int, default=16, help="tokens generated per decode run")
+    p.add_argument("--prompt-tokens", type=int, default=512, help="prompt length of the prefill phases")
     p.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens routed together")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--io-threads", type=int, default=4)
+    p.add_argument("--repeats", type=int, default=3, help="runs per phase (the median is reported)")
+    p.add_argument("--io-threads", type=int, default=4, help="parallel expert reads")
     p.add_argument("--disk-bytes", type=int, default=512 * 2**20, help="bytes read by the raw disk test")
-    p.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto")
+    p.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto",
+                   help="where the model computes (auto: the GPU when MLX has one)")
     p.add_argument("--prefill-matmul", choices=["auto", "on", "off"], default="auto",
                    help="CPU prefill chunks as dequantize + dense GEMM (auto: where MLX has a fast BLAS)")
     p.add_argument("--json", default=None, help="write the results here")

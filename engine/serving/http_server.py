@@ -7,6 +7,7 @@ thread; a client that disconnects cancels it at the next token.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import hmac
 import ipaddress
@@ -82,6 +83,9 @@ def create_app(
         try:
             body = await _read_json(request, max_body_bytes)
             parsed = parse_completion_request(body)
+            if parsed.model and parsed.model != model_id:
+                raise APIError(404, f"The model '{parsed.model}' does not exist; this server runs '{model_id}' "
+                               "(GET /v1/models lists it).", param="model", code="model_not_found")
             if service.engine is None:
                 raise APIError(503, "no model is loaded", code="not_loaded")
         except APIError as exc:
@@ -300,20 +304,25 @@ def run_server(
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of `moebar-engine serve` (and `python -m engine.serving.http_server`)."""
-    import argparse
-
-    from engine.cli import _add_engine_options, engine_options
+def build_parser() -> argparse.ArgumentParser:
+    """Arguments of `moebar-engine serve`."""
+    from engine.cli import _add_engine_options
 
     p = argparse.ArgumentParser(prog="moebar-engine serve", description=__doc__.splitlines()[0])
     p.add_argument("model", help="model directory")
     p.add_argument("--host", default="127.0.0.1", help="bind address (loopback by default)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="TCP port to listen on (default 8000)")
     p.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY on every route but /health")
     p.add_argument("--prompt-cache-mb", type=float, default=1024.0, help="bound of the prompt (KV) cache")
     _add_engine_options(p)
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `moebar-engine serve` (and `python -m engine.serving.http_server`)."""
+    from engine.cli import engine_options
+
+    args = build_parser().parse_args(argv)
     return run_server(args.model, args.host, args.port, args.api_key, engine_options(args), args.prompt_cache_mb)
 
 

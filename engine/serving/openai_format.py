@@ -47,6 +47,7 @@ class CompletionRequest:
     chat: ChatRequest
     stream: bool
     include_usage: bool
+    model: str | None = None  # the name the client asked for (None or "" when it sent none)
 
 
 def parse_completion_request(body: Any) -> CompletionRequest:
@@ -101,7 +102,7 @@ def _parse(body: dict[str, Any]) -> CompletionRequest:
         id="chatcmpl-" + uuid.uuid4().hex[:24], messages=parsed, tools=tools, sampling=sampling, thinking=thinking
     )
     chat.check()
-    return CompletionRequest(chat=chat, stream=bool(stream), include_usage=include_usage)
+    return CompletionRequest(chat=chat, stream=bool(stream), include_usage=include_usage, model=model)
 
 
 def _thinking(body: dict[str, Any]) -> bool | None:

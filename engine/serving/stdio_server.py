@@ -245,11 +245,16 @@ def run_stdio(args: Any = None) -> int:
     return server.run()
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of `moebar-engine stdio` and `python -m engine.serving.stdio_server`."""
+def build_parser() -> argparse.ArgumentParser:
+    """Arguments of `moebar-engine stdio`."""
     parser = argparse.ArgumentParser(prog="moebar-engine stdio", description=__doc__.splitlines()[0])
     add_stdio_arguments(parser)
-    return run_stdio(parser.parse_args(argv))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `moebar-engine stdio` and `python -m engine.serving.stdio_server`."""
+    return run_stdio(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -274,8 +274,12 @@ def test_serve_command_end_to_end(tiny_model: Any) -> None:
             assert time.monotonic() < deadline, "server never became healthy"
             time.sleep(0.2)
         client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0)
-        r = client.chat.completions.create(model="x", messages=MESSAGES, max_tokens=3)
+        served = client.models.list().data[0].id
+        r = client.chat.completions.create(model=served, messages=MESSAGES, max_tokens=3)
         assert r.usage.completion_tokens >= 1 and r.choices[0].message.content
+        with pytest.raises(openai.NotFoundError) as missing:  # OpenAI's answer to a name it does not serve
+            client.chat.completions.create(model="no-such-model", messages=MESSAGES, max_tokens=3)
+        assert missing.value.code == "model_not_found" and served in missing.value.message
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=60) == 0
     finally:
@@ -288,10 +292,10 @@ def test_reasoning_is_separate_from_content() -> None:
     server, _ = scripted_server("qwen3_5", [reply, reply])
     try:
         client = server.client()
-        r = client.chat.completions.create(model="m", messages=MESSAGES)
+        r = client.chat.completions.create(model="tiny-moe", messages=MESSAGES)
         msg = r.choices[0].message
         assert msg.content == "The answer." and (msg.model_extra or {}).get("reasoning_content") == "Plan it."
-        chunks = list(client.chat.completions.create(model="m", messages=MESSAGES, stream=True))
+        chunks = list(client.chat.completions.create(model="tiny-moe", messages=MESSAGES, stream=True))
         deltas = [c.choices[0].delta for c in chunks if c.choices]
         assert "".join((d.model_extra or {}).get("reasoning_content") or "" for d in deltas) == "Plan it."
         assert "".join(d.content or "" for d in deltas) == "The answer."
@@ -306,7 +310,7 @@ def test_concurrent_requests_are_served_one_after_the_other() -> None:
         results: list[str] = []
 
         def ask() -> None:
-            r = client.chat.completions.create(model="m", messages=MESSAGES)
+            r = client.chat.completions.create(model="tiny-moe", messages=MESSAGES)
             results.append(r.choices[0].message.content or "")
 
         threads = [threading.Thread(target=ask) for _ in range(4)]
