@@ -113,6 +113,7 @@ class McpHub:
         self._server_path: str | None = None
         self._on_state = on_state
         self._lock = threading.Lock()
+        self._control = threading.RLock()  # one start/stop at a time, so a name never gets two live runners
         self._states: dict[str, ServerState] = {}
         self._runners: dict[str, _Runner] = {}
         self._portal_cm: Any = None
@@ -156,6 +157,10 @@ class McpHub:
 
     def start_server(self, config: ServerConfig) -> None:
         """Start `config`'s server (stopping a running one of that name first); disabled ones are only listed."""
+        with self._control:
+            self._start_server(config)
+
+    def _start_server(self, config: ServerConfig) -> None:
         self.stop_server(config.name)
         if config.disabled:
             self._set(ServerState(config.name, "disabled"))
@@ -169,7 +174,7 @@ class McpHub:
 
     def stop_server(self, name: str, wait: bool = True) -> None:
         """Ask server `name` to stop; with `wait`, block until it has (a few seconds at most)."""
-        with self._lock:
+        with self._control, self._lock:
             runner = self._runners.pop(name, None)
         if runner is None or self._portal is None:
             return
@@ -185,9 +190,10 @@ class McpHub:
 
     def forget_server(self, name: str) -> None:
         """Stop server `name` and drop its state (it was removed from the configuration)."""
-        self.stop_server(name)
-        with self._lock:
-            self._states.pop(name, None)
+        with self._control:
+            self.stop_server(name)
+            with self._lock:
+                self._states.pop(name, None)
 
     def log_path(self, name: str) -> Path:
         """Where server `name`'s stderr (and the hub's notes about it) go."""

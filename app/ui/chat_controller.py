@@ -10,8 +10,10 @@ import logging
 import uuid
 from dataclasses import dataclass, field
 
+from app import bridge as engine_state
 from app.bridge import EngineBridge
 from app.history import HistoryError, HistoryStore
+from app.mcp.tools import McpTools
 from app.ops import BackgroundOp, OpContext
 from app.qt import QObject, Signal, Slot
 from app.settings import SettingsStore
@@ -19,7 +21,8 @@ from app.throttle import Throttle
 from app.tools import DroppedFiles, ToolError, ToolRegistry
 from app.ui import history_sync
 from app.ui.conversation import Attachment, ChatEntry, ToolState, request_messages, tool_result_for
-from engine.serving.protocol import ChatRequest, DoneEvent, ErrorEvent, LoadedEvent, ToolCall, ToolCallEvent
+from app.ui.format import prefill_note
+from engine.serving.protocol import ChatRequest, DoneEvent, ErrorEvent, LoadedEvent, PrefillEvent, ToolCall, ToolCallEvent
 from engine.types import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -36,6 +39,7 @@ class ActiveRequest:
     request_id: str
     entry: ChatEntry
     pending_calls: list[ToolCall] = field(default_factory=list)
+    prefill_shown: bool = False  # the entry's note shows the prompt's prefill progress
 
 
 class ChatController(QObject):
@@ -59,8 +63,10 @@ class ChatController(QObject):
         history: HistoryStore | None,
         dropped: DroppedFiles,
         parent: QObject | None = None,
+        mcp_tools: McpTools | None = None,
     ) -> None:
         super().__init__(parent)
+        self.mcp_tools = mcp_tools  # tools of the user's MCP servers, offered beside the built-in ones
         self.bridge = bridge
         self.settings = settings
         self.history = history
@@ -71,20 +77,27 @@ class ChatController(QObject):
         self.model: LoadedEvent | None = bridge.model
         self._active: ActiveRequest | None = None
         self._awaiting: ChatEntry | None = None  # assistant entry whose tool calls wait for results
+        self._queued = False  # a message waits for the model to be ready (sent then, never failed)
         self._tool_ops: dict[str, BackgroundOp[str]] = {}
         self._save_throttle = Throttle(self._save_streaming, STREAM_SAVE_MS, self)
         bridge.token.connect(self._on_token)
+        bridge.prefill.connect(self._on_prefill)
         bridge.tool_call.connect(self._on_tool_call)
         bridge.done.connect(self._on_done)
         bridge.error.connect(self._on_error)
         bridge.engine_lost.connect(self._on_engine_lost)
         bridge.loaded.connect(self._on_loaded)
+        bridge.state_changed.connect(self._on_engine_state)
 
     # ------------------------------------------------------------ state
 
     def is_busy(self) -> bool:
         """Whether an answer is streaming or tool calls wait for approval or results."""
-        return self._active is not None or self._awaiting is not None
+        return self._active is not None or self._awaiting is not None or self._queued
+
+    def is_waiting_for_model(self) -> bool:
+        """Whether a sent message waits for the model to be ready."""
+        return self._queued
 
     def entry(self, key: int) -> ChatEntry | None:
         """The entry with `key`."""
@@ -108,11 +121,15 @@ class ChatController(QObject):
             return False
         entry = ChatEntry(role="user", content=text, attachments=list(attachments or []))
         self._add(entry)
-        self._request_answer()
+        self._answer_when_ready()
         return True
 
     def stop(self) -> None:
         """Stop the answer (it is kept, marked stopped) and deny tool calls still waiting."""
+        if self._queued:
+            self._queued = False
+            self.notice.emit("info", "Stopped waiting: your message stays in the chat; edit and resend it when the model is ready.")
+            self._set_busy()
         if self._active is not None:
             self.bridge.cancel(self._active.request_id)
         if self._awaiting is not None:
@@ -136,7 +153,7 @@ class ChatController(QObject):
         if user_index < 0:
             return
         self._truncate_after(user_index)
-        self._request_answer()
+        self._answer_when_ready()
 
     def edit_and_resend(self, key: int, text: str) -> None:
         """Change a user message, drop everything after it and ask again."""
@@ -148,7 +165,7 @@ class ChatController(QObject):
         self._store_update(entry)
         self.entry_updated.emit(entry.key)
         self._truncate_after(index)
-        self._request_answer()
+        self._answer_when_ready()
 
     def delete_entry(self, key: int) -> None:
         """Delete a message; an assistant message takes its tool results with it."""
@@ -216,11 +233,28 @@ class ChatController(QObject):
     def _on_loaded(self, event: LoadedEvent) -> None:
         self.model = event
 
+    @Slot(object)
+    def _on_prefill(self, event: PrefillEvent) -> None:
+        """Show how far the prompt has been read until the first words arrive."""
+        active = self._active
+        if active is None or active.request_id != event.id:
+            return
+        entry = active.entry
+        if entry.content or entry.reasoning:
+            return
+        entry.note = prefill_note(event)
+        active.prefill_shown = True
+        self.entry_updated.emit(entry.key)
+
     @Slot(str, str, str)
     def _on_token(self, request_id: str, text: str, kind: str) -> None:
         active = self._active
         if active is None or active.request_id != request_id:
             return
+        if active.prefill_shown:  # the prompt is read: its progress note goes
+            active.prefill_shown = False
+            active.entry.note = ""
+            self.entry_updated.emit(active.entry.key)
         if kind == "reasoning":
             active.entry.reasoning += text
         else:
@@ -295,13 +329,37 @@ class ChatController(QObject):
 
     # ------------------------------------------------------------ requests
 
+    def _answer_when_ready(self) -> None:
+        """Ask for an answer now, or as soon as the model is ready (saying so), never a false failure."""
+        if self.bridge.is_ready():
+            self._request_answer()
+            return
+        self._queued = True
+        self._set_busy()
+        self.notice.emit("info", self._waiting_text(self.bridge.state))
+
+    def _waiting_text(self, state: str) -> str:
+        if state == engine_state.BUSY:
+            return "The model is answering elsewhere (Quick Ask); your message is sent when it is done."
+        if state == engine_state.FAILED:
+            return "The engine stopped; your message is sent once it is restarted and the model is loaded."
+        if state in (engine_state.IDLE, engine_state.STOPPED) and self.bridge.model is None:
+            return "No model is loaded yet; your message is sent as soon as one is (choose one with Model…)."
+        return "The model is still loading; your message is sent as soon as it is ready."
+
+    @Slot(str)
+    def _on_engine_state(self, state: str) -> None:
+        if self._queued and state == engine_state.READY:
+            self._queued = False
+            self._request_answer()
+
     def _request_answer(self) -> None:
         entry = ChatEntry(role="assistant", status="streaming")
         self._add(entry)
         request = ChatRequest(
             id=uuid.uuid4().hex,
             messages=request_messages(self._system_prompt(), self.entries[:-1]),
-            tools=self.tools.schemas() if self._offer_tools() else [],
+            tools=self._tool_schemas() if self._offer_tools() else [],
             sampling=self._sampling(),
             thinking=bool(self.settings.get("thinking")) if self.model and self.model.supports_thinking else None,
         )
@@ -316,10 +374,14 @@ class ChatController(QObject):
         return "\n\n".join(p for p in parts if p)
 
     def _offer_tools(self) -> bool:
-        # Tool schemas cost prompt tokens, and prefill of a streamed model is slow: offer them
-        # only when there is something for the file tools to open.
+        # Tool schemas cost prompt tokens, and prefill of a streamed model is slow: offer the file
+        # tools only when there is something for them to open (MCP tools whenever the user enabled some).
         supports = self.model is None or self.model.supports_tools
-        return supports and len(self.dropped) > 0
+        return supports and (len(self.dropped) > 0 or bool(self.mcp_tools and self.mcp_tools.offered()))
+
+    def _tool_schemas(self) -> list[dict[str, object]]:
+        schemas = self.tools.schemas() if len(self.dropped) > 0 else []
+        return schemas + (self.mcp_tools.schemas() if self.mcp_tools is not None else [])
 
     def _sampling(self) -> SamplingParams:
         s = self.settings.settings
@@ -336,6 +398,8 @@ class ChatController(QObject):
         self.tool_state_changed.emit(call.id, "running", "")
 
         def work(ctx: OpContext) -> str:
+            if self.mcp_tools is not None and self.mcp_tools.owns(call.name):
+                return self.mcp_tools.run(call.name, call.arguments, lambda: ctx.cancelled)
             return self.tools.run(call.name, call.arguments)
 
         def failed(error: BaseException) -> None:

@@ -5,8 +5,10 @@ Run as ``python tests/app/fake_engine.py``. The last user message steers it:
   "crash"        -> SIGKILL itself after three answer tokens
   "oom"          -> print a MemoryError traceback after two tokens and exit 1
   "fatal"        -> send an error event with usable=false after two tokens, then wait
-  "tool:NAME"    -> call tool NAME with {"path": "notes.txt"}
+  "tool:NAME"    -> call tool NAME with {"path": "notes.txt"} ("tool:NAME {...}": with those arguments)
   "slow"         -> 100 tokens, 30 ms apart (to test Stop)
+  "attack:TEXT"  -> TEXT as the thinking, as the answer (in 7-character pieces), as a tool call's
+                    name and as its argument names and values (a hostile model's output)
 Anything else is echoed back word by word after a short reasoning. After a tool result the
 answer quotes the result. Loading a folder whose name starts with "bad" fails with an error
 event naming a weight file, as the real engine does for a truncated shard.
@@ -14,6 +16,7 @@ event naming a weight file, as the real engine does for a truncated shard.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
@@ -33,6 +36,7 @@ from engine.serving.protocol import (  # noqa: E402
     LoadedEvent,
     LoadRequest,
     MessageFigures,
+    PrefillEvent,
     ProgressEvent,
     StatsEvent,
     TokenTextEvent,
@@ -59,7 +63,16 @@ def answer(request: ChatRequest) -> None:
     text = last.content
     if text.startswith("tool:"):
         send(TokenTextEvent(id=rid, text="Let me look.", kind="answer"))
-        send(ToolCallEvent(id=rid, call_id="call_1", name=text[5:].strip(), arguments={"path": "notes.txt"}))
+        name, _, given = text[5:].strip().partition(" ")  # "tool:NAME {json}" passes those arguments
+        arguments = json.loads(given) if given else {"path": "notes.txt"}
+        send(ToolCallEvent(id=rid, call_id="call_1", name=name, arguments=arguments))
+        send(DoneEvent(id=rid, finish_reason="tool_calls", figures=MessageFigures(generated_tokens=3)))
+        return
+    if text.startswith("attack:"):
+        payload = text[7:]
+        send(TokenTextEvent(id=rid, text=payload, kind="reasoning"))
+        stream(rid, [payload[i : i + 7] for i in range(0, len(payload), 7)], delay=0.0, finish=False)
+        send(ToolCallEvent(id=rid, call_id="call_1", name=payload, arguments={"path": payload, payload: [payload]}))
         send(DoneEvent(id=rid, finish_reason="tool_calls", figures=MessageFigures(generated_tokens=3)))
         return
     if text == "crash":
@@ -76,6 +89,17 @@ def answer(request: ChatRequest) -> None:
         stream(rid, ["about ", "to "], delay=0.01, finish=False)
         send(ErrorEvent(code="out_of_memory", message="Out of memory while reading experts.", usable=False, id=rid))
         time.sleep(30)
+    if text == "longprompt":  # a long prefill: progress, then (unless stopped) the answer
+        for layer in range(0, 61, 6):
+            if rid in _cancelled:
+                send(DoneEvent(id=rid, finish_reason="cancelled", figures=MessageFigures()))
+                return
+            send(PrefillEvent(id=rid, tokens_total=4096, tokens_done=4096 if layer == 60 else 0, layers_total=60,
+                              layers_done=layer, fraction=layer / 60, bytes_read=layer * 70_000_000,
+                              elapsed_s=layer * 0.5, seconds_left=(60 - layer) * 0.5 if layer else None))
+            time.sleep(0.05)
+        stream(rid, ["Read ", "it."], delay=0.01)
+        return
     if text == "slow":
         stream(rid, [f"w{i} " for i in range(100)], delay=0.03)
         return

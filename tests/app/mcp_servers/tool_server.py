@@ -12,6 +12,7 @@ import sys
 
 import anyio
 from mcp.server.mcpserver import MCPServer
+from mcp.server.mcpserver.exceptions import ToolError
 from mcp.types import ImageContent
 
 server = MCPServer("test-tools")
@@ -51,8 +52,8 @@ async def sleep(seconds: float) -> str:
 
 @server.tool()
 def fail(message: str) -> str:
-    """Raise an error with the message."""
-    raise ValueError(message)
+    """Fail with the message (a ToolError: the SDK passes its text to the client)."""
+    raise ToolError(message)
 
 
 if __name__ == "__main__":
