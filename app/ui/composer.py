@@ -5,6 +5,7 @@ from __future__ import annotations
 from app.qt import Qt, QtGui, QtWidgets, Signal, Slot
 from app.ui.conversation import Attachment
 from app.ui.format import human_bytes
+from app.ui.safe_text import escaped_tooltip, plain_label
 from app.ui.theme import LIGHT, Theme, icon
 
 
@@ -41,13 +42,13 @@ class RemovableChip(QtWidgets.QFrame):
         self.setObjectName("fileChip")
         self.attachment = attachment
         detail = "folder" if attachment.is_folder else human_bytes(attachment.size)
-        label = QtWidgets.QLabel(f"{attachment.name} · {detail}", self)
-        label.setToolTip(attachment.path)
+        label = plain_label(QtWidgets.QLabel(f"{attachment.name} · {detail}", self))
+        label.setToolTip(escaped_tooltip(attachment.path))
         close = QtWidgets.QToolButton(self)
         close.setObjectName("chipClose")
         close.setIcon(icon("close", theme.name))
         close.setAutoRaise(True)
-        close.setToolTip(f"Remove {attachment.name}")
+        close.setToolTip(escaped_tooltip(f"Remove {attachment.name}"))
         close.clicked.connect(self._on_close)
         layout = QtWidgets.QHBoxLayout(self)
         layout.setContentsMargins(8, 1, 2, 1)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from app.history import ConversationSummary, HistoryError, HistoryStore, SearchHit
 from app.qt import Qt, QTimer, QtCore, QtWidgets, Signal, Slot
+from app.ui.safe_text import escaped_tooltip
 from app.ui.theme import LIGHT, Theme, icon
 
 SEARCH_DELAY_MS = 200  # search once typing pauses, not per key
@@ -156,15 +157,15 @@ class HistorySidebar(QtWidgets.QFrame):
         for summary in conversations:
             item = QtWidgets.QListWidgetItem(f"{summary.title}\n{relative_day(summary.updated_at)}")
             item.setData(ID_ROLE, summary.id)
-            item.setToolTip(f"{summary.title}\n{summary.message_count} messages" +
-                            (f" · {summary.model}" if summary.model else ""))
+            item.setToolTip(escaped_tooltip(f"{summary.title}\n{summary.message_count} messages" +
+                                            (f" · {summary.model}" if summary.model else "")))
             self.list.addItem(item)
 
     def _fill_hits(self, hits: list[SearchHit]) -> None:
         for hit in hits:
             item = QtWidgets.QListWidgetItem()
             item.setData(ID_ROLE, hit.conversation_id)
-            item.setToolTip(hit.snippet)
+            item.setToolTip(escaped_tooltip(hit.snippet))
             label = QtWidgets.QLabel(f"<b>{html.escape(hit.title)}</b><br><small>{highlighted_snippet(hit)}</small>")
             label.setObjectName("searchHit")
             label.setWordWrap(True)

@@ -20,6 +20,7 @@ from app.ui.drop_overlay import DropOverlay, local_paths, rejection_text
 from app.ui.history_sidebar import HistorySidebar
 from app.ui.model_panel import ModelPanel
 from app.ui.notice_bar import NoticeBar
+from app.ui.safe_text import plain_label
 from app.ui.theme import LIGHT, Theme, app_icon, icon
 from engine.serving.protocol import LoadedEvent, StatsEvent
 
@@ -92,7 +93,7 @@ class MainWindow(QtWidgets.QMainWindow):
         self.setCentralWidget(self.splitter)
         self.overlay = DropOverlay(self, theme)
         self._build_toolbar()
-        self.state_label = QtWidgets.QLabel(self)
+        self.state_label = plain_label(QtWidgets.QLabel(self))
         self.statusBar().addWidget(self.state_label, 1)
         self._connect()
         self._restore_geometry()

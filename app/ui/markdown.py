@@ -1,6 +1,8 @@
 """Markdown to the HTML subset QTextBrowser renders, with Pygments-highlighted code blocks.
 
-Raw HTML in model output is escaped, never interpreted. Each fenced code block gets a header
+Raw HTML in model output is escaped, never interpreted, and images are never loaded: an image
+becomes the text "[image: ALT]", a link to its address only when that is http(s) (opened in the
+browser if the user clicks it). Each fenced code block gets a header
 with its language and a ``copy:N`` link; the caller keeps `RenderedMarkdown.code_blocks` to
 answer that link.
 """
@@ -18,6 +20,7 @@ from pygments.lexers import get_lexer_by_name, guess_lexer
 from pygments.util import ClassNotFound
 
 COPY_SCHEME = "copy"
+WEB_SCHEMES = ("http", "https")
 
 
 @dataclass(frozen=True)
@@ -60,10 +63,11 @@ class MarkdownRenderer:
         code_blocks: list[str] = []
         # The rules are swapped per call to collect this call's code blocks.
         rules: dict[str, Any] = self._md.renderer.rules  # type: ignore[attr-defined]
-        saved = {name: rules.get(name) for name in ("fence", "code_block", "code_inline", "table_open")}
+        saved = {name: rules.get(name) for name in ("fence", "code_block", "code_inline", "table_open", "image")}
         rules["fence"] = lambda toks, idx, *_: self._code_block(toks[idx].content, toks[idx].info, code_blocks)
         rules["code_block"] = lambda toks, idx, *_: self._code_block(toks[idx].content, "", code_blocks)
         rules["code_inline"] = lambda toks, idx, *_: self._inline_code(toks[idx].content)
+        rules["image"] = self._image_placeholder
         rules["table_open"] = lambda *_: (
             f'<table border="1" cellspacing="0" cellpadding="4" '
             f'style="border-color:{self.palette.table_border}; border-style:solid;">\n'
@@ -77,6 +81,16 @@ class MarkdownRenderer:
                 else:
                     rules[name] = rule
         return RenderedMarkdown(body, code_blocks)
+
+    def _image_placeholder(self, tokens: Any, idx: int, options: Any, env: Any) -> str:
+        """An image as a text placeholder (a link only to a web address): nothing is loaded."""
+        token = tokens[idx]
+        alt = self._md.renderer.renderInlineAsText(token.children or [], options, env)  # type: ignore[attr-defined]
+        label = html.escape(f"[image: {alt.strip() or 'no description'}]")
+        src = str(token.attrGet("src") or "")
+        if src.partition(":")[0].lower() in WEB_SCHEMES:
+            return f'<a href="{html.escape(src, quote=True)}">{label}</a>'
+        return label
 
     def _inline_code(self, code: str) -> str:
         return (

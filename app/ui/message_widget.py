@@ -7,6 +7,7 @@ from app.ui.conversation import Attachment, ChatEntry, ToolState
 from app.ui.format import human_bytes, message_figures_line
 from app.ui.markdown import MarkdownRenderer
 from app.ui.text_view import FittedTextView
+from app.ui.safe_text import escaped_tooltip, plain_label
 from app.ui.theme import LIGHT, Theme, icon
 from app.ui.tool_card import ToolCallCard
 from engine.serving.protocol import ToolCall
@@ -25,8 +26,9 @@ class FileChip(QtWidgets.QLabel):
     def __init__(self, attachment: Attachment, parent: QtWidgets.QWidget | None = None) -> None:
         detail = "folder" if attachment.is_folder else human_bytes(attachment.size)
         super().__init__(f"{attachment.name} · {detail}", parent)
+        plain_label(self)
         self.setObjectName("fileChip")
-        self.setToolTip(attachment.path)
+        self.setToolTip(escaped_tooltip(attachment.path))
 
 
 class MessageWidget(QtWidgets.QFrame):
@@ -57,9 +59,9 @@ class MessageWidget(QtWidgets.QFrame):
         self._rendered_text: str | None = None
         self._rendered_reasoning: str | None = None
 
-        self.role_label = QtWidgets.QLabel("You" if entry.role == "user" else assistant_name, self)
+        self.role_label = plain_label(QtWidgets.QLabel("You" if entry.role == "user" else assistant_name, self))
         self.role_label.setObjectName("roleLabel")
-        self.status_label = QtWidgets.QLabel(self)
+        self.status_label = plain_label(QtWidgets.QLabel(self))  # notes can quote engine and tool errors
         self.status_label.setObjectName("statusLabel")
         header = QtWidgets.QHBoxLayout()
         header.setSpacing(8)
@@ -103,7 +105,7 @@ class MessageWidget(QtWidgets.QFrame):
         self._cards_box = QtWidgets.QVBoxLayout()
         self._cards_box.setSpacing(6)
 
-        self.figures_label = QtWidgets.QLabel(self)
+        self.figures_label = plain_label(QtWidgets.QLabel(self))
         self.figures_label.setObjectName("figuresLabel")
         self.figures_label.setWordWrap(True)
         self.figures_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)

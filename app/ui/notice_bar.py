@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from app.qt import QTimer, QtWidgets, Slot
+from app.ui.safe_text import plain_label
 from app.ui.theme import LIGHT, Theme, icon
 
 INFO_TIMEOUT_MS = 8000  # info notices go away by themselves; warnings and errors stay
@@ -18,7 +19,7 @@ class NoticeBar(QtWidgets.QFrame):
         self.setObjectName("noticeBar")
         self._theme = theme
         self._action: Callable[[], None] | None = None
-        self.label = QtWidgets.QLabel(self)
+        self.label = plain_label(QtWidgets.QLabel(self))  # notices quote engine and tool errors
         self.label.setObjectName("noticeText")
         self.label.setWordWrap(True)
         self.action_button = QtWidgets.QPushButton(self)

@@ -18,6 +18,7 @@ from app.ui.conversation import ChatEntry, request_messages
 from app.ui.history_sync import append_entry, update_entry
 from app.ui.markdown import MarkdownRenderer
 from app.ui.text_view import FittedTextView
+from app.ui.safe_text import plain_label
 from app.ui.theme import LIGHT, Theme
 from engine.serving.protocol import ChatRequest, DoneEvent
 from engine.types import SamplingParams
@@ -47,7 +48,7 @@ class QuickAskWindow(QtWidgets.QWidget):
         self.input.returnPressed.connect(self.ask)
         self.answer_view = FittedTextView(MarkdownRenderer(theme.code), self)
         self.answer_view.setMaximumHeight(420)
-        self.status = QtWidgets.QLabel(self)
+        self.status = plain_label(QtWidgets.QLabel(self))
         self.status.setObjectName("figuresLabel")
         self.open_button = QtWidgets.QPushButton("Open in chat", self)
         self.open_button.clicked.connect(self._on_open_in_chat)

@@ -15,6 +15,9 @@ class FittedTextView(QtWidgets.QTextBrowser):
 
     Links: ``copy:N`` copies code block N to the clipboard; http(s) and mailto open in the
     system browser; anything else is ignored (model output must not open local files).
+    Resources (images, style sheets) are never loaded from anywhere: the renderer emits no
+    images, and `loadResource` answers every request with an empty resource, so even markup
+    that slipped through could not make Qt read a file, a device or the network.
     """
 
     code_copied = Signal(int)
@@ -88,6 +91,15 @@ class FittedTextView(QtWidgets.QTextBrowser):
         """Re-fit the height when the width (and so the wrapping) changes."""
         super().resizeEvent(event)
         self._fit_height()
+
+    def loadResource(self, kind: int, name: QtCore.QUrl | str) -> object:  # noqa: N802 (Qt override)
+        """Load nothing: a blank 1x1 image for images (a null one would make Qt read the path itself),
+        empty bytes for anything else."""
+        if kind == QtGui.QTextDocument.ResourceType.ImageResource.value:
+            image = QtGui.QImage(1, 1, QtGui.QImage.Format.Format_ARGB32)
+            image.fill(0)
+            return image
+        return QtCore.QByteArray()
 
     def wheelEvent(self, event: QtGui.QWheelEvent) -> None:  # noqa: N802 (Qt override)
         """Let vertical wheel scrolling reach the chat's scroll area."""

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import html
 import json
 
 from app.qt import Qt, QtWidgets, Signal, Slot
 from app.ui.conversation import ToolState
+from app.ui.safe_text import button_text, plain_label
 from engine.serving.protocol import ToolCall
 
 STATE_TEXT: dict[ToolState, str] = {
@@ -31,9 +33,11 @@ class ToolCallCard(QtWidgets.QFrame):
         self.setObjectName("toolCard")
         self.setFrameShape(QtWidgets.QFrame.Shape.StyledPanel)
 
-        title = QtWidgets.QLabel(f"Tool call: <b>{call.name}</b>", self)
+        # The name is the model's: escaped, so a name like <img src=...> is shown, not loaded.
+        title = QtWidgets.QLabel(f"Tool call: <b>{html.escape(call.name)}</b>", self)
+        title.setTextFormat(Qt.TextFormat.RichText)
         title.setObjectName("toolTitle")
-        self.state_label = QtWidgets.QLabel(self)
+        self.state_label = plain_label(QtWidgets.QLabel(self))
         self.state_label.setObjectName("toolState")
         header = QtWidgets.QHBoxLayout()
         header.addWidget(title)
@@ -51,7 +55,7 @@ class ToolCallCard(QtWidgets.QFrame):
 
         self.approve_button = QtWidgets.QPushButton("Approve", self)
         self.approve_button.setObjectName("approveButton")
-        self.always_button = QtWidgets.QPushButton(f"Always allow {call.name}", self)
+        self.always_button = QtWidgets.QPushButton(button_text(f"Always allow {call.name}"), self)
         self.deny_button = QtWidgets.QPushButton("Deny", self)
         self.approve_button.clicked.connect(self._on_approve)
         self.always_button.clicked.connect(self._on_always)

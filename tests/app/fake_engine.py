@@ -72,7 +72,7 @@ def answer(request: ChatRequest) -> None:
         payload = text[7:]
         send(TokenTextEvent(id=rid, text=payload, kind="reasoning"))
         stream(rid, [payload[i : i + 7] for i in range(0, len(payload), 7)], delay=0.0, finish=False)
-        send(ToolCallEvent(id=rid, call_id="call_1", name=payload, arguments={"path": payload, payload: [payload]}))
+        send(ToolCallEvent(id=rid, call_id="call_attack", name=payload, arguments={"path": payload, payload: [payload]}))
         send(DoneEvent(id=rid, finish_reason="tool_calls", figures=MessageFigures(generated_tokens=3)))
         return
     if text == "crash":
