@@ -14,6 +14,7 @@ from app.history import HistoryError, HistoryStore, open_history
 from app.platform_check import exit_if_qt_cannot_start
 from app.qt import QtCore, QtWidgets, Slot
 from app.settings import SettingsStore
+from app.single_instance import SingleInstance
 from app.tools import DroppedFiles
 from app.ui.chat_controller import ChatController
 from app.ui.macos import hide_dock_icon
@@ -168,7 +169,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     qt_app.setApplicationDisplayName("MoeBar")
     qt_app.setWindowIcon(app_icon())
     hide_dock_icon()
+    instance = SingleInstance(paths.data_dir())
+    if not instance.claim():
+        print("moebar: MoeBar is already running with this profile; its window was brought to the front.")
+        return 0
     moebar = MoeBarApp(qt_app, use_tray=False if args.no_tray else None)
+    instance.show_requested.connect(moebar.window.show_and_raise)
+    qt_app.aboutToQuit.connect(instance.release)
     moebar.start(show_window=not args.background)
     return qt_app.exec()
 

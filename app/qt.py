@@ -6,7 +6,7 @@ Add a name here when a module needs it; keep the list alphabetical within each g
 
 from __future__ import annotations
 
-from PySide6 import QtCore, QtGui, QtWidgets
+from PySide6 import QtCore, QtGui, QtNetwork, QtWidgets
 from PySide6.QtCore import (
     QCoreApplication,
     QMetaObject,
@@ -32,6 +32,7 @@ __all__ = [
     "QTimer",
     "QtCore",
     "QtGui",
+    "QtNetwork",
     "QtWidgets",
     "Signal",
     "Slot",

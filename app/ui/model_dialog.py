@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from app.ops import BackgroundOp, OpContext, Progress
-from app.qt import QtWidgets, Slot
+from app.qt import QtGui, QtWidgets, Slot
 from app.settings import HF_TOKEN_SECRET, SecretStoreError, SettingsStore, delete_secret, get_secret, set_secret
 from app.ui.format import human_bytes
 from app.ui.model_download import DownloadCancelled, check_repo_id, download_model
@@ -27,6 +27,8 @@ class ModelDialog(QtWidgets.QDialog):
         self.manager = manager
         self._plan_op: BackgroundOp[dict[str, Any]] | None = None
         self._download: BackgroundOp[Path] | None = None
+        self._plan_ok: Path | None = None  # the folder whose memory plan was read without error
+        self._plan_error = ""
 
         self.demo_radio = QtWidgets.QRadioButton("Demo model (random weights, for trying the app)", self)
         self.folder_radio = QtWidgets.QRadioButton("A model folder on this computer", self)
@@ -51,6 +53,9 @@ class ModelDialog(QtWidgets.QDialog):
         self.forget_token_button.clicked.connect(self._forget_token)
         self.token_note = QtWidgets.QLabel(download_box)
         self.token_note.setObjectName("figuresLabel")
+        self.token_note.setWordWrap(True)
+        self.save_token_box = QtWidgets.QCheckBox("Save the token in the system keychain", download_box)
+        self.save_token_box.setChecked(True)
         self.download_button = QtWidgets.QPushButton("Download", download_box)
         self.download_button.clicked.connect(self._start_or_cancel_download)
         self.download_progress = QtWidgets.QProgressBar(download_box)
@@ -61,6 +66,7 @@ class ModelDialog(QtWidgets.QDialog):
         token_row.addWidget(self.token_edit, 1)
         token_row.addWidget(self.forget_token_button)
         form.addRow("Token:", token_row)
+        form.addRow("", self.save_token_box)
         form.addRow("", self.token_note)
         form.addRow(self.download_button, self.download_progress)
         self._show_token_state()
@@ -90,6 +96,9 @@ class ModelDialog(QtWidgets.QDialog):
         layout.addWidget(self.error_label)
         layout.addStretch(1)
         layout.addWidget(buttons)
+        for button in self.findChildren(QtWidgets.QPushButton):
+            button.setAutoDefault(False)  # Enter in a text field never presses Load
+            button.setDefault(False)
         self._on_choice_changed()
 
     # ------------------------------------------------------------ choice and plan
@@ -113,6 +122,8 @@ class ModelDialog(QtWidgets.QDialog):
     def _on_choice_changed(self) -> None:
         folder = self.chosen_dir()
         self.error_label.clear()
+        if folder is None or folder != self._plan_ok:
+            self._plan_ok, self._plan_error = None, ""
         if folder is None:
             demo = self.manager.demo_dir
             if self.folder_radio.isChecked():
@@ -124,7 +135,9 @@ class ModelDialog(QtWidgets.QDialog):
                 self.load_button.setEnabled(True)
                 return
             folder = demo
-        self.load_button.setEnabled(True)
+        if folder == self._plan_ok:
+            return  # checked already (editingFinished fires again on focus changes)
+        self.load_button.setEnabled(False)  # until the plan says the folder can be loaded
         self.show_plan_for(folder)
 
     def show_plan_for(self, folder: Path) -> None:
@@ -132,17 +145,22 @@ class ModelDialog(QtWidgets.QDialog):
         if self._plan_op is not None:
             self._plan_op.cancel()
         self.plan_view.setText(f"Reading the plan of {folder.name} (measures the disk)…")
-        self._plan_op = plan_op(self, folder, self.manager.engine_options(), self._show_plan, self._plan_failed)
+        self._plan_op = plan_op(self, folder, self.manager.engine_options(),
+                                lambda plan: self._show_plan(folder, plan), self._plan_failed)
 
-    def _show_plan(self, plan: dict[str, Any]) -> None:
+    def _show_plan(self, folder: Path, plan: dict[str, Any]) -> None:
         self._plan_op = None
+        self._plan_ok, self._plan_error = folder, ""
+        self.load_button.setEnabled(True)
         rows = plan_lines(plan)
         self.plan_view.setText("<br>".join(f"{label}: <b>{value}</b>" for label, value in rows))
 
     def _plan_failed(self, error: BaseException) -> None:
         self._plan_op = None
+        self._plan_ok, self._plan_error = None, f"{error} This folder cannot be loaded."
         self.plan_view.setText("")
-        self.error_label.setText(str(error))
+        self.error_label.setText(self._plan_error)
+        self.load_button.setEnabled(False)
 
     @Slot()
     def accept(self) -> None:
@@ -150,6 +168,11 @@ class ModelDialog(QtWidgets.QDialog):
         folder = self.chosen_dir()
         if folder is not None and not (folder / "config.json").is_file():
             self.error_label.setText(f"{folder} has no config.json; choose the folder of an mlx-lm model.")
+            return
+        if folder is not None and folder != self._plan_ok:
+            # A folder is loaded only after its checks passed: a failed load would drop the working model.
+            self.error_label.setText(self._plan_error or f"{folder.name} is still being checked; Load turns on "
+                                     "when its memory plan is shown.")
             return
         self.settings.set("model_dir", str(folder) if folder else "")
         super().accept()
@@ -229,6 +252,13 @@ class ModelDialog(QtWidgets.QDialog):
         self.download_button.setText("Download")
         self.download_progress.hide()
         self.token_note.setText(note or self.token_note.text())
+
+    def showEvent(self, event: QtGui.QShowEvent) -> None:  # noqa: N802 (Qt override)
+        """Never wider than the screen, whatever a message says (labels wrap instead)."""
+        screen = self.screen() or QtGui.QGuiApplication.primaryScreen()
+        if screen is not None:
+            self.setMaximumWidth(screen.availableGeometry().width())
+        super().showEvent(event)
 
     def reject(self) -> None:
         """Closing cancels a running download (its partial files stay for a resume)."""

@@ -13,10 +13,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from app.bridge import EngineBridge
+from app.bridge import LOADING, EngineBridge
 from app.ops import BackgroundOp, OpContext
 from app.qt import QObject, Signal, Slot
 from app.settings import SettingsStore
+from engine.serving.protocol import ErrorEvent, LoadedEvent
 from engine.types import EngineOptions
 
 ENGINE_SETTINGS = ("model_dir", "cache_mb", "experts_per_token", "cold_mode")
@@ -49,7 +50,7 @@ def read_memory_plan(model_dir: Path, options: EngineOptions) -> dict[str, Any]:
     done = subprocess.run(engine_python_command(*args), capture_output=True, text=True, timeout=PLAN_TIMEOUT_S)
     if done.returncode != 0:
         tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        raise RuntimeError(f"No memory plan for {model_dir}: {tail.removeprefix('error: ')}")
+        raise RuntimeError(f"Could not check {model_dir}: {tail.removeprefix('error: ').rstrip('.')}.")
     plan = json.loads(done.stdout)
     if not isinstance(plan, dict):
         raise RuntimeError(f"The memory plan of {model_dir} is not a JSON object")
@@ -70,7 +71,11 @@ class ModelManager(QObject):
         self.demo_dir: Path | None = None
         self.current_dir: Path | None = None
         self._building: BackgroundOp[Path] | None = None
+        self._loading: Path | None = None  # the folder of the load under way
+        self._working: tuple[Path, str] | None = None  # the last folder that loaded, and its model_dir setting
         settings.changed.connect(self._on_setting_changed)
+        bridge.loaded.connect(self._on_loaded)
+        bridge.error.connect(self._on_engine_error)
 
     def engine_options(self) -> EngineOptions:
         """Load options from the settings."""
@@ -99,6 +104,7 @@ class ModelManager(QObject):
 
     def _load(self, model_dir: Path) -> None:
         self.current_dir = model_dir
+        self._loading = model_dir
         self.status.emit(f"Loading {model_dir.name}…")
         self.bridge.load(model_dir, self.engine_options())
 
@@ -111,6 +117,30 @@ class ModelManager(QObject):
     def _on_demo_failed(self, error: BaseException) -> None:
         self._building = None
         self.failed.emit(str(error))
+
+    @Slot(object)
+    def _on_loaded(self, event: LoadedEvent) -> None:
+        if self._loading is not None and Path(event.model_dir) == self._loading:
+            self._working = (self._loading, str(self.settings.get("model_dir")))
+            self._loading = None
+
+    @Slot(object)
+    def _on_engine_error(self, event: ErrorEvent) -> None:
+        """A load failed: say so in words and load the model that worked before (if any) again."""
+        failed = self._loading
+        if failed is None or event.id is not None or self.bridge.state == LOADING:
+            return  # not a load error, or a later load is still under way
+        self._loading = None
+        text = f"Could not load {failed.name}: {event.message.rstrip('.')}."
+        if self._working is None or self._working[0] == failed:
+            self.failed.emit(f"{text} Choose another model with Model… in the toolbar.")
+            return
+        previous, setting = self._working
+        self.failed.emit(f"{text} {previous.name} is loaded again.")
+        if str(self.settings.get("model_dir")) != setting:
+            self.settings.set("model_dir", setting)  # reloads through _on_setting_changed
+        else:
+            self._load(previous)
 
     @Slot(str)
     def _on_setting_changed(self, name: str) -> None:

@@ -123,6 +123,7 @@ class ModelPanel(QtWidgets.QFrame):
     def show_unloaded(self, text: str) -> None:
         """No model: say why (e.g. 'Restarting the engine…')."""
         self.load_progress.hide()
+        self.set_note("")  # a note belonged to the model that is gone
         self.name_label.setText(text)
         self.name_label.setToolTip("")
         self.facts_label.setText("")
