@@ -197,7 +197,23 @@ class ShutdownRequest:
     TYPE: ClassVar[str] = "shutdown"
 
 
-Request = Union[LoadRequest, ChatRequest, CancelRequest, UnloadRequest, ShutdownRequest]
+@dataclass
+class ServeRequest:
+    """Serve the loaded model over the OpenAI-compatible HTTP API from this process (or stop: enabled false)."""
+
+    TYPE: ClassVar[str] = "serve"
+    enabled: bool
+    host: str = "127.0.0.1"
+    port: int = 8080
+    api_key: str | None = None
+
+    def check(self) -> None:
+        """Raise ProtocolError when a value is out of range."""
+        _require(bool(self.host.strip()), "serve.host", "must not be empty")
+        _require(0 <= self.port <= 65535, "serve.port", f"must be 0..65535, got {self.port}")
+
+
+Request = Union[LoadRequest, ChatRequest, CancelRequest, UnloadRequest, ShutdownRequest, ServeRequest]
 
 # ---------------------------------------------------------------- events
 
@@ -297,6 +313,18 @@ class UnloadedEvent:
     TYPE: ClassVar[str] = "unloaded"
 
 
+@dataclass
+class ServerEvent:
+    """State of the local HTTP server (answer to serve, and whenever a request starts or ends)."""
+
+    TYPE: ClassVar[str] = "server"
+    running: bool
+    host: str = ""
+    port: int = 0
+    active_requests: int = 0  # HTTP chat requests running or waiting for the engine
+    error: str = ""  # why it is not running (a port in use, ...), empty when all is well
+
+
 Event = Union[
     HelloEvent,
     LoadedEvent,
@@ -307,10 +335,11 @@ Event = Union[
     DoneEvent,
     ErrorEvent,
     UnloadedEvent,
+    ServerEvent,
 ]
 
 REQUEST_TYPES: dict[str, type] = {
-    c.TYPE: c for c in (LoadRequest, ChatRequest, CancelRequest, UnloadRequest, ShutdownRequest)
+    c.TYPE: c for c in (LoadRequest, ChatRequest, CancelRequest, UnloadRequest, ShutdownRequest, ServeRequest)
 }
 EVENT_TYPES: dict[str, type] = {c.TYPE: c for c in typing.get_args(Event)}
 

@@ -29,6 +29,7 @@ from engine.serving.protocol import (
     LoadRequest,
     ProtocolError,
     Request,
+    ServeRequest,
     ShutdownRequest,
     StatsEvent,
     UnloadedEvent,
@@ -37,6 +38,7 @@ from engine.serving.protocol import (
     encode,
     peek_id,
 )
+from engine.serving.app_server import LocalApiServer
 from engine.serving.service import EngineService, error_event
 
 log = logging.getLogger("moebar.stdio")
@@ -93,6 +95,7 @@ class StdioServer:
         self._chats: dict[str, _Job] = {}  # chat requests queued or running, by id
         self._chats_lock = threading.Lock()
         self._stopping = threading.Event()
+        self.local_api = LocalApiServer(service, self.emit)  # the app's local server, on request
 
     def run(self) -> int:
         """Serve until shutdown or end of input; return the exit status."""
@@ -118,6 +121,7 @@ class StdioServer:
             self._jobs.put(None)
             worker.join()
             ticker.join(timeout=5)
+            self.local_api.close()
             self.service.close()
         return 0
 
@@ -143,6 +147,10 @@ class StdioServer:
             return True
         if isinstance(request, ShutdownRequest):
             return False
+        if isinstance(request, ServeRequest):
+            # Off the reader: stopping waits for running HTTP requests, and cancel must stay instant.
+            threading.Thread(target=self.local_api.apply, args=(request,), name="moebar-serve", daemon=True).start()
+            return True
         if isinstance(request, CancelRequest):
             with self._chats_lock:
                 job = self._chats.get(request.id)
