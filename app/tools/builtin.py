@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-import regex as regex_engine
+import re2
 
 from app.tools.errors import ToolError
 from app.tools.limits import ToolLimits, human_size
@@ -25,6 +25,9 @@ from app.tools.textfile import (
 from app.tools.walking import SKIPPED_FOLDERS, WalkEntry, walk_folder
 
 MAX_PATTERN_CHARS = 1000
+# RE2 (no backtracking: time linear in the text) may use this much memory per compiled pattern; a
+# pattern whose program does not fit is refused when compiled, its DFA falls back to the NFA.
+PATTERN_MEMORY_BYTES = 8 * 2**20  # RE2's default; 32 MB let one pattern take 2.4 s to compile
 MAX_EXCERPT_CHARS = 240
 DEFAULT_LIST_ENTRIES = 200
 DEFAULT_SEARCH_RESULTS = 50
@@ -157,21 +160,31 @@ def list_folder(dropped: DroppedFiles, path: str = "", recursive: bool = False,
     return "\n".join([header, *lines, *footer])
 
 
-Finder = Callable[[str, float], Iterator[tuple[int, int]]]
+Finder = Callable[[bytes, int], "tuple[int, int] | None"]
 
 
 def _make_finder(pattern: str, is_regex: bool, case_sensitive: bool) -> Finder:
-    """A function yielding (start, end) of each match in a text, giving up after `timeout` seconds."""
-    source = pattern if is_regex else regex_engine.escape(pattern)
-    flags = regex_engine.MULTILINE | (0 if case_sensitive else regex_engine.IGNORECASE)
-    try:
-        compiled = regex_engine.compile(source, flags)
-    except (regex_engine.error, OverflowError, RecursionError, ValueError) as error:
-        raise ToolError(f"'{shown(pattern)}' is not a valid regular expression: {error}.") from None
+    """A function giving the (start, end) byte span of the first match at or after a position, or None.
 
-    def find(text: str, timeout: float) -> Iterator[tuple[int, int]]:
-        for found in compiled.finditer(text, timeout=timeout):
-            yield found.span()
+    Patterns run on RE2, whose matching takes time linear in the text and memory bounded by
+    PATTERN_MEMORY_BYTES, whatever the pattern (no catastrophic backtracking, no recursion); the
+    price is RE2's syntax: no backreferences, lookaround or recursion.
+    """
+    options = re2.Options()
+    options.case_sensitive = case_sensitive
+    options.log_errors = False
+    options.max_mem = PATTERN_MEMORY_BYTES
+    options.literal = not is_regex
+    try:
+        compiled = re2.compile(pattern if not is_regex else "(?m)" + pattern, options)
+    except re2.error as error:
+        problem = error.args[0].decode(errors="replace") if error.args and isinstance(error.args[0], bytes) else error
+        raise ToolError(f"'{shown(pattern)}' is not a valid regular expression: {problem}. (Patterns use RE2 "
+                        "syntax: no backreferences, lookaround or recursion.)") from None
+
+    def find(data: bytes, pos: int) -> tuple[int, int] | None:
+        found = compiled.search(data, pos)
+        return None if found is None else found.span()
 
     return find
 
@@ -219,35 +232,35 @@ class _Search:
         self.bytes_read += info.st_size
         matched_before = len(self.matches)
         lines_before = 0  # lines in the blocks already searched
-        # Whole blocks are searched at once (one regex pass, not one per line); a match is reported on the
+        # Whole blocks are searched at once (one pass, not one per line); a match is reported on the
         # line where it starts, once per line.
         for block in iter_line_blocks(fd, limits.max_file_bytes):
-            text = block.decode("utf-8", errors="replace").replace("\r\n", "\n")
+            data = block.replace(b"\r\n", b"\n")
             counted_to = 0
-            next_line_start = 0
-            remaining = self.deadline - time.monotonic()
-            if remaining <= 0:  # a negative timeout would mean "no limit" to the regex engine
-                raise TimeoutError
-            for index, (start, end) in enumerate(self.find(text, remaining)):
-                if index % 64 == 0 and time.monotonic() > self.deadline:
+            position = 0
+            while position < len(data):
+                if time.monotonic() > self.deadline:
                     raise TimeoutError
-                if start < next_line_start:
-                    continue
-                lines_before += text.count("\n", counted_to, start)
+                span = self.find(data, position)
+                if span is None:
+                    break
+                start, end = span
+                lines_before += data.count(b"\n", counted_to, start)
                 counted_to = start
-                line_start = text.rfind("\n", 0, start) + 1
-                line_end = text.find("\n", start)
-                line_end = len(text) if line_end < 0 else line_end
-                excerpt = _excerpt(text[line_start:line_end], (start - line_start, end - line_start))
-                self.matches.append(f"{shown_path}:{lines_before + 1}: {excerpt}")
-                next_line_start = line_end + 1
+                line_start = data.rfind(b"\n", 0, start) + 1
+                line_end = data.find(b"\n", start)
+                line_end = len(data) if line_end < 0 else line_end
+                line = data[line_start:line_end]
+                char_span = (len(decode_line(line[: start - line_start])), len(decode_line(line[: end - line_start])))
+                self.matches.append(f"{shown_path}:{lines_before + 1}: {_excerpt(decode_line(line), char_span)}")
+                position = line_end + 1  # one report per line: go on from the next line
                 if len(self.matches) >= self.max_results:
                     self.stop_reason = (f"Stopped at {self.max_results} matches; narrow the search or raise "
                                         f"max_results (up to {limits.max_search_results}).")
                     break
             if self.stop_reason is not None:
                 break
-            lines_before += text.count("\n", counted_to)
+            lines_before += data.count(b"\n", counted_to)
         if len(self.matches) > matched_before:
             self.files_matched += 1
         return None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -12,6 +13,8 @@ from app.tools import builtin
 from app.tools.errors import ToolError
 from app.tools.names import shown
 from app.tools.sandbox import DroppedFiles
+
+log = logging.getLogger(__name__)
 
 MAX_ARGUMENT_CHARS = 100_000
 
@@ -187,6 +190,11 @@ class ToolRegistry:
         checked = validate_arguments(tool, parse_arguments(arguments))
         try:
             return tool.function(self.dropped, **checked)
+        except ToolError:
+            raise
         except OSError as error:
             # Files can change under a running tool (deleted mid-read, disk errors); say so plainly.
             raise ToolError(f"{name} failed while reading: {error.strerror or error}.") from None
+        except Exception as error:  # MemoryError, a bug: the model gets a tool error, the app goes on
+            log.error("tool %s failed", name, exc_info=True)
+            raise ToolError(f"{name} failed: {type(error).__name__}: {shown(str(error))[:300]}") from None

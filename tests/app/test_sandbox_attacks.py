@@ -187,10 +187,6 @@ def _raw_byte_name(w: World) -> None:
         handle.write(SECRET.encode())
 
 
-def _catastrophic_line(w: World) -> None:
-    (w.project / "aaa.txt").write_text("a" * 60 + "b\n")
-
-
 @dataclass(frozen=True)
 class Attack:
     id: str
@@ -316,11 +312,14 @@ ATTACKS = [
     Attack("line-is-infinite", "read_file", {"path": "notes.txt", "start_line": float("inf")}, "must be a whole number"),
     Attack("line-negative", "read_file", {"path": "notes.txt", "start_line": -5}, "at least 1"),
     # Denial of service through the search
-    Attack("catastrophic-regex", "search_text", {"pattern": "(a|aa)+$", "regex": True, "path": "project/aaa.txt"},
-           "took longer than 0.5 s", _catastrophic_line),
+    Attack("recursive-regex", "search_text", {"pattern": "(a|(?R))+", "regex": True}, "not a valid regular expression"),
+    Attack("backreference-regex", "search_text", {"pattern": r"(a+)+\1$", "regex": True},
+           "not a valid regular expression.*RE2"),
+    Attack("regex-nested-repeat", "search_text", {"pattern": "((((a{100}){100}){100}){100})", "regex": True},
+           "invalid repetition size"),
+    Attack("regex-program-too-big", "search_text", {"pattern": r"\pL{1000}", "regex": True}, "pattern too large"),
     Attack("invalid-regex", "search_text", {"pattern": "([", "regex": True}, "not a valid regular expression"),
-    Attack("regex-huge-repeat", "search_text", {"pattern": "a{99999999999}", "regex": True},
-           "not a valid regular expression"),
+    Attack("regex-huge-repeat", "search_text", {"pattern": "a{1001}", "regex": True}, "invalid repetition size"),
 ]
 
 
@@ -341,6 +340,35 @@ def test_attack_is_refused_with_a_reason(world: World, attack: Attack) -> None:
     assert SECRET not in message
     assert pytest.importorskip("re").search(attack.expect, message), message
     assert len(message) < 1000
+
+
+PATHOLOGICAL_PATTERNS = ["(a|aa)+$", "(a*)*b", "(x+x+)+y", "(.*a){20}b", "^(a?){30}a{30}$", "(\\w+\\s?)*#$"]
+
+
+@pytest.mark.parametrize("pattern", PATHOLOGICAL_PATTERNS)
+def test_backtracking_patterns_run_in_linear_time(world: World, pattern: str) -> None:
+    """Patterns that take exponential time on a backtracking engine finish well inside the 0.5 s budget."""
+    (world.project / "aaa.txt").write_text(("a" * 5000 + "!\n") * 40)
+    result = world.registry.run("search_text", {"pattern": pattern, "regex": True, "path": "project/aaa.txt"})
+    assert result.startswith("[No lines match regular expression"), result[:300]
+
+
+def test_a_tool_that_raises_anything_gives_a_tool_error(world: World) -> None:
+    from app.tools.registry import BUILTIN_TOOLS, ToolSpec
+
+    def exhausts_memory(dropped: DroppedFiles, **_: Any) -> str:
+        raise MemoryError("simulated")
+
+    def has_a_bug(dropped: DroppedFiles, **_: Any) -> str:
+        return str(1 // 0)
+
+    tools = (*BUILTIN_TOOLS, ToolSpec("greedy", "x", BUILTIN_TOOLS[0].parameters, exhausts_memory),
+             ToolSpec("buggy", "x", BUILTIN_TOOLS[0].parameters, has_a_bug))
+    registry = ToolRegistry(world.dropped, tools)
+    with pytest.raises(ToolError, match="greedy failed: MemoryError: simulated"):
+        registry.run("greedy", {"path": "notes.txt"})
+    with pytest.raises(ToolError, match="buggy failed: ZeroDivisionError"):
+        registry.run("buggy", {"path": "notes.txt"})
 
 
 def _all_traps(w: World) -> None:
