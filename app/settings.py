@@ -45,6 +45,9 @@ class Settings:
         "str", "Folder of the model to run; empty means the built-in demo model."))
     cache_mb: int = field(default=0, metadata=_describe(
         "int", "Expert cache size in MB; 0 lets the engine choose from free memory.", min=0, max=1 << 22))
+    memory_limit_mb: int = field(default=0, metadata=_describe(
+        "int", "Most memory the engine may use in MB (its RSS plus MLX's buffers); 0 means no limit.",
+        min=0, max=1 << 22))
     experts_per_token: int | None = field(default=None, metadata=_describe(
         "optional_int", "Experts used per token; empty keeps the model's own value.", min=1, max=256))
     cold_mode: bool = field(default=False, metadata=_describe(

@@ -31,8 +31,42 @@ def delegated_parser(name: str) -> argparse.ArgumentParser:
     return module.build_parser()  # type: ignore[no-any-return]
 
 
+def cache_mb_arg(value: str) -> float | None:
+    """``--cache-mb``: "auto" (None: sized from this machine) or a size in MiB (>= 0)."""
+    if value.strip().lower() == "auto":
+        return None
+    try:
+        mb = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a size in MiB, got {value!r}") from None
+    if not mb >= 0 or mb == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be 'auto' or a finite size >= 0, got {value!r}")
+    return mb
+
+
+def _positive_mb(value: str) -> float:
+    try:
+        mb = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a size in MiB, got {value!r}") from None
+    if not 0 < mb < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive size in MiB, got {value!r}")
+    return mb
+
+
+def _add_memory_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cache-mb", type=cache_mb_arg, default=None, metavar="auto|MiB",
+                   help="in-process expert cache in MiB, or auto (default): sized from this machine's RAM, "
+                        "leaving most of it to the OS page cache")
+    p.add_argument("--memory-limit-mb", type=_positive_mb, default=None, metavar="MiB",
+                   help="cap the engine's whole footprint (RSS + MLX buffers); a model whose dense part "
+                        "does not fit is refused")
+    p.add_argument("--context-tokens", type=int, default=8192,
+                   help="context the memory budget keeps KV-cache room for (default 8192)")
+
+
 def _add_engine_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--cache-mb", type=float, default=0.0, help="in-process expert cache budget in MiB")
+    _add_memory_options(p)
     p.add_argument("--experts-per-token", type=int, default=None, help="override K (warns below trained K)")
     p.add_argument("--cold", action="store_true", help="bypass the OS page cache for expert reads")
     p.add_argument("--io-threads", type=int, default=4, help="parallel expert reads")
@@ -53,6 +87,8 @@ def engine_options(args: argparse.Namespace) -> EngineOptions:
         cache_mb=args.cache_mb,
         experts_per_token=args.experts_per_token,
         cold=args.cold,
+        memory_limit_mb=args.memory_limit_mb,
+        context_tokens=args.context_tokens,
         io_threads=args.io_threads,
         prefill_chunk=args.prefill_chunk,
         prefetch=args.prefetch,
@@ -132,7 +168,7 @@ def timing_report(s: dict[str, Any]) -> str:
 def cmd_plan(args: argparse.Namespace) -> int:
     """Print the memory plan of a model directory without loading its weights."""
     from engine.engine import measure_expert_read_speed
-    from engine.model.loader import inspect_experts
+    from engine.model.loader import inspect_experts, memory_budget_for, pick_device
     from engine.storage.packed_layout import open_packed_layout
     from engine.model.plan import make_plan
 
@@ -141,17 +177,20 @@ def cmd_plan(args: argparse.Namespace) -> int:
     layers = inspected.layers
     disk = measure_expert_read_speed(layers, io_threads=args.io_threads, samples=args.samples)
     packed = open_packed_layout(model_dir, layers)
-    cache = int(args.cache_mb * 2**20)
     plan = make_plan(
+    device = pick_device(args.device)
         model_type=inspected.config["model_type"],
         moe_layers=len(layers),
+    options = EngineOptions(cache_mb=args.cache_mb, memory_limit_mb=args.memory_limit_mb,
+                            context_tokens=args.context_tokens, device=device)  # fmt: skip
+    budget = memory_budget_for(inspected, options, device)  # the same budget a load would choose
         experts_per_layer=layers[0].num_experts,
         k=inspected.k,
         trained_k=inspected.trained_k,
-        dense_bytes=inspected.dense_bytes_on_disk,
+        dense_bytes=budget.needs.dense_bytes,
         expert_bytes_total=sum(l.expert_bytes * l.num_experts for l in layers),
         expert_bytes=layers[0].expert_bytes,
-        cache_budget_bytes=cache,
+        budget=budget,
         disk_read_bytes_per_s=disk,
         layout="packed" if packed else "safetensors",
     )
@@ -215,7 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plan", help="memory plan and disk-bound tok/s of a model directory")
     p.add_argument("model", help="model directory (an mlx-lm MoE model)")
-    p.add_argument("--cache-mb", type=float, default=0.0, help="in-process expert cache budget in MiB")
+    _add_memory_options(p)
+    p.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto",
+                   help="plan for this device (the CPU holds dense weights as fp32)")
     p.add_argument("--experts-per-token", type=int, default=None, help="plan for this K instead of the trained one")
     p.add_argument("--io-threads", type=int, default=4, help="parallel reads when measuring the disk")
     p.add_argument("--samples", type=int, default=32, help="experts read to measure the disk")

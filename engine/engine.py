@@ -75,7 +75,7 @@ class Engine:
             dense_bytes=loaded.dense_bytes,
             expert_bytes_total=loaded.expert_bytes_total,
             expert_bytes=loaded.layers[0].expert_bytes,
-            cache_budget_bytes=loaded.streamer.resident_bytes,
+            budget=loaded.budget,
             disk_read_bytes_per_s=disk,
             layout=loaded.store.layout,
         )

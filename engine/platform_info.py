@@ -26,6 +26,10 @@ from typing import Any, Literal
 import psutil
 
 from engine.errors import ExpertReadError, MissingFileError, RequestError
+from engine.platform.limits import raise_open_files_limit as raise_open_files_limit  # re-exported
+from engine.platform.macos_disk import cached_physical_disks
+from engine.platform.page_cache import eviction_method as eviction_method  # re-exported
+from engine.platform.page_cache import msync_invalidate
 
 PressureLevel = Literal["normal", "warning", "critical"]
 
@@ -248,8 +252,8 @@ def linux_disk_of_path(path: Path, sys_root: Path = Path("/sys")) -> str | None:
     return None
 
 
-def macos_disk_of_path(path: Path, partitions: Callable[[], list[Any]] = psutil.disk_partitions) -> str | None:
-    """macOS: the BSD disk ("disk3") of the volume holding path, from psutil's partition list."""
+def macos_volume_of_path(path: Path, partitions: Callable[[], list[Any]] = psutil.disk_partitions) -> str | None:
+    """macOS: the device ("/dev/disk3s1s1") of the volume holding path, from psutil's partition list."""
     target = str(path.resolve())
     best: tuple[int, str] | None = None
     for part in partitions():
@@ -258,8 +262,27 @@ def macos_disk_of_path(path: Path, partitions: Callable[[], list[Any]] = psutil.
             best = (len(mp), part.device)
     if best is None or not best[1].startswith("/dev/disk"):
         return None
-    match = re.match(r"/dev/(disk\d+)", best[1])  # "/dev/disk3s1s1" -> "disk3"
+    return best[1]
+
+
+def macos_disk_of_path(path: Path, partitions: Callable[[], list[Any]] = psutil.disk_partitions) -> str | None:
+    """macOS: the BSD disk ("disk3") of the volume holding path (an APFS container, not the SSD)."""
+    volume = macos_volume_of_path(path, partitions)
+    match = re.match(r"/dev/(disk\d+)", volume or "")  # "/dev/disk3s1s1" -> "disk3"
     return match.group(1) if match else None
+
+
+def macos_counter_disks(path: Path, partitions: Callable[[], list[Any]] = psutil.disk_partitions,
+                        physical: Callable[[str], list[str]] = cached_physical_disks) -> list[str]:  # fmt: skip
+    """macOS: the physical disks whose read counters move when path is read (APFS store -> disk0)."""
+    volume = macos_volume_of_path(path, partitions)
+    if volume is None:
+        return []
+    try:
+        return physical(volume)
+    except OSError:
+        container = macos_disk_of_path(path, partitions)
+        return [container] if container else []
 
 
 def disk_of_path(path: str | Path, platform: str = sys.platform) -> str | None:
@@ -277,12 +300,21 @@ def disk_read_counters(
     counters: Callable[..., Any] = psutil.disk_io_counters,
     platform: str = sys.platform,
 ) -> DiskReadCounters:
-    """Read counters of the disk holding path; all disks summed when that disk is not listed."""
-    name = disk_of_path(path, platform)
+    """Read counters of the disk holding path; all disks summed when that disk is not listed.
+
+    On macOS the disks are the physical stores of the path's APFS volume (several are summed).
+    """
+    names = macos_counter_disks(Path(path)) if platform == "darwin" else [disk_of_path(path, platform)]
     per_disk = counters(perdisk=True) or {}
-    if name is not None and name in per_disk:
-        c = per_disk[name]
-        return DiskReadCounters(name, int(c.read_bytes), int(c.read_count), int(c.read_time))
+    found = [n for n in names if n is not None and n in per_disk]
+    if found:
+        picked = [per_disk[n] for n in found]
+        return DiskReadCounters(
+            "+".join(found),
+            sum(int(c.read_bytes) for c in picked),
+            sum(int(c.read_count) for c in picked),
+            sum(int(c.read_time) for c in picked),
+        )
     total = counters(perdisk=False)
     if total is None:
         return DiskReadCounters(None, 0, 0, 0)
@@ -340,12 +372,17 @@ def set_macos_nocache(fd: int, fcntl_fn: Callable[[int, int, int], Any] | None =
 
 
 def drop_file_cache(fd: int, offset: int = 0, length: int = 0,
-                    fadvise: Callable[[int, int, int, int], None] | None = None) -> bool:  # fmt: skip
+                    fadvise: Callable[[int, int, int, int], None] | None = None,
+                    platform: str = sys.platform,
+                    msync_evict: Callable[[int, int, int], bool] = msync_invalidate) -> bool:  # fmt: skip
     """Evict fd's cached pages in [offset, offset+length) (0 = to the end); False where unsupported.
 
     Linux: posix_fadvise(POSIX_FADV_DONTNEED); dirty pages are not evicted, so fsync first
-    after writing. macOS has no per-file eviction: open with open_uncached (F_NOCACHE) instead.
+    after writing. macOS: mmap + msync(MS_INVALIDATE) (F_NOCACHE alone keeps pages already cached).
+    See engine.platform.page_cache.eviction_method.
     """
+    if platform == "darwin" and fadvise is None:
+        return msync_evict(fd, offset, length)
     if fadvise is None:
         if not hasattr(os, "posix_fadvise"):
             return False

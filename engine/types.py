@@ -10,7 +10,11 @@ from typing import Any
 class EngineOptions:
     """How a model is loaded and streamed."""
 
-    cache_mb: float = 0.0  # in-process expert cache budget (MiB); the OS page cache is beyond it
+    # in-process expert cache budget (MiB); None: sized from this machine (engine.model.memory_budget);
+    # the OS page cache is beyond it
+    cache_mb: float | None = 0.0
+    memory_limit_mb: float | None = None  # cap of the whole footprint (RSS + MLX buffers); None: no cap
+    context_tokens: int = 8192  # the context the budget keeps KV-cache room for
     experts_per_token: int | None = None  # override K; None keeps the model's trained value
     cold: bool = False  # bypass the OS page cache on expert reads (honest disk figures)
     io_threads: int = 4  # parallel pread workers

@@ -16,11 +16,11 @@ from typing import Any
 from app.bridge import LOADING, EngineBridge
 from app.ops import BackgroundOp, OpContext
 from app.qt import QObject, Signal, Slot
-from app.settings import SettingsStore
+from app.settings import Settings, SettingsStore
 from engine.serving.protocol import ErrorEvent, LoadedEvent
 from engine.types import EngineOptions
 
-ENGINE_SETTINGS = ("model_dir", "cache_mb", "experts_per_token", "cold_mode")
+ENGINE_SETTINGS = ("model_dir", "cache_mb", "memory_limit_mb", "experts_per_token", "cold_mode")
 DEMO_BUILD_TIMEOUT_S = 600
 PLAN_TIMEOUT_S = 120
 
@@ -28,6 +28,16 @@ PLAN_TIMEOUT_S = 120
 def engine_python_command(*args: str) -> list[str]:
     """A command running engine code with this interpreter (works from a venv and a bundle)."""
     return [sys.executable, *args]
+
+
+def engine_options_from(s: Settings) -> EngineOptions:
+    """Load options from the app's settings: a cache of 0 MB is automatic, a limit of 0 is none."""
+    return EngineOptions(
+        cache_mb=float(s.cache_mb) if s.cache_mb > 0 else None,
+        memory_limit_mb=float(s.memory_limit_mb) if s.memory_limit_mb > 0 else None,
+        experts_per_token=s.experts_per_token,
+        cold=s.cold_mode,
+    )
 
 
 def build_demo_model() -> Path:
@@ -44,7 +54,10 @@ def build_demo_model() -> Path:
 
 def read_memory_plan(model_dir: Path, options: EngineOptions) -> dict[str, Any]:
     """Run `moebar-engine plan MODEL --json` and return the plan."""
-    args = ["-m", "engine.cli", "plan", str(model_dir), "--json", "--cache-mb", str(options.cache_mb)]
+    cache = "auto" if options.cache_mb is None else str(options.cache_mb)
+    args = ["-m", "engine.cli", "plan", str(model_dir), "--json", "--cache-mb", cache]
+    if options.memory_limit_mb is not None:
+        args += ["--memory-limit-mb", str(options.memory_limit_mb)]
     if options.experts_per_token:
         args += ["--experts-per-token", str(options.experts_per_token)]
     done = subprocess.run(engine_python_command(*args), capture_output=True, text=True, timeout=PLAN_TIMEOUT_S)
@@ -80,7 +93,7 @@ class ModelManager(QObject):
     def engine_options(self) -> EngineOptions:
         """Load options from the settings."""
         s = self.settings.settings
-        return EngineOptions(cache_mb=float(s.cache_mb), experts_per_token=s.experts_per_token, cold=s.cold_mode)
+        return engine_options_from(s)
 
     def is_demo(self) -> bool:
         """Whether the demo model is (or will be) loaded."""

@@ -21,7 +21,12 @@ def plan_lines(plan: dict[str, Any]) -> list[tuple[str, str]]:
     if plan.get("expert_bytes_per_token"):
         rows.append(("Expert bytes per token", human_bytes(plan["expert_bytes_per_token"])))
     if "cache_budget_bytes" in plan:
-        rows.append(("Expert cache", human_bytes(plan["cache_budget_bytes"])))
+        rows.append(("Expert cache", cache_text(plan)))
+    if plan.get("memory_limit_bytes"):
+        rows.append(("Memory limit", f"{human_bytes(plan['memory_limit_bytes'])} "
+                                     f"(planned use {human_bytes(plan.get('footprint_bytes', 0))})"))
+    if plan.get("page_cache_reserve_bytes"):
+        rows.append(("Left to the OS page cache", human_bytes(plan["page_cache_reserve_bytes"])))
     if plan.get("ram_available_bytes"):
         rows.append(("RAM available", human_bytes(plan["ram_available_bytes"])))
     if plan.get("disk_read_bytes_per_s"):
@@ -34,6 +39,17 @@ def plan_lines(plan: dict[str, Any]) -> list[tuple[str, str]]:
     if plan.get("fits_in_ram"):
         rows.append(("Note", "the whole model fits in RAM; streaming is optional"))
     return rows
+
+
+def cache_text(plan: dict[str, Any]) -> str:
+    """The expert cache as shown everywhere (Model dialog and side panel): its size and why."""
+    size = human_bytes(plan["cache_budget_bytes"])
+    mode = {"auto": "automatic", "user": "set in Settings", "limit": "under the memory limit"}.get(
+        str(plan.get("cache_mode", "")), "")
+    reason = str(plan.get("cache_reason", "")).strip()
+    if mode and reason:
+        return f"{size} ({mode}: {reason})"
+    return f"{size} ({mode})" if mode else size
 
 
 class ModelPanel(QtWidgets.QFrame):

@@ -49,6 +49,11 @@ class SettingsDialog(QtWidgets.QDialog):
         self.cache_mb.setSuffix(" MB")
         self.cache_mb.setSpecialValueText("automatic")
         self.cache_mb.setValue(s.cache_mb)
+        self.memory_limit_mb = QtWidgets.QSpinBox(self)
+        self.memory_limit_mb.setRange(0, 1 << 22)
+        self.memory_limit_mb.setSuffix(" MB")
+        self.memory_limit_mb.setSpecialValueText("no limit")
+        self.memory_limit_mb.setValue(s.memory_limit_mb)
         self.experts_per_token = QtWidgets.QSpinBox(self)
         self.experts_per_token.setRange(0, 256)
         self.experts_per_token.setSpecialValueText("as trained")
@@ -79,6 +84,7 @@ class SettingsDialog(QtWidgets.QDialog):
         form.addRow("", self.thinking)
         form.addRow("Theme:", self.theme)
         form.addRow("Expert cache:", self.cache_mb)
+        form.addRow("Memory limit:", self.memory_limit_mb)
         form.addRow("Experts per token:", self.experts_per_token)
         form.addRow("", self.k_warning)
         form.addRow("", self.cold_mode)
@@ -115,6 +121,7 @@ class SettingsDialog(QtWidgets.QDialog):
     def accept(self) -> None:
         """Validate and save; stay open with the reason if a value is refused."""
         try:
+            "memory_limit_mb": self.memory_limit_mb.value(),
             self.settings.update(self.values())
         except (SettingsError, OSError) as exc:
             self.error_label.setText(str(exc))

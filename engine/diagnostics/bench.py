@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from engine.diagnostics.bench_report import format_table, targets
+from engine.diagnostics.cache_sweep import format_sweep, parse_fractions, run_cache_sweep
 
 
 def _model_dir(args: argparse.Namespace) -> Path:
@@ -284,6 +285,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefill-matmul", choices=["auto", "on", "off"], default="auto",
                    help="CPU prefill chunks as dequantize + dense GEMM (auto: where MLX has a fast BLAS)")
     p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument("--cache-sweep", type=parse_fractions, default=None, metavar="FRACTIONS",
+                   help="instead of the phases: decode at these expert-cache sizes (fractions of all "
+                        "experts, e.g. 0,0.125,0.5,1), page cache warm and cold (see cache_sweep)")
     return p
 
 
@@ -291,10 +295,17 @@ def main(argv: list[str] | None = None) -> int:
     """Run the benchmark, print the table, write the JSON."""
     args = build_parser().parse_args(argv)
     t0 = time.perf_counter()
-    results = run_bench(args)
+    if args.cache_sweep is not None:
+        model = _model_dir(args)
+        _ensure_packed(model, args.layout)
+        results = run_cache_sweep(args, model, args.cache_sweep)
+        table = format_sweep(results)
+    else:
+        results = run_bench(args)
+        table = format_table(results)
     results["bench_seconds"] = time.perf_counter() - t0
     results["command"] = "moebar-engine bench " + " ".join(argv if argv is not None else sys.argv[1:])
-    print(format_table(results))
+    print(table)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return 0

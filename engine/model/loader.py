@@ -30,6 +30,9 @@ from engine.fast_blas import fast_blas_status
 from engine.storage.packed_layout import open_packed_layout
 from engine.storage.safetensors_index import TensorLocation, read_model_index
 from engine.model.streamed_moe import ExpertStreamer, StreamedSwitch
+from engine.model.memory_budget import MemoryBudget, memory_needs, plan_budget, slot_bytes_per_expert
+from engine.model.mlx_memory import apply_mlx_limits
+from engine.platform_info import raise_open_files_limit
 from engine.types import EngineOptions
 
 log = logging.getLogger("moebar.engine")
@@ -55,6 +58,7 @@ class StreamedModel:
     dense_bytes: int
     expert_bytes_total: int
     trained_k: int
+    budget: MemoryBudget
     k: int
     activation_dtype: str
 
@@ -307,8 +311,14 @@ def _weights_mismatch(
             f"{head}{example}; is model_type right?"
         )
     match = re.search(r"for parameter (\S+)", head)
+    budget = memory_budget_for(inspected, options, device)
+    apply_mlx_limits(budget)
+    raise_open_files_limit(_shard_files(layers) + options.io_threads + 64)
     where = index.get(match.group(1)) if match else None
     in_file = f" in {where.file.name}" if where is not None else ""
+    # the streamer counts its budget in on-disk expert bytes; slots may hold 16-bit scales as fp32
+    widen = slots_widen_half_floats(device, model)
+    per_slot = max(1, slot_bytes_per_expert(layers[0], widen))
     return f"{model_dir}: the weights{in_file} do not match config.json: {head}{example}"
 
 
@@ -335,10 +345,11 @@ def load_streamed_model(model_dir: Path, options: EngineOptions, progress: Progr
     streamer = ExpertStreamer(
         layers,
         store,
-        cache_bytes=int(options.cache_mb * 2**20),
+        cache_bytes=budget.cache_bytes * layers[0].expert_bytes // per_slot,
         experts_per_token=k,
         prefetch=options.prefetch,
-        upcast_half=slots_widen_half_floats(device, model),
+        policy=options.cache_policy,
+        upcast_half=widen,
     )
     switches: list[StreamedSwitch] = []
     parents: list[nn.Module] = []
@@ -371,7 +382,41 @@ def load_streamed_model(model_dir: Path, options: EngineOptions, progress: Progr
     expert_total = sum(l.expert_bytes * l.num_experts for l in layers)
     return StreamedModel(
         model, config, tokenizer, layers, streamer, store, switches, dense_bytes, expert_total, trained_k, k,
-        activation_dtype,
+        activation_dtype, budget,
+    )
+
+
+def _shard_files(layers: list[LayerExperts]) -> int:
+    """Distinct files the expert store may hold open."""
+    return len({s.file for layer in layers for s in layer.sources})
+
+
+def memory_budget_for(inspected: "ModelExperts", options: EngineOptions, device: str) -> MemoryBudget:
+    """The memory budget of this load: the expert cache from options and this machine (see memory_budget)."""
+    from engine.platform_info import memory_info, process_rss_bytes
+
+    on_cpu = device == "cpu"
+    needs = memory_needs(
+        model=inspected.model,
+        config=inspected.config,
+        expert_paths=[path for path, _, _ in inspected.found],
+        layers=inspected.layers,
+        k=inspected.k,
+        device=device,
+        context_tokens=options.context_tokens,
+        prefill_chunk=options.prefill_chunk,
+        prefetch=options.prefetch,
+        cpu_prefill_gemm=use_prefill_matmul(options.prefill_matmul, device),
+        runtime_bytes=process_rss_bytes(),
+    )
+    ram = memory_info()
+    return plan_budget(
+        needs=needs,
+        expert_bytes_total=sum(l.expert_bytes * l.num_experts for l in inspected.layers),
+        ram_total=ram.total_bytes,
+        ram_available=ram.available_bytes,
+        cache_mb=options.cache_mb,
+        memory_limit_mb=options.memory_limit_mb,
     )
 
 

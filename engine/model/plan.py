@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import psutil
+from engine.model.memory_budget import MemoryBudget
 
 GIB = 2**30
 
@@ -23,13 +23,18 @@ class MemoryPlan:
     expert_bytes_total: int  # streamed from disk
     expert_bytes: int  # one expert
     expert_bytes_per_token: int  # layers x K x one expert, all read when nothing is cached
-    cache_budget_bytes: int  # the in-process expert cache chosen for this load
-    suggested_cache_bytes: int
+    cache_budget_bytes: int  # the in-process expert cache chosen for this load (the one figure shown)
+    cache_reason: str  # why that size (automatic, the user's, or what the memory limit leaves)
+    cache_mode: str  # "auto", "user" or "limit"
+    memory_limit_bytes: int | None  # the footprint cap asked for, or None
+    footprint_bytes: int  # what the budget plans for: runtime, dense, KV, slots, prefill, margin, cache
+    page_cache_reserve_bytes: int  # RAM left to the OS page cache (the second-level expert cache)
     ram_total_bytes: int
     ram_available_bytes: int
     disk_read_bytes_per_s: float | None  # measured cold parallel reads of expert-sized blocks
     tps_bound_cold: float | None  # disk / bytes per token: the ceiling with every expert read
     layout: str  # "packed" or "safetensors"
+    budget: dict[str, Any] = field(default_factory=dict)  # the budget's parts (MemoryBudget.to_dict)
 
     @property
     def fits_in_ram(self) -> bool:
@@ -47,6 +52,7 @@ class MemoryPlan:
         def gb(n: float) -> str:
             return f"{n / GIB:.2f} GiB"
 
+        limit = f", limit {gb(self.memory_limit_bytes)}" if self.memory_limit_bytes else ""
         lines = [
             f"model: {self.model_type}, {self.moe_layers} MoE layers x {self.experts_per_layer} experts, "
             f"K={self.experts_per_token} (trained {self.trained_experts_per_token})",
@@ -55,23 +61,14 @@ class MemoryPlan:
             f"{self.layout} layout)",
             f"expert bytes per token at K={self.experts_per_token}: {self.expert_bytes_per_token / 2**20:.1f} MiB",
             f"RAM: {gb(self.ram_available_bytes)} available of {gb(self.ram_total_bytes)}",
-            f"expert cache: {gb(self.cache_budget_bytes)} (suggested {gb(self.suggested_cache_bytes)}; "
-            "the OS page cache holds more)",
+            f"expert cache: {gb(self.cache_budget_bytes)} ({self.cache_mode}: {self.cache_reason})",
+            f"engine footprint: {gb(self.footprint_bytes)}{limit}; left to the OS page cache: "
+            f"{gb(self.page_cache_reserve_bytes)}",
         ]
         if self.disk_read_bytes_per_s:
             lines.append(f"disk cold read: {self.disk_read_bytes_per_s / 1e9:.2f} GB/s")
             lines.append(f"tok/s bound with no expert cached: {self.tps_bound_cold:.2f}")
         return "\n".join(lines)
-
-
-def suggest_cache_bytes(dense_bytes: int, expert_total: int, ram_available: int) -> int:
-    """A small cache: 15% of the RAM left after dense weights, never more than all experts.
-
-    Earlier systems found the OS page cache the better large cache (a big wired application
-    cache made macOS compress memory and cost 38%), so most of the RAM is left to it.
-    """
-    spare = max(0, ram_available - dense_bytes - 2 * GIB)
-    return int(min(expert_total, 0.15 * spare))
 
 
 def make_plan(
@@ -84,12 +81,11 @@ def make_plan(
     dense_bytes: int,
     expert_bytes_total: int,
     expert_bytes: int,
-    cache_budget_bytes: int,
+    budget: MemoryBudget,
     disk_read_bytes_per_s: float | None,
     layout: str,
 ) -> MemoryPlan:
-    """Build the plan from the model's layout, this machine's RAM and a disk measurement."""
-    vm = psutil.virtual_memory()
+    """Build the plan from the model's layout, the memory budget and a disk measurement."""
     per_token = moe_layers * k * expert_bytes
     bound = disk_read_bytes_per_s / per_token if disk_read_bytes_per_s and per_token else None
     return MemoryPlan(
@@ -102,11 +98,16 @@ def make_plan(
         expert_bytes_total=expert_bytes_total,
         expert_bytes=expert_bytes,
         expert_bytes_per_token=per_token,
-        cache_budget_bytes=cache_budget_bytes,
-        suggested_cache_bytes=suggest_cache_bytes(dense_bytes, expert_bytes_total, vm.available),
-        ram_total_bytes=vm.total,
-        ram_available_bytes=vm.available,
+        cache_budget_bytes=budget.cache_bytes,
+        cache_reason=budget.reason,
+        cache_mode=budget.mode,
+        memory_limit_bytes=budget.limit_bytes,
+        footprint_bytes=budget.footprint_bytes,
+        page_cache_reserve_bytes=budget.page_cache_reserve_bytes,
+        ram_total_bytes=budget.ram_total_bytes,
+        ram_available_bytes=budget.ram_available_bytes,
         disk_read_bytes_per_s=disk_read_bytes_per_s,
         tps_bound_cold=bound,
         layout=layout,
+        budget=budget.to_dict(),
     )

@@ -88,6 +88,9 @@ class LiveFigures:
     generated_tokens: int = 0  # of the current request: generated so far
 
 
+    mlx_active_bytes: int = 0  # MLX's buffers in use (weights, slots, KV, activations)
+    mlx_cached_bytes: int = 0  # freed buffers MLX keeps for reuse (held small by the memory budget)
+    mlx_peak_bytes: int = 0  # MLX's most active bytes since the engine started
 @dataclass
 class MessageFigures:
     """Figures of one finished message, kept with it."""
@@ -120,7 +123,11 @@ class LoadRequest:
         """Raise ProtocolError when a value is out of range."""
         o = self.options
         _require(bool(self.model_dir.strip()), "load.model_dir", "must not be empty")
-        _require(o.cache_mb >= 0, "load.options.cache_mb", f"must be >= 0, got {o.cache_mb}")
+        _require(o.cache_mb is None or o.cache_mb >= 0, "load.options.cache_mb",
+                 f"must be >= 0 or null (automatic), got {o.cache_mb}")  # fmt: skip
+        _require(o.memory_limit_mb is None or o.memory_limit_mb > 0, "load.options.memory_limit_mb",
+                 f"must be > 0 or null (no limit), got {o.memory_limit_mb}")  # fmt: skip
+        _require(o.context_tokens >= 1, "load.options.context_tokens", f"must be >= 1, got {o.context_tokens}")
         _require(
             self.prompt_cache_mb >= 0, "load.prompt_cache_mb", f"must be >= 0, got {self.prompt_cache_mb}"
         )

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from engine.serving.chat import ChatFormat, OutputSplitter, Piece, prompt_ends_in_reasoning, render_prompt
 from engine.errors import MoeBarError, RequestError
 from engine.serving.live_stats import LiveStats
+from engine.serving.out_of_memory import is_out_of_memory, out_of_memory_message
 from engine.model.prompt_cache import PromptCache, cache_is_trimmable, cache_length, common_prefix_len, snapshot
 from engine.serving.protocol import (
     ChatMessage,
@@ -383,12 +384,6 @@ def error_event(exc: BaseException, request_id: str | None = None) -> ErrorEvent
     """Turn an exception into an error event; only memory exhaustion marks the engine unusable."""
     if isinstance(exc, MoeBarError):
         return ErrorEvent(code=exc.code, message=str(exc), usable=True, id=request_id, field=getattr(exc, "field", None))
-    if isinstance(exc, MemoryError):
-        return ErrorEvent(
-            code="out_of_memory",
-            message=f"out of memory ({type(exc).__name__}: {exc}); "
-            "a smaller expert cache or a smaller model helps",
-            usable=False,
-            id=request_id,
-        )
+    if is_out_of_memory(exc):  # MemoryError, or Metal/CUDA exhaustion arriving as a RuntimeError
+        return ErrorEvent(code="out_of_memory", message=out_of_memory_message(exc), usable=False, id=request_id)
     return ErrorEvent(code="internal_error", message=f"{type(exc).__name__}: {exc}", usable=True, id=request_id)
