@@ -30,7 +30,10 @@ from engine.serving.protocol import (
     HelloEvent,
     LoadedEvent,
     LoadRequest,
+    PrefillEvent,
     ProgressEvent,
+    ServeRequest,
+    ServerEvent,
     ShutdownRequest,
     StatsEvent,
     TokenTextEvent,
@@ -94,6 +97,7 @@ class EngineProcessWorker(QObject):
     loaded = Signal(object)  # LoadedEvent
     progress = Signal(str, float)
     token = Signal(str, str, str)  # request id, text, kind ("answer" or "reasoning")
+    prefill = Signal(object)  # PrefillEvent: the prompt is being read
     tool_call = Signal(object)  # ToolCallEvent
     stats = Signal(object)  # StatsEvent
     done = Signal(object)  # DoneEvent
@@ -104,6 +108,7 @@ class EngineProcessWorker(QObject):
     restarting = Signal(int, str)  # attempt, reason
     gave_up = Signal(str)
     protocol_error = Signal(str)
+    server_state = Signal(object)  # ServerEvent: the local HTTP server's state
     stopped = Signal()
 
     def __init__(self, command: Sequence[str], log_path: Path | None) -> None:
@@ -116,6 +121,7 @@ class EngineProcessWorker(QObject):
         self._stderr_tail: deque[str] = deque(maxlen=STDERR_TAIL_LINES)
         self._in_flight: list[str] = []
         self._model_request: LoadRequest | None = None
+        self._serve_request: ServeRequest | None = None  # sent again to a restarted engine
         self._loads_pending = 0  # load requests sent to this process and not yet answered
         self._stopping = False
         self._fatal_message = ""
@@ -151,6 +157,15 @@ class EngineProcessWorker(QObject):
             self._write(self._model_request)
             self._loads_pending = 1  # a fresh process: only this load is pending
             self._set_state(LOADING)
+        if self._serve_request is not None and self._serve_request.enabled:
+            self._write(self._serve_request)
+
+    @Slot(object)
+    def serve(self, request: ServeRequest) -> None:
+        """Start or stop the engine's local HTTP server (remembered across engine restarts)."""
+        self._serve_request = request
+        if self._process is not None:
+            self._write(request)
 
     @Slot(object)
     def load(self, request: LoadRequest) -> None:
@@ -272,6 +287,8 @@ class EngineProcessWorker(QObject):
             self.token.emit(event.id, event.text, event.kind)
         elif isinstance(event, StatsEvent):
             self.stats.emit(event)
+        elif isinstance(event, PrefillEvent):
+            self.prefill.emit(event)
         elif isinstance(event, ToolCallEvent):
             self.tool_call.emit(event)
         elif isinstance(event, DoneEvent):
@@ -297,6 +314,8 @@ class EngineProcessWorker(QObject):
         elif isinstance(event, UnloadedEvent):
             self.unloaded.emit()
             self._set_state(IDLE)
+        elif isinstance(event, ServerEvent):
+            self.server_state.emit(event)
 
     def _on_error_event(self, event: ErrorEvent) -> None:
         if event.id is None and self._loads_pending:
@@ -336,6 +355,8 @@ class EngineProcessWorker(QObject):
         reason = describe_exit(exit_code, crashed, list(self._stderr_tail), self._fatal_message)
         log.warning("%s", reason)
         lost, self._in_flight = self._in_flight, []
+        if self._serve_request is not None and self._serve_request.enabled:
+            self.server_state.emit(ServerEvent(running=False, error="the engine stopped; it restarts with the server"))
         self.engine_lost.emit(reason, lost)
         now = time.monotonic()
         self._crash_times.append(now)
@@ -372,6 +393,7 @@ class EngineBridge(QObject):
     loaded = Signal(object)  # LoadedEvent
     progress = Signal(str, float)  # stage, fraction
     token = Signal(str, str, str)  # request id, text, kind
+    prefill = Signal(object)  # PrefillEvent: progress of a request's prompt prefill
     tool_call = Signal(object)  # ToolCallEvent
     stats = Signal(object)  # StatsEvent
     done = Signal(object)  # DoneEvent
@@ -382,8 +404,10 @@ class EngineBridge(QObject):
     restarting = Signal(int, str)  # attempt, reason
     gave_up = Signal(str)  # reason; call restart() to try again
     protocol_error = Signal(str)
+    server_state = Signal(object)  # ServerEvent: the local HTTP server (on/off, address, requests running)
 
     _start_requested = Signal()
+    _serve_requested = Signal(object)
     _load_requested = Signal(object)
     _chat_requested = Signal(object)
     _cancel_requested = Signal(str)
@@ -407,10 +431,12 @@ class EngineBridge(QObject):
         self._worker = EngineProcessWorker(self.command, log_path)
         self._worker.moveToThread(self._thread)
         self._thread.finished.connect(self._worker.deleteLater)
-        for name in ("hello", "progress", "token", "tool_call", "stats", "done", "error",
+        for name in ("hello", "progress", "token", "prefill", "tool_call", "stats", "done", "error",
                      "unloaded", "engine_lost", "restarting", "gave_up", "protocol_error"):
             getattr(self._worker, name).connect(getattr(self, name))
         self._worker.loaded.connect(self._on_loaded)
+        self.server: ServerEvent | None = None  # the local server's last reported state
+        self._worker.server_state.connect(self._on_server_state)
         self._worker.state_changed.connect(self._on_state)
         queued = Qt.ConnectionType.QueuedConnection
         self._start_requested.connect(self._worker.start, queued)
@@ -420,6 +446,7 @@ class EngineBridge(QObject):
         self._unload_requested.connect(self._worker.unload, queued)
         self._restart_requested.connect(self._worker.restart, queued)
         self._kill_requested.connect(self._worker.kill_for_test, queued)
+        self._serve_requested.connect(self._worker.serve, queued)
         self._shutdown_requested.connect(self._worker.shutdown, Qt.ConnectionType.BlockingQueuedConnection)
         self._thread.start()
 
@@ -450,6 +477,15 @@ class EngineBridge(QObject):
     def kill_engine(self) -> None:
         """SIGKILL the engine process (to test or demonstrate crash recovery)."""
         self._kill_requested.emit()
+
+    def serve(self, enabled: bool, host: str = "127.0.0.1", port: int = 8080, api_key: str | None = None) -> None:
+        """Serve the loaded model over the OpenAI API from the engine (or stop); `server_state` reports back."""
+        self._serve_requested.emit(ServeRequest(enabled=enabled, host=host, port=port, api_key=api_key or None))
+
+    @Slot(object)
+    def _on_server_state(self, event: ServerEvent) -> None:
+        self.server = event
+        self.server_state.emit(event)
 
     def is_ready(self) -> bool:
         """Whether a model is loaded and no request is running."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from engine.serving.protocol import MessageFigures
+from engine.serving.protocol import MessageFigures, PrefillEvent
 
 _UNITS = ("B", "KB", "MB", "GB", "TB")
 
@@ -55,4 +55,28 @@ def message_figures_line(figures: MessageFigures) -> str:
     ]
     if figures.reused_tokens:
         parts.insert(1, f"{figures.reused_tokens} prompt tokens reused")
+    return " · ".join(parts)
+
+
+def time_left(value: float) -> str:
+    """Format an estimate of the time left: 42 -> 'about 42 s', 130 -> 'about 2 min 10 s'."""
+    whole = max(1, round(value))
+    if whole < 60:
+        return f"about {whole} s"
+    minutes, secs = divmod(whole, 60)
+    return f"about {minutes} min {secs} s" if secs else f"about {minutes} min"
+
+
+def prefill_note(event: PrefillEvent) -> str:
+    """What an answer shows while its prompt is read: share, tokens, layer, bytes and time left."""
+    parts = [f"reading the prompt {percent(event.fraction)}", f"{event.tokens_total:,} tokens"]
+    if event.layers_total:
+        layer = f"layer {min(event.layers_done + 1, event.layers_total)}/{event.layers_total}"
+        if event.passes_total > 1:
+            layer += f" of pass {event.pass_index + 1}/{event.passes_total}"
+        parts.append(layer)
+    if event.bytes_read:
+        parts.append(f"{human_bytes(event.bytes_read)} read")
+    if event.seconds_left is not None and event.fraction < 1.0:
+        parts.append(f"{time_left(event.seconds_left)} left")
     return " · ".join(parts)

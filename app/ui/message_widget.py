@@ -182,6 +182,8 @@ class MessageWidget(QtWidgets.QFrame):
     def _status_text(self) -> str:
         entry = self.entry
         text = STATUS_TEXT.get(entry.status, "")
+        if entry.status == "streaming" and entry.note and not (entry.content or entry.reasoning):
+            return entry.note  # the prompt's prefill progress, until the first words arrive
         if entry.note:
             text = f"{text}: {entry.note}" if text else entry.note
         return text

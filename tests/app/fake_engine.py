@@ -151,6 +151,9 @@ def main() -> None:
             break
         elif isinstance(request, protocol.UnloadRequest):
             send(protocol.UnloadedEvent())
+        elif isinstance(request, protocol.ServeRequest):  # pretend to serve; the real server is tested in tests/engine
+            send(protocol.ServerEvent(running=request.enabled, host=request.host if request.enabled else "",
+                                      port=request.port if request.enabled else 0))
 
 
 if __name__ == "__main__":

@@ -40,6 +40,8 @@ class ScriptedEngine:
         self.finish_reasons: list[str] = []
         self.finished = threading.Event()
         self.closed = False
+        self.prefill_layers = 2  # layers of the reported prefill (on_prefill)
+        self.prefill_delay_s = 0.0  # time each reported prefill layer takes
 
     def make_kv_cache(self) -> list[Any]:
         return []
@@ -57,10 +59,15 @@ class ScriptedEngine:
         stop: Callable[[], bool] | None = None,
         kv_cache: list[Any] | None = None,
         reused_tokens: int = 0,
+        on_prefill: Callable[[Any], None] | None = None,
     ) -> Iterator[TokenEvent]:
         self.prompts.append(list(prompt_tokens))
         reply = self.replies.pop(0) if self.replies else ""
         should_stop = stop or (lambda: False)
+        if on_prefill is not None and not self._prefill(len(prompt_tokens), on_prefill, should_stop):
+            self._end("cancelled")
+            yield TokenEvent(NO_TOKEN, StepFigures(), GenerationStats(reused_tokens=reused_tokens), "cancelled")
+            return
         eos = next(iter(self.tokenizer.eos_token_ids))
         if reply is ENDLESS:
             tokens: Iterator[int] = iter(lambda: self.tokenizer.encode(" tick", add_special_tokens=False)[0], None)
@@ -84,6 +91,31 @@ class ScriptedEngine:
             yield TokenEvent(tok, StepFigures(tokens=1), stats, reason)
             if reason:
                 return
+
+    def _prefill(self, n: int, on_prefill: Callable[[Any], None], should_stop: Callable[[], bool]) -> bool:
+        """Report a prefill of ``prefill_layers`` layers (``prefill_delay_s`` each); False if stopped."""
+        from engine.model.prefill_progress import PrefillProgress
+
+        t0 = time.perf_counter()
+        for done in range(self.prefill_layers + 1):
+            if done and should_stop():
+                return False
+            if done and self.prefill_delay_s:
+                time.sleep(self.prefill_delay_s)
+            on_prefill(
+                PrefillProgress(
+                    tokens_total=n,
+                    tokens_done=n if done == self.prefill_layers else 0,
+                    pass_tokens=n,
+                    passes_total=1,
+                    pass_index=0,
+                    layers_total=self.prefill_layers,
+                    layers_done=done,
+                    bytes_read=done * 1000,
+                    elapsed_s=time.perf_counter() - t0,
+                )
+            )
+        return True
 
     def _end(self, reason: str) -> None:
         self.finish_reasons.append(reason)

@@ -39,6 +39,8 @@ EVENTS = [
     p.HelloEvent(pid=12),
     p.LoadedEvent(model_dir="/m", name="m", model_type="qwen3_moe", num_layers=2, plan={"resident_bytes": 5}),
     p.ProgressEvent(stage="dense", fraction=0.5),
+    p.PrefillEvent(id="r1", tokens_total=4096, layers_total=60, layers_done=7, fraction=0.1, bytes_read=10, seconds_left=None),
+    p.PrefillEvent(id="r1", tokens_total=9, passes_total=2, pass_index=1, fraction=0.75, elapsed_s=1.5, seconds_left=0.5),
     p.TokenTextEvent(id="r1", text="Hé", kind="reasoning"),
     p.ToolCallEvent(id="r1", call_id="call_1", name="f", arguments={"a": [1, 2]}),
     p.StatsEvent(figures=p.LiveFigures(decode_tps=3.5, pressure_level="warning", disk_read_bps=None), id=None),
