@@ -112,6 +112,7 @@ class SettingsDialog(QtWidgets.QDialog):
             "thinking": self.thinking.isChecked(),
             "theme": str(self.theme.currentData()),
             "cache_mb": self.cache_mb.value(),
+            "memory_limit_mb": self.memory_limit_mb.value(),
             "experts_per_token": k or None,
             "cold_mode": self.cold_mode.isChecked(),
             "always_approved_tools": [self.approved_tools.item(i).text() for i in range(self.approved_tools.count())],
@@ -121,7 +122,6 @@ class SettingsDialog(QtWidgets.QDialog):
     def accept(self) -> None:
         """Validate and save; stay open with the reason if a value is refused."""
         try:
-            "memory_limit_mb": self.memory_limit_mb.value(),
             self.settings.update(self.values())
         except (SettingsError, OSError) as exc:
             self.error_label.setText(str(exc))

@@ -58,9 +58,9 @@ class StreamedModel:
     dense_bytes: int
     expert_bytes_total: int
     trained_k: int
-    budget: MemoryBudget
     k: int
     activation_dtype: str
+    budget: MemoryBudget
 
 
 def read_config(model_dir: Path) -> dict[str, Any]:
@@ -311,14 +311,8 @@ def _weights_mismatch(
             f"{head}{example}; is model_type right?"
         )
     match = re.search(r"for parameter (\S+)", head)
-    budget = memory_budget_for(inspected, options, device)
-    apply_mlx_limits(budget)
-    raise_open_files_limit(_shard_files(layers) + options.io_threads + 64)
     where = index.get(match.group(1)) if match else None
     in_file = f" in {where.file.name}" if where is not None else ""
-    # the streamer counts its budget in on-disk expert bytes; slots may hold 16-bit scales as fp32
-    widen = slots_widen_half_floats(device, model)
-    per_slot = max(1, slot_bytes_per_expert(layers[0], widen))
     return f"{model_dir}: the weights{in_file} do not match config.json: {head}{example}"
 
 
@@ -340,15 +334,20 @@ def load_streamed_model(model_dir: Path, options: EngineOptions, progress: Progr
             "answers will be worse (K<=3 often collapses)",
             file=sys.stderr,
         )
+    budget = memory_budget_for(inspected, options, device)
+    apply_mlx_limits(budget)
+    raise_open_files_limit(_shard_files(layers) + options.io_threads + 64)
     packed = open_packed_layout(model_dir, layers) if options.use_packed else None
     store = ExpertStore(layers, io_threads=options.io_threads, cold=options.cold, packed=packed)
+    # the streamer counts its budget in on-disk expert bytes; slots may hold 16-bit scales as fp32
+    widen = slots_widen_half_floats(device, model)
+    per_slot = max(1, slot_bytes_per_expert(layers[0], widen))
     streamer = ExpertStreamer(
         layers,
         store,
         cache_bytes=budget.cache_bytes * layers[0].expert_bytes // per_slot,
         experts_per_token=k,
         prefetch=options.prefetch,
-        policy=options.cache_policy,
         upcast_half=widen,
     )
     switches: list[StreamedSwitch] = []
@@ -406,7 +405,7 @@ def memory_budget_for(inspected: "ModelExperts", options: EngineOptions, device:
         context_tokens=options.context_tokens,
         prefill_chunk=options.prefill_chunk,
         prefetch=options.prefetch,
-        cpu_prefill_gemm=use_prefill_matmul(options.prefill_matmul, device),
+        cpu_prefill_gemm=use_prefill_matmul(options.prefill_matmul),
         runtime_bytes=process_rss_bytes(),
     )
     ram = memory_info()

@@ -27,7 +27,6 @@ from typing import Any, ClassVar, Literal, Union
 
 from engine.errors import RequestError
 from engine.types import EngineOptions, SamplingParams
-from engine.model.cache_policies import is_policy_name
 
 PROTOCOL_VERSION = 1
 MAX_LINE_CHARS = 16 * 1024 * 1024  # one request line (a whole conversation) may not exceed this
@@ -79,7 +78,6 @@ class LiveFigures:
     engine_read_bps: float = 0.0  # expert bytes the engine read per second (recent window)
     disk_read_bps: float | None = None  # the disk's own read counter, bytes per second
     cache_hit_rate: float = 0.0  # expert cache hits / lookups (cumulative since load)
-    cache_saved_bytes: int = 0  # expert bytes the cache's hits did not read (cumulative since load)
     resident_bytes: int = 0  # bytes held by the in-process expert cache
     rss_bytes: int = 0  # process resident set size
     pressure_level: Literal["normal", "warning", "critical", "unknown"] = "unknown"
@@ -151,11 +149,6 @@ class LoadRequest:
             o.prefill_matmul in ("auto", "on", "off"),
             "load.options.prefill_matmul",
             f"must be auto, on or off, got {o.prefill_matmul!r}",
-        )
-        _require(
-            is_policy_name(o.cache_policy),
-            "load.options.cache_policy",
-            f"must be lrfu, lru, lfu or lrfu:HALF_LIFE, got {o.cache_policy!r}",
         )
 
 
@@ -269,28 +262,6 @@ class ProgressEvent:
 
 
 @dataclass
-class PrefillEvent:
-    """Progress of a chat request's prompt prefill, a few times a second while it runs.
-
-    Counts are of this request's new prompt tokens (those served by the prompt cache are not
-    counted). ``seconds_left`` is a linear estimate, None until something is done.
-    """
-
-    TYPE: ClassVar[str] = "prefill"
-    id: str
-    tokens_total: int
-    tokens_done: int = 0  # tokens whose every layer is done
-    layers_total: int = 0
-    layers_done: int = 0  # layers done in the pass under way
-    passes_total: int = 1
-    pass_index: int = 0
-    fraction: float = 0.0  # share of the prefill done, 0..1
-    bytes_read: int = 0  # expert bytes read by this prefill so far
-    elapsed_s: float = 0.0
-    seconds_left: float | None = None
-
-
-@dataclass
 class TokenTextEvent:
     """A piece of generated text; `kind` says whether it is reasoning or answer."""
 
@@ -365,7 +336,6 @@ Event = Union[
     HelloEvent,
     LoadedEvent,
     ProgressEvent,
-    PrefillEvent,
     TokenTextEvent,
     ToolCallEvent,
     StatsEvent,
