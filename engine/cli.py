@@ -72,6 +72,8 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--io-threads", type=int, default=4, help="parallel expert reads")
     p.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens routed together")
     p.add_argument("--prefetch", action="store_true", help="predict and read the next layer's experts")
+    p.add_argument("--cache-policy", default="lrfu", help="expert cache policy: lrfu (default), lru, lfu, lrfu:HALF_LIFE")
+    p.add_argument("--hot-set-dir", default="", help="keep the cached experts' ids here and read them back after a load")
     p.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto",
                    help="where the model computes (auto: the GPU when MLX has one)")
     p.add_argument("--no-packed", action="store_true", help="ignore a packed expert layout")
@@ -85,13 +87,15 @@ def engine_options(args: argparse.Namespace) -> EngineOptions:
     """EngineOptions from parsed command-line arguments."""
     return EngineOptions(
         cache_mb=args.cache_mb,
-        memory_limit_mb=args.memory_limit_mb,
-        context_tokens=args.context_tokens,
         experts_per_token=args.experts_per_token,
         cold=args.cold,
+        memory_limit_mb=args.memory_limit_mb,
+        context_tokens=args.context_tokens,
         io_threads=args.io_threads,
         prefill_chunk=args.prefill_chunk,
         prefetch=args.prefetch,
+        cache_policy=args.cache_policy,
+        hot_set_dir=args.hot_set_dir,
         device=args.device,
         use_packed=not args.no_packed,
         prefill_matmul=args.prefill_matmul,
@@ -104,6 +108,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from engine.model.generate import NO_TOKEN
 
     engine = Engine.load(args.model, engine_options(args), measure_disk=False)
+    if args.trace:
+        engine.start_trace(args.trace)
     tok = engine.tokenizer
     if args.chat:
         prompt = tok.apply_chat_template(
@@ -173,17 +179,17 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from engine.model.plan import make_plan
 
     model_dir = Path(args.model).expanduser().resolve()
-    device = pick_device(args.device)
     inspected = inspect_experts(model_dir, args.experts_per_token)
     layers = inspected.layers
-    options = EngineOptions(cache_mb=args.cache_mb, memory_limit_mb=args.memory_limit_mb,
-                            context_tokens=args.context_tokens, device=device)  # fmt: skip
-    budget = memory_budget_for(inspected, options, device)  # the same budget a load would choose
     disk = measure_expert_read_speed(layers, io_threads=args.io_threads, samples=args.samples)
     packed = open_packed_layout(model_dir, layers)
     plan = make_plan(
+    device = pick_device(args.device)
         model_type=inspected.config["model_type"],
         moe_layers=len(layers),
+    options = EngineOptions(cache_mb=args.cache_mb, memory_limit_mb=args.memory_limit_mb,
+                            context_tokens=args.context_tokens, device=device)  # fmt: skip
+    budget = memory_budget_for(inspected, options, device)  # the same budget a load would choose
         experts_per_layer=layers[0].num_experts,
         k=inspected.k,
         trained_k=inspected.trained_k,
@@ -249,6 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--chat", action="store_true", help="apply the model's chat template to the prompt")
     g.add_argument("--json", action="store_true", help="one JSON object per token, then the stats")
     g.add_argument("--timing", action="store_true", help="print where the time went (stderr)")
+    g.add_argument("--trace", metavar="FILE", help="record each token's routed experts per layer (JSON lines)")
     _add_engine_options(g)
     g.set_defaults(func=cmd_generate)
 
@@ -287,6 +294,8 @@ _DELEGATED = (
     ("stdio", "serving.stdio_server", "the JSON-lines protocol loop the app runs"),
     ("serve", "serving.http_server", "OpenAI-compatible HTTP server"),
     ("bench", "diagnostics.bench", "benchmark the engine against mlx-lm and the disk"),
+    ("cache-sim", "diagnostics.cache_sim", "replay a routing trace: hit rates of a cache policy, LRU and the optimum"),
+    ("synth-trace", "diagnostics.synthetic_traces", "write a synthetic routing trace calibrated to published statistics"),
 )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import random
 import time
 from pathlib import Path
@@ -15,6 +16,10 @@ from engine.model.generate import generate_tokens
 from engine.model.loader import ProgressFn, StreamedModel, load_streamed_model
 from engine.model.plan import MemoryPlan, make_plan
 from engine.types import EngineOptions, SamplingParams, TokenEvent
+from engine.diagnostics.traces import TraceHeader, TraceRecorder
+from engine.model.hot_set import HotSetWarmer, hot_set_path, read_hot_set, save_hot_set
+
+log = logging.getLogger(__name__)
 
 
 def measure_expert_read_speed(
@@ -49,6 +54,13 @@ class Engine:
         self.model_dir = model_dir
         self.options = options
         self.plan = plan
+        self._trace_runs = 0  # generations recorded into options.trace_dir
+        self._hot_set_saved_at = time.monotonic()
+        self.warmer: HotSetWarmer | None = None
+        if options.hot_set_dir:
+            keys = read_hot_set(hot_set_path(options.hot_set_dir, model_dir), loaded.streamer)
+            if keys:  # read in the background into free slots; never in a request's way (hot_set)
+                self.warmer = HotSetWarmer(loaded.streamer, keys, options.io_threads).start()
 
     @classmethod
     def load(
@@ -98,6 +110,55 @@ class Engine:
         return make_prompt_cache(self.model)
 
     def generate(
+        self, prompt_tokens: Sequence[int], sampling: SamplingParams, *args: Any, **kwargs: Any
+    ) -> Iterator[TokenEvent]:
+        """Generate (see ``_generate`` for the arguments); records a routing trace per generation
+        when ``options.trace_dir`` is set, and keeps the hot set of ``options.hot_set_dir`` fresh."""
+        return self._observed(self._generate(prompt_tokens, sampling, *args, **kwargs))
+
+    def _observed(self, events: Iterator[TokenEvent]) -> Iterator[TokenEvent]:
+        started = None
+        if self.options.trace_dir and self._loaded.streamer.trace is None:
+            self._trace_runs += 1
+            name = f"trace-{time.strftime('%Y%m%d-%H%M%S')}-{self._trace_runs}.jsonl"
+            started = self.start_trace(Path(self.options.trace_dir).expanduser() / name)
+        try:
+            yield from events
+        finally:
+            if started is not None:
+                self.stop_trace()
+            if self.options.hot_set_dir and time.monotonic() - self._hot_set_saved_at > 60:
+                self.save_hot_set()
+
+    def start_trace(self, path: str | Path) -> TraceRecorder:
+        """Record the routing of every layer call to ``path`` (JSON lines, diagnostics.traces).
+
+        While recording, fully resident layers route on the host (the ids are needed there).
+        """
+        loaded = self._loaded
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        header = TraceHeader(
+            self.model_type, len(loaded.layers), loaded.layers[0].num_experts, loaded.k, loaded.layers[0].expert_bytes
+        )
+        self.stop_trace()
+        loaded.streamer.trace = TraceRecorder(path, header)
+        return loaded.streamer.trace
+
+    def stop_trace(self) -> None:
+        """Finish the routing trace being recorded, if any."""
+        recorder, self._loaded.streamer.trace = self._loaded.streamer.trace, None
+        if recorder is not None:
+            recorder.close()
+
+    def save_hot_set(self) -> int:
+        """Write the ids of the cached experts to ``options.hot_set_dir``; return how many."""
+        self._hot_set_saved_at = time.monotonic()
+        if not self.options.hot_set_dir:
+            return 0
+        path = hot_set_path(self.options.hot_set_dir, self.model_dir)
+        return save_hot_set(self._loaded.streamer, path, self.options.cache_policy)
+
+    def _generate(
         self,
         prompt_tokens: Sequence[int],
         sampling: SamplingParams,
@@ -138,6 +199,7 @@ class Engine:
             "bytes_read": self._loaded.store.bytes_read,
             "cache_hits": s.hits,
             "cache_misses": s.misses,
+            "cache_saved_bytes": s.saved_bytes,
             "prefetched_hits": s.prefetched_hits,
             "device_routed_calls": s.device_routed_calls,
             "resident_bytes": s.resident_bytes + self._loaded.dense_bytes,
@@ -145,6 +207,14 @@ class Engine:
         }
 
     def close(self) -> None:
-        """Release the I/O threads and files."""
+        """Release the I/O threads and files (after saving the hot set, when kept)."""
+        if self.warmer is not None:
+            self.warmer.stop()
+        self.stop_trace()
+        if self.options.hot_set_dir:
+            try:
+                self.save_hot_set()
+            except OSError as e:  # a warm start is an optimisation: closing must not fail for it
+                log.warning("hot set not saved: %s", e)
         self._loaded.streamer.drain_prefetch()
         self._loaded.store.close()

@@ -20,6 +20,12 @@ class EngineOptions:
     io_threads: int = 4  # parallel pread workers
     prefill_chunk: int = 512  # prompt tokens routed together: each needed expert is read once per chunk
     prefetch: bool = False  # read layer l+1's predicted experts while layer l computes
+    # expert cache replacement policy (engine.model.cache_policies: lrfu, lru, lfu, lrfu:HALF_LIFE)
+    cache_policy: str = "lrfu"
+    # folder of the per-model hot sets (warm start: the cached experts' ids, read back after a
+    # load); "" keeps none
+    hot_set_dir: str = ""
+    trace_dir: str = ""  # folder where each generation writes a routing trace; "" records none
     device: str = "auto"  # "auto", "cpu" or "gpu"
     use_packed: bool = True  # use the packed per-expert layout when present
     cpu_split: bool = True  # on CPU, split the output projection over the cores (exact)

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import re2
 
 from app.tools.errors import ToolError
+from app.tools.identity import birth_time_at, birth_time_of_fd
 from app.tools.limits import ToolLimits, human_size
 from app.tools.names import shown
 from app.tools.sandbox import DroppedFiles, OpenedPath, kind_of
@@ -108,11 +109,13 @@ def read_file(dropped: DroppedFiles, path: str, start_line: int = 1, end_line: i
         return "\n".join(parts)
 
 
-def _describe_entry(entry: WalkEntry, dropped_identities: set[tuple[int, int]]) -> str:
+def _describe_entry(entry: WalkEntry, dropped: DroppedFiles) -> str:
     info = entry.stat
     if info is None:
         return f"{entry.shown}  (could not be examined)"
     notes = []
+    if entry.other_device:
+        notes.append("another disk mounted here, not opened")
     if entry.is_folder:
         line = f"{entry.shown}/"
         if entry.name in SKIPPED_FOLDERS:
@@ -127,7 +130,7 @@ def _describe_entry(entry: WalkEntry, dropped_identities: set[tuple[int, int]]) 
     elif entry.is_file:
         line = entry.shown
         notes.append(human_size(info.st_size))
-        if info.st_nlink > 1 and (info.st_dev, info.st_ino) not in dropped_identities:
+        if info.st_nlink > 1 and not dropped.is_dropped_file(info, birth_time_at(entry.name, entry.parent_fd)):
             notes.append("hard link, not readable")
     else:
         line = entry.shown
@@ -143,7 +146,6 @@ def list_folder(dropped: DroppedFiles, path: str = "", recursive: bool = False,
     if not path.strip():
         return dropped.describe_for_model()
     cap = max(1, min(max_entries, dropped.limits.max_list_entries))
-    identities = dropped.dropped_file_identities()
     with dropped.open_folder(path) as opened:
         lines: list[str] = []
         more = False
@@ -151,7 +153,7 @@ def list_folder(dropped: DroppedFiles, path: str = "", recursive: bool = False,
             if len(lines) == cap:
                 more = True
                 break
-            lines.append(_describe_entry(entry, identities))
+            lines.append(_describe_entry(entry, dropped))
     if not lines:
         return f"[{opened.shown}/ is empty]"
     header = f"[{opened.shown}/: {len(lines)}{'+' if more else ''} entries{', recursive' if recursive else ''}]"
@@ -211,7 +213,6 @@ class _Search:
     bytes_read: int = 0
     skipped: dict[str, int] = field(default_factory=dict)
     stop_reason: str | None = None
-    dropped_identities: set[tuple[int, int]] = field(default_factory=set)
 
     def skip(self, why: str) -> None:
         self.skipped[why] = self.skipped.get(why, 0) + 1
@@ -220,7 +221,7 @@ class _Search:
         limits = self.dropped.limits
         if info.st_size > limits.max_file_bytes:
             return self.skip(f"over {human_size(limits.max_file_bytes)}")
-        if inside_folder and info.st_nlink > 1 and (info.st_dev, info.st_ino) not in self.dropped_identities:
+        if inside_folder and info.st_nlink > 1 and not self.dropped.is_dropped_file(info, birth_time_of_fd(fd)):
             return self.skip("hard-linked")
         if self.files_searched >= limits.max_search_files or self.bytes_read + info.st_size > limits.max_search_bytes:
             self.stop_reason = (f"Stopped after {self.files_searched} files ({human_size(self.bytes_read)}); "
@@ -275,6 +276,8 @@ class _Search:
                 raise TimeoutError
             if entry.is_symlink:
                 self.skip("symbolic link")
+            elif entry.other_device:
+                self.skip("on another disk")
             elif entry.is_file and entry.has_unsafe_name:
                 self.skip("hidden characters in name")
             elif entry.is_file:
@@ -300,8 +303,7 @@ def search_text(dropped: DroppedFiles, pattern: str, path: str = "", regex: bool
     if len(pattern) > MAX_PATTERN_CHARS:
         raise ToolError(f"The search pattern is {len(pattern)} characters long; the limit is {MAX_PATTERN_CHARS}.")
     search = _Search(dropped, _make_finder(pattern, regex, case_sensitive),
-                     max(1, min(max_results, limits.max_search_results)), time.monotonic() + limits.search_timeout_s,
-                     dropped_identities=dropped.dropped_file_identities())
+                     max(1, min(max_results, limits.max_search_results)), time.monotonic() + limits.search_timeout_s)
     targets = [path] if path.strip() else [item.name for item in dropped.items()]
     if not targets:
         raise ToolError("No files or folders have been dropped, so there is nothing to search. Ask the user to "

@@ -1,6 +1,10 @@
 """The tool sandbox: tools may open only what the user dropped onto the window, and only to read.
 
-A dropped item is recorded with its real path and (st_dev, st_ino) at drop time. A tool path is
+A dropped item is recorded with its real path and its identity at drop time (app/tools/identity.py:
+device, inode, size, times and birth time, since an inode number alone is reused at once after a
+delete). A file inside a dropped folder with more than one hard link is read only when it is a
+dropped file by that whole identity. Walks and paths never cross into another device (a disk
+mounted inside a dropped folder). A tool path is
 either the item's displayed name followed by components inside it ("project/src/main.py") or an
 absolute path inside a dropped item. Paths are opened one component at a time relative to the
 folder already opened (openat with O_NOFOLLOW), so renames or symlinks planted during the walk
@@ -22,6 +26,7 @@ from types import TracebackType
 from typing import Self
 
 from app.tools.errors import ToolError
+from app.tools.identity import FileIdentity, birth_time_at, birth_time_of_fd
 from app.tools.limits import DEFAULT_LIMITS, ToolLimits, human_size
 from app.tools.names import check_path_argument, explain_lookalike, shown
 from app.tools.textfile import sniff_fd
@@ -49,11 +54,23 @@ class DroppedItem:
     device: int
     inode: int
     size: int
+    mtime_ns: int = 0
+    ctime_ns: int = 0
+    birth_ns: int | None = None
 
     @property
     def identity(self) -> tuple[int, int]:
         """(st_dev, st_ino) recorded when the item was dropped."""
         return (self.device, self.inode)
+
+    @property
+    def file_identity(self) -> FileIdentity:
+        """The whole identity recorded when the item was dropped."""
+        return FileIdentity(self.device, self.inode, self.size, self.mtime_ns, self.ctime_ns, self.birth_ns)
+
+    def differs_from(self, info: os.stat_result, birth_ns: int | None) -> str | None:
+        """None if (`info`, `birth_ns`) is still the dropped item; otherwise how it differs (see FileIdentity)."""
+        return self.file_identity.differs_from(info, birth_ns, contents_may_change=self.is_folder)
 
 
 @dataclass
@@ -156,6 +173,7 @@ def _classify_one(path: Path, limits: ToolLimits) -> DroppedItem | str:
         return REASON_UNREADABLE
     try:
         info = os.fstat(fd)
+        birth_ns = birth_time_of_fd(fd)
         if stat.S_ISREG(info.st_mode):
             if info.st_size > limits.max_file_bytes:
                 return REASON_TOO_BIG
@@ -169,8 +187,10 @@ def _classify_one(path: Path, limits: ToolLimits) -> DroppedItem | str:
         return REASON_UNREADABLE
     finally:
         os.close(fd)
+    identity = FileIdentity.of(info, birth_ns)
     return DroppedItem(name=_display_name(path, real_path), path=real_path, is_folder=stat.S_ISDIR(info.st_mode),
-                       device=info.st_dev, inode=info.st_ino, size=0 if stat.S_ISDIR(info.st_mode) else info.st_size)
+                       device=identity.device, inode=identity.inode, size=identity.size, mtime_ns=identity.mtime_ns,
+                       ctime_ns=identity.ctime_ns, birth_ns=identity.birth_ns)
 
 
 def classify_drop(paths: Iterable[str | os.PathLike[str]], limits: ToolLimits = DEFAULT_LIMITS,
@@ -238,7 +258,7 @@ class DroppedFiles:
         """Add an item; a second item with the same name is renamed 'name (2).ext'. Returns the stored item."""
         with self._lock:
             for existing in self._items.values():
-                if existing.path == item.path and existing.identity == item.identity:
+                if existing.path == item.path and existing.file_identity == item.file_identity:
                     return existing
             name = item.name
             stem, dot, suffix = name.rpartition(".") if not item.is_folder and "." in name[1:] else (name, "", "")
@@ -320,6 +340,10 @@ class DroppedFiles:
         """(st_dev, st_ino) of every dropped file (not folder)."""
         return {item.identity for item in self.items() if not item.is_folder}
 
+    def is_dropped_file(self, info: os.stat_result, birth_ns: int | None) -> bool:
+        """Whether (`info`, `birth_ns`) is one of the dropped files by its whole identity, not only its inode number."""
+        return any(not item.is_folder and item.differs_from(info, birth_ns) is None for item in self.items())
+
     def _open_argument(self, path: str, items: list[DroppedItem]) -> OpenedPath:
         parts = [part for part in path.split("/") if part not in ("", ".")]
         if ".." in parts:
@@ -367,18 +391,20 @@ class DroppedFiles:
         if stat.S_ISLNK(before.st_mode):
             raise ToolError(f"'{item.name}' was replaced by a symbolic link after it was dropped, and tools do not "
                             "follow it. Drop the file or folder again if this is intended.")
-        replaced = ToolError(f"'{item.name}' was replaced by a different file after it was dropped (it is not the "
-                             "same file on disk any more). Drop it again to let tools open the new one.")
-        if (before.st_dev, before.st_ino) != item.identity:
-            raise replaced
+        def replaced(why: str) -> ToolError:
+            return ToolError(f"'{item.name}' was replaced by a different file or changed after it was dropped ({why}). "
+                             "Drop it again to let tools open it as it is now.")
+
+        if (why := item.differs_from(before, birth_time_at(item.path))) is not None:
+            raise replaced(why)
         try:
             fd = os.open(item.path, FOLDER_OPEN_FLAGS if item.is_folder else FILE_OPEN_FLAGS)
         except OSError as error:
             raise ToolError(os_error_message(error, item.name)) from None
         after = os.fstat(fd)
-        if (after.st_dev, after.st_ino) != item.identity:
+        if (why := item.differs_from(after, birth_time_of_fd(fd))) is not None:
             os.close(fd)
-            raise replaced
+            raise replaced(why)
         return fd
 
     def _walk(self, item: DroppedItem, rest: list[str], items: list[DroppedItem], hops: int) -> OpenedPath:
@@ -402,6 +428,9 @@ class DroppedFiles:
                 if not (stat.S_ISREG(entry.st_mode) or stat.S_ISDIR(entry.st_mode)):
                     raise ToolError(f"'{child_shown}' is a {kind_of(entry.st_mode)}; tools only open regular files "
                                     "and folders.")
+                if entry.st_dev != item.device:
+                    raise ToolError(f"'{child_shown}' is on another disk mounted inside the dropped folder; tools "
+                                    "stay on the dropped folder's own disk. Drop it separately to allow it.")
                 flags = FOLDER_OPEN_FLAGS if stat.S_ISDIR(entry.st_mode) else FILE_OPEN_FLAGS
                 try:
                     child_fd = os.open(name, flags, dir_fd=fd)
@@ -455,8 +484,11 @@ class DroppedFiles:
             raise ToolError(f"'{shown_path}' is a system file under /proc, /sys or /dev; tools never open those.")
         if not (stat.S_ISREG(info.st_mode) or stat.S_ISDIR(info.st_mode)):
             raise ToolError(f"'{shown_path}' is a {kind_of(info.st_mode)}; tools only open regular files and folders.")
+        if inside_folder and info.st_dev != item.device:
+            raise ToolError(f"'{shown_path}' is on another disk mounted inside the dropped folder; tools stay on the "
+                            "dropped folder's own disk.")
         if (inside_folder and stat.S_ISREG(info.st_mode) and info.st_nlink > 1
-                and (info.st_dev, info.st_ino) not in self.dropped_file_identities()):
+                and not self.is_dropped_file(info, birth_time_of_fd(fd))):
             raise ToolError(f"'{shown_path}' has {info.st_nlink} hard links, so the same file may also live outside "
                             "the dropped folder; tools do not read it. Drop the file itself to allow it.")
         return OpenedPath(fd=fd, stat=info, shown=shown_path, real_path=real_path, item=item,

@@ -1,4 +1,5 @@
-"""Walking an opened folder by descriptor: entries in name order, never following symlinks."""
+"""Walking an opened folder by descriptor: entries in name order, never following symlinks, never
+crossing into another device (a disk mounted inside the folder is reported, not entered)."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ class WalkEntry:
     shown: str
     stat: os.stat_result | None  # None: the entry vanished or could not be examined
     depth: int
+    other_device: bool = False  # on another device than the walked folder (a mount point)
 
     @property
     def is_folder(self) -> bool:
@@ -47,7 +49,7 @@ class WalkEntry:
 
     def is_expanded(self) -> bool:
         """Whether a recursive walk goes into this entry."""
-        return self.is_folder and self.name not in SKIPPED_FOLDERS and not self.has_unsafe_name
+        return self.is_folder and self.name not in SKIPPED_FOLDERS and not self.has_unsafe_name and not self.other_device
 
     def open_file(self) -> int:
         """Open this regular file read-only relative to its folder, checking it is still the same file."""
@@ -62,20 +64,26 @@ class WalkEntry:
 
 def walk_folder(folder_fd: int, folder_shown: str, recursive: bool) -> Iterator[WalkEntry]:
     """Entries of an opened folder in name order, depth first when `recursive`; symlinks are reported, not followed."""
-    yield from _walk(folder_fd, folder_shown, recursive, 0)
+    yield from _walk(folder_fd, folder_shown, recursive, 0, os.fstat(folder_fd).st_dev)
 
 
-def _walk(folder_fd: int, folder_shown: str, recursive: bool, depth: int) -> Iterator[WalkEntry]:
+def entry_stat(name: str, folder_fd: int) -> os.stat_result:
+    """lstat of `name` in an opened folder."""
+    return os.stat(name, dir_fd=folder_fd, follow_symlinks=False)
+
+
+def _walk(folder_fd: int, folder_shown: str, recursive: bool, depth: int, device: int) -> Iterator[WalkEntry]:
     try:
         names = sorted(os.listdir(folder_fd))
     except OSError:
         return
     for name in names:
         try:
-            info: os.stat_result | None = os.stat(name, dir_fd=folder_fd, follow_symlinks=False)
+            info: os.stat_result | None = entry_stat(name, folder_fd)
         except OSError:
             info = None
-        entry = WalkEntry(folder_fd, name, f"{folder_shown}/{shown(name)}", info, depth)
+        other_device = info is not None and info.st_dev != device
+        entry = WalkEntry(folder_fd, name, f"{folder_shown}/{shown(name)}", info, depth, other_device)
         yield entry
         if not (recursive and entry.is_expanded() and depth + 1 < MAX_DEPTH):
             continue
@@ -86,7 +94,7 @@ def _walk(folder_fd: int, folder_shown: str, recursive: bool, depth: int) -> Ite
         try:
             now = os.fstat(child_fd)
             assert info is not None
-            if (now.st_dev, now.st_ino) == (info.st_dev, info.st_ino):
-                yield from _walk(child_fd, entry.shown, recursive, depth + 1)
+            if (now.st_dev, now.st_ino) == (info.st_dev, info.st_ino) and now.st_dev == device:
+                yield from _walk(child_fd, entry.shown, recursive, depth + 1, device)
         finally:
             os.close(child_fd)

@@ -6,18 +6,24 @@ memory (no copy into MLX). An ``ExpertCache`` maps ``(layer, expert)`` to a slot
 pluggable replacement policy and counts hits and misses. Slots used by computation that is not
 yet evaluated are pinned and never chosen as victims. A cache that knows its layers' expert counts
 can say when it holds every expert of a layer, and where each one is (``layer_slots``).
+
+Warm start fills free slots from another thread (``claim_free``): such keys are pending until
+their read ends, never evicted meanwhile, and a lookup that needs one waits for it (``settle``).
+The cache's own state is guarded by a lock for that.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
+import threading
+from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Hashable, Iterable, Protocol, Union
+from typing import Callable, Hashable, Iterable, Union
 
 import mlx.core as mx
 import numpy as np
 
 from engine.model import cuda_memory
+from engine.model.cache_policies import POLICIES, Key, LRUPolicy, ReplacementPolicy, make_policy
 from engine.storage.expert_layout import ExpertParam
 
 _MX_DTYPES = {
@@ -26,52 +32,7 @@ _MX_DTYPES = {
     "U64": mx.uint64, "I64": mx.int64,
 }  # fmt: skip
 
-Key = tuple[int, int]  # (layer, expert)
-
-
-class ReplacementPolicy(Protocol):
-    """Chooses which resident expert to evict."""
-
-    def touch(self, key: Key) -> None:
-        """Record a use of a resident key."""
-
-    def insert(self, key: Key) -> None:
-        """Record a newly resident key."""
-
-    def remove(self, key: Key) -> None:
-        """Forget a key that left the cache."""
-
-    def victim(self, exclude: set[Key]) -> Key | None:
-        """The key to evict next, never one in ``exclude``; None when every key is excluded."""
-
-
-class LRUPolicy:
-    """Evict the least recently used expert."""
-
-    def __init__(self) -> None:
-        self._order: OrderedDict[Key, None] = OrderedDict()
-
-    def touch(self, key: Key) -> None:
-        """Mark ``key`` most recently used."""
-        self._order.move_to_end(key)
-
-    def insert(self, key: Key) -> None:
-        """Add ``key`` as most recently used."""
-        self._order[key] = None
-
-    def remove(self, key: Key) -> None:
-        """Forget ``key``."""
-        self._order.pop(key, None)
-
-    def victim(self, exclude: set[Key]) -> Key | None:
-        """Least recently used key not in ``exclude``."""
-        for key in self._order:
-            if key not in exclude:
-                return key
-        return None
-
-
-POLICIES = {"lru": LRUPolicy}
+__all__ = ["POLICIES", "ExpertCache", "Key", "LRUPolicy", "ReplacementPolicy", "SlotPool", "UpcastBuffer"]
 
 
 _HALF_FLOATS = ("BF16", "F16")
@@ -158,13 +119,17 @@ class SlotPool:
 
 
 class ExpertCache:
-    """Maps (layer, expert) to slots of one pool; LRU (or another policy) over the slots."""
+    """Maps (layer, expert) to slots of one pool; a replacement policy (cache_policies) over the slots."""
 
-    def __init__(self, pool: SlotPool, policy: str = "lru", layer_experts: dict[int, int] | None = None) -> None:
-        if policy not in POLICIES:
-            raise ValueError(f"unknown cache policy {policy!r}; known: {', '.join(POLICIES)}")
+    def __init__(
+        self,
+        pool: SlotPool,
+        policy: str | ReplacementPolicy = "lru",
+        layer_experts: dict[int, int] | None = None,
+    ) -> None:
         self.pool = pool
-        self.policy: ReplacementPolicy = POLICIES[policy]()
+        # a name (see cache_policies.make_policy), or a policy object (the replay tool's Belady)
+        self.policy: ReplacementPolicy = make_policy(policy, pool.n_slots) if isinstance(policy, str) else policy
         self._slot_of: dict[Key, int] = {}
         self._key_of: dict[int, Key] = {}
         self._free = list(range(pool.n_slots - 1, -1, -1))
@@ -173,6 +138,8 @@ class ExpertCache:
         self.layer_experts = dict(layer_experts or {})  # layer -> number of experts, for layer_slots
         self._resident_per_layer: dict[int, int] = {}
         self.version = 0  # changes whenever a key gains or loses a slot
+        self.pending: dict[Key, Future[int]] = {}  # keys whose slot a warm-start read is filling
+        self._lock = threading.RLock()
 
     @property
     def holds_all(self) -> bool:
@@ -191,44 +158,101 @@ class ExpertCache:
         self.version += 1
 
     def lookup(self, key: Key) -> int | None:
-        """The slot holding ``key`` (marked as used), or None."""
-        slot = self._slot_of.get(key)
-        if slot is not None:
-            self.policy.touch(key)
-        return slot
+        """The slot holding ``key`` (marked as used), or None (the policy notes the miss)."""
+        with self._lock:
+            slot = self._slot_of.get(key)
+            if slot is not None:
+                self.policy.touch(key)
+            else:
+                self.policy.miss(key)
+            return slot
 
     def assign(self, key: Key, pinned: set[Key]) -> int:
         """Give ``key`` a slot (free, or evicted from an unpinned key); the caller fills it."""
-        if self._free:
-            slot = self._free.pop()
-        else:
-            victim = self.policy.victim(pinned)
-            if victim is None:
-                raise RuntimeError(
-                    f"expert cache: all {self.pool.n_slots} slots are pinned; cannot place {key}"
-                )
-            slot = self._slot_of.pop(victim)
-            self.policy.remove(victim)
-            del self._key_of[slot]
-            self._count(victim, -1)
+        with self._lock:
+            if self._free:
+                slot = self._free.pop()
+            else:
+                victim = self.policy.victim(pinned | self.pending.keys() if self.pending else pinned)
+                if victim is None:
+                    raise RuntimeError(
+                        f"expert cache: all {self.pool.n_slots} slots are pinned; cannot place {key}"
+                    )
+                slot = self._slot_of.pop(victim)
+                self.policy.remove(victim)
+                del self._key_of[slot]
+                self._count(victim, -1)
+            self._place(key, slot)
+            return slot
+
+    def _place(self, key: Key, slot: int) -> None:
         self._slot_of[key] = slot
         self._key_of[slot] = key
         self.policy.insert(key)
         self._count(key, +1)
-        return slot
+
+    def claim_free(self, key: Key, fill: "Callable[[int], Future[int]]") -> bool:
+        """Warm start: place ``key`` in a free slot (never evicting) and start ``fill(slot)``.
+
+        The key stays pending until the read ends; a failed read frees the slot again. Returns
+        False when the key is resident already or no slot is free.
+        """
+        with self._lock:
+            if key in self._slot_of or not self._free:
+                return False
+            slot = self._free.pop()
+            self._place(key, slot)
+            future = fill(slot)
+            self.pending[key] = future
+        future.add_done_callback(lambda f: self._end_pending(key, f))
+        return True
+
+    def _end_pending(self, key: Key, future: "Future[int]") -> None:
+        with self._lock:
+            if self.pending.get(key) is not future:
+                return
+            del self.pending[key]
+            if future.exception() is not None:
+                self.forget(key)
+
+    def settle(self, key: Key) -> None:
+        """Wait for a pending warm-start read of ``key`` (after which a failed one is forgotten)."""
+        future = self.pending.get(key)
+        if future is not None:
+            try:
+                future.result()
+            except BaseException:
+                pass  # _end_pending frees the slot; the lookup then misses and reads it again
+            self._end_pending(key, future)
 
     def forget(self, key: Key) -> None:
         """Drop ``key`` (e.g. after a failed read) and free its slot."""
-        slot = self._slot_of.pop(key, None)
-        if slot is not None:
-            del self._key_of[slot]
-            self.policy.remove(key)
-            self._free.append(slot)
-            self._count(key, -1)
+        with self._lock:
+            slot = self._slot_of.pop(key, None)
+            if slot is not None:
+                del self._key_of[slot]
+                self.policy.remove(key)
+                self._free.append(slot)
+                self._count(key, -1)
 
     def resident(self) -> Iterable[Hashable]:
         """Keys currently held."""
         return self._slot_of.keys()
+
+    @property
+    def free_slots(self) -> int:
+        """Slots holding no expert."""
+        return len(self._free)
+
+    def hot_keys(self) -> list[Key]:
+        """Resident keys, most valuable first by the policy's own ranking where it has one."""
+        with self._lock:
+            resident = list(self._slot_of)
+            ranking = getattr(self.policy, "ranking", None)
+            if ranking is None:
+                return resident[::-1]  # no ranking: the most recently placed first
+            order = {key: i for i, key in enumerate(ranking())}
+            return sorted(resident, key=lambda key: order.get(key, len(order)))
 
     def __contains__(self, key: object) -> bool:
         return key in self._slot_of

@@ -61,6 +61,7 @@ def generate_tokens(
     stats = GenerationStats(reused_tokens=reused_tokens)
     t_start = time.perf_counter()
     streamer.take_figures()
+    streamer.in_prefill = True  # (marks the prompt's lines of a routing trace)
 
     def sample(logits: mx.array) -> mx.array:
         logits = logits[:, -1, :]
@@ -102,6 +103,7 @@ def generate_tokens(
     token = sample(model(prompt[n - 1 :][None], cache=kv_cache))
     mx.eval(token)
     streamer.release_pins()
+    streamer.in_prefill = False
     fig = finish_step(t0, n)
     stats.prefill = fig
     stats.prompt_tokens = n

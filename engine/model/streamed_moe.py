@@ -23,6 +23,8 @@ import numpy as np
 
 from engine.model.cpu_prefill import PrefillMatmul
 from engine.model.expert_cache import ExpertCache, Key, SlotPool
+from engine.model.cache_policies import DEFAULT_POLICY
+from engine.diagnostics.traces import TraceRecorder
 from engine.storage.expert_layout import LayerExperts
 from engine.storage.expert_store import ExpertStore
 from engine.types import StepFigures
@@ -51,7 +53,7 @@ class ExpertStreamer:
         cache_bytes: int,
         experts_per_token: int,
         prefetch: bool = False,
-        policy: str = "lru",
+        policy: str = DEFAULT_POLICY,
         upcast_half: bool = False,
     ) -> None:
         self.layers = layers
@@ -63,6 +65,8 @@ class ExpertStreamer:
         self.host_syncs = 0  # layer calls that waited for the router on the host, since load
         self._luts: dict[int, tuple[int, mx.array]] = {}  # layer -> (cache version, slot table)
         self.figures = StepFigures()
+        self.trace: TraceRecorder | None = None  # records each layer call's routing (host path only)
+        self.in_prefill = False  # set by generate while the prompt runs (marks trace lines)
         self.prefetched_hits = 0
         self.skip_layer: int | None = None  # a layer whose output will not be used (see generate)
         self.last_layer_is_final_block = False  # set by the loader
@@ -115,6 +119,11 @@ class ExpertStreamer:
         """Expert lookups that needed a read, since load."""
         return sum(c.misses for c in self.caches)
 
+    @property
+    def saved_bytes(self) -> int:
+        """Expert bytes the cache's hits did not have to read, since load."""
+        return sum(c.hits * sum(p.nbytes for p in c.pool.params) for c in self.caches)
+
     def take_figures(self) -> StepFigures:
         """Return the figures accumulated since the last call and start afresh."""
         f, self.figures = self.figures, StepFigures()
@@ -138,6 +147,8 @@ class ExpertStreamer:
         self._pinned.update(keys)
         self.drain_prefetch()  # predicted experts become ordinary resident ones
         for i, key in enumerate(keys):
+            if cache.pending:
+                cache.settle(key)  # being read by the warm start: wait for it (hot_set)
             slot = cache.lookup(key)
             if slot is not None:
                 cache.hits += 1
@@ -176,8 +187,8 @@ class ExpertStreamer:
         no key of that pool is ever evicted, so the table stays valid without pinning.
         """
         cache = self.cache_of_layer[layer]
-        if not (self.device_routing and cache.holds_all):
-            return None
+        if not (self.device_routing and cache.holds_all) or self.trace is not None:
+            return None  # (a trace needs the ids on the host)
         cached = self._luts.get(layer)
         if cached is not None and cached[0] == cache.version:
             return cached[1]
@@ -305,6 +316,8 @@ class StreamedSwitch(nn.Module):
         io_before = streamer.figures.io_wait_s
         streamer.release_pins()
         host_idx = np.array(indices)
+        if streamer.trace is not None:
+            streamer.trace.record(self.layer, host_idx, streamer.in_prefill)
         unique = np.unique(host_idx)
         cap = streamer.capacity(self.layer)
         if len(unique) <= cap:

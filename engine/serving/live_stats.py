@@ -54,6 +54,7 @@ class LiveStats:
             engine_read_bps=engine_bps,
             disk_read_bps=disk_bps,
             cache_hit_rate=hits / (hits + misses) if hits + misses else 0.0,
+            cache_saved_bytes=int(counters.get("cache_saved_bytes", 0)),
             resident_bytes=int(counters.get("resident_bytes", 0)),
             rss_bytes=platform_info.process_rss_bytes(),
             pressure_level=pressure.level,
@@ -61,6 +62,7 @@ class LiveStats:
             pressure_value=float(pressure.raw),
             pressure_source=pressure.source,
         )
+        if turn is not None:
         if engine is not None:
             from engine.model.mlx_memory import mlx_memory
 
@@ -68,7 +70,6 @@ class LiveStats:
             figures.mlx_active_bytes = mem.active_bytes
             figures.mlx_cached_bytes = mem.cached_bytes
             figures.mlx_peak_bytes = mem.peak_bytes
-        if turn is not None:
             figures.decode_tps = turn.decode_tps
             figures.prompt_tps = turn.prompt_tps
             figures.ttft_s = turn.ttft_s

@@ -1,0 +1,189 @@
+"""Replay a routing trace through the engine's expert cache: hit rates of a policy, LRU and optimum.
+
+The replay drives ``engine.model.expert_cache.ExpertCache`` (the class the streamer uses, on a
+pool with no parameters, so nothing is allocated) the way ``ExpertStreamer.ensure`` does: each
+line is one layer call whose experts are pinned while it places them. Prefill lines pass through
+the cache (the engine caches what the prompt read) but only decode lines are counted. The pool is
+shared by every layer, as the engine's is; ``cache_experts`` is the number of slots per layer.
+
+Belady's optimum runs through the same cache with a policy that knows each key's next use.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from engine.diagnostics.traces import Trace, TraceError, read_trace
+from engine.model.cache_policies import BeladyPolicy, ReplacementPolicy, make_policy
+from engine.model.expert_cache import ExpertCache, SlotPool
+
+DEFAULT_POLICY = "lrfu"  # the engine's default (see engine/model/cache_policies.POLICIES)
+
+
+@dataclass
+class ReplayResult:
+    """What one policy achieved on a trace at one size."""
+
+    policy: str
+    cache_experts: int  # slots per layer
+    hit_rate: float  # decode lookups served from the cache
+    misses_per_token: float  # decode expert reads per token
+    bytes_per_token: float | None  # decode expert bytes read per token (None: expert size unknown)
+    us_per_lookup: float  # wall time of the replay per lookup (cache + policy bookkeeping)
+
+
+def _next_uses(trace: Trace) -> list[np.ndarray]:
+    """For each line, the lookup index of each of its keys' next use (inf when never)."""
+    nxt: dict[tuple[int, int], float] = {}
+    out: list[np.ndarray] = [np.empty(0)] * len(trace.experts)
+    position = sum(len(e) for e in trace.experts)
+    for row in range(len(trace.experts) - 1, -1, -1):
+        layer = int(trace.layers[row])
+        ids = trace.experts[row]
+        position -= len(ids)
+        here = np.empty(len(ids))
+        for j, e in enumerate(ids):
+            key = (layer, e)
+            here[j] = nxt.get(key, math.inf)
+            nxt[key] = position + j
+        out[row] = here
+    return out
+
+
+def replay(trace: Trace, cache_experts: int, policy: str) -> ReplayResult:
+    """Replay ``trace`` with ``cache_experts`` slots per layer under ``policy`` (or "belady")."""
+    h = trace.header
+    k = max(len(e) for e in trace.experts)
+    if cache_experts < k:
+        raise TraceError(f"--cache-experts {cache_experts}: a layer call needs {k} slots (the trace's top-k)")
+    slots = min(cache_experts, h.experts_per_layer) * h.moe_layers
+    belady = policy == "belady"
+    chosen: str | ReplacementPolicy = BeladyPolicy(slots) if belady else make_policy(policy, slots)
+    cache = ExpertCache(SlotPool([], slots), chosen, layer_experts={l: h.experts_per_layer for l in range(h.moe_layers)})
+    nexts = _next_uses(trace) if belady else None
+    hits = misses = 0
+    lookups = 0
+    t0 = time.perf_counter()
+    for row, ids in enumerate(trace.experts):
+        layer = int(trace.layers[row])
+        keys = [(layer, e) for e in ids]
+        pinned = set(keys)
+        count = not trace.prefill[row]
+        here = nexts[row] if nexts is not None else None
+        for j, key in enumerate(keys):
+            if here is not None:
+                assert isinstance(chosen, BeladyPolicy)
+                chosen.next_use = float(here[j])
+            if cache.lookup(key) is not None:
+                hits += count
+            else:
+                misses += count
+                cache.assign(key, pinned)
+        lookups += len(keys)
+    elapsed = time.perf_counter() - t0
+    tokens = max(1, trace.decode_tokens)
+    total = hits + misses
+    per_token = misses / tokens
+    return ReplayResult(
+        policy=policy,
+        cache_experts=cache_experts,
+        hit_rate=hits / total if total else 0.0,
+        misses_per_token=per_token,
+        bytes_per_token=per_token * h.expert_bytes if h.expert_bytes else None,
+        us_per_lookup=1e6 * elapsed / max(1, lookups),
+    )
+
+
+def parse_size(text: str, experts_per_layer: int) -> int:
+    """``N`` experts per layer, or ``P%`` of a layer's experts (rounded)."""
+    try:
+        if text.endswith("%"):
+            return max(1, round(float(text[:-1]) / 100 * experts_per_layer))
+        return int(text)
+    except ValueError:
+        raise TraceError(f"--cache-experts: expected a number of experts or a percentage, got {text!r}") from None
+
+
+def compare(trace: Trace, cache_experts: int, policy: str = DEFAULT_POLICY) -> dict[str, object]:
+    """The policy, LRU and Belady's optimum at one size, as the --json object."""
+    mine = replay(trace, cache_experts, policy)
+    lru = mine if policy == "lru" else replay(trace, cache_experts, "lru")
+    best = replay(trace, cache_experts, "belady")
+    return {
+        "policy": policy,
+        "cache_experts": cache_experts,
+        "cache_fraction": cache_experts / trace.header.experts_per_layer,
+        "hit_rate": mine.hit_rate,
+        "lru_hit_rate": lru.hit_rate,
+        "optimal_hit_rate": best.hit_rate,
+        "bytes_per_token": mine.bytes_per_token,
+        "lru_bytes_per_token": lru.bytes_per_token,
+        "optimal_bytes_per_token": best.bytes_per_token,
+        "us_per_lookup": mine.us_per_lookup,
+        "lru_us_per_lookup": lru.us_per_lookup,
+        "decode_tokens": trace.decode_tokens,
+        "results": [asdict(r) for r in (mine, lru, best)],
+    }
+
+
+def _check_model(trace: Trace, model: str, path: str) -> None:
+    """Refuse a trace recorded from a model other than ``model`` (a model directory)."""
+    from pathlib import Path
+
+    from engine.diagnostics.traces import TraceHeader
+    from engine.model.loader import inspect_experts
+
+    inspected = inspect_experts(Path(model).expanduser().resolve())
+    layers = inspected.layers
+    theirs = TraceHeader(inspected.config["model_type"], len(layers), layers[0].num_experts, inspected.k)
+    trace.header.check_model(theirs, path)
+
+
+def describe(result: dict[str, object]) -> str:
+    """Human-readable lines of ``compare``'s result."""
+    lines = [
+        f"cache {result['cache_experts']} experts per layer ({100 * float(result['cache_fraction']):.1f}%), "  # type: ignore[arg-type]
+        f"{result['decode_tokens']} decode tokens"
+    ]
+    for r in result["results"]:  # type: ignore[attr-defined]
+        per = f"{r['bytes_per_token'] / 2**20:.1f} MiB" if r["bytes_per_token"] is not None else f"{r['misses_per_token']:.1f} experts"
+        lines.append(
+            f"  {r['policy']:<10} hit rate {100 * r['hit_rate']:5.1f}%  read per token {per}  "
+            f"bookkeeping {r['us_per_lookup']:.2f} us/lookup"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``moebar-engine cache-sim TRACE --cache-experts N [--policy NAME] [--json]``."""
+    p = argparse.ArgumentParser(prog="moebar-engine cache-sim", description=__doc__.splitlines()[0])
+    p.add_argument("trace")
+    p.add_argument("--cache-experts", required=True, action="append",
+                   help="slots per layer: a count, or a percentage of a layer's experts (e.g. 5%%); repeat for a curve")
+    p.add_argument("--policy", default=DEFAULT_POLICY, help="lru, lrfu, lfu, lrfu:HALF_LIFE (default: the engine's)")
+    p.add_argument("--model", help="model directory the trace must belong to (refused otherwise)")
+    p.add_argument("--json", action="store_true", help="one JSON object per size")
+    args = p.parse_args(argv)
+    trace = read_trace(args.trace)
+    if args.model:
+        _check_model(trace, args.model, args.trace)
+    try:
+        make_policy(args.policy, 1)
+    except ValueError as e:
+        raise TraceError(f"--policy: {e}") from None
+    for size_text in args.cache_experts:
+        size = parse_size(size_text, trace.header.experts_per_layer)
+        result = compare(trace, size, args.policy)
+        print(json.dumps(result) if args.json else describe(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,242 @@
+"""Replacement policies of the expert cache: which resident expert to evict next.
+
+A policy sees every lookup of the cache it serves: ``touch`` (a hit), ``miss`` (a lookup of a key
+that is not resident, just before it is given a slot), ``insert`` (a key became resident: after a
+miss, or read ahead by prefetch, preload or warm start, which are not uses), ``remove`` (it left),
+and answers ``victim``: the key to evict, never one of the keys the caller excludes (slots in use
+by pending compute).
+
+* ``lru``: least recently used.
+* ``lrfu``: least recently/frequently used. Each key scores the sum of ``2**(-age/half_life)``
+  over all its past uses, whether resident or not, with ``age`` counted in lookups of the cache
+  and the half-life a multiple of the cache's slot count (so one setting fits every size). A long
+  half-life is LFU with ageing (a pinned hot set emerges); a short one is LRU.
+* ``belady``: the offline optimum (evict the key used furthest in the future), for the replay tool:
+  it needs the whole trace (``BeladyPolicy.next_use``).
+
+Scores of LRFU are kept in the log domain, relative to a clock, so that all keys age together
+without being visited: ``log2(score) + t/half_life`` never changes while a key is unused.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections import OrderedDict
+from typing import Callable, Protocol
+
+Key = tuple[int, int]  # (layer, expert)
+
+
+class ReplacementPolicy(Protocol):
+    """Chooses which resident expert to evict."""
+
+    def touch(self, key: Key) -> None:
+        """Record a use of a resident key."""
+
+    def miss(self, key: Key) -> None:
+        """Record a use of a key that is not resident (it is about to be inserted)."""
+
+    def insert(self, key: Key) -> None:
+        """Record a newly resident key."""
+
+    def remove(self, key: Key) -> None:
+        """Forget a key that left the cache."""
+
+    def victim(self, exclude: set[Key]) -> Key | None:
+        """The key to evict next, never one in ``exclude``; None when every key is excluded."""
+
+
+class LRUPolicy:
+    """Evict the least recently used expert."""
+
+    def __init__(self, n_slots: int = 0) -> None:
+        self._order: OrderedDict[Key, None] = OrderedDict()
+
+    def touch(self, key: Key) -> None:
+        """Mark ``key`` most recently used."""
+        self._order.move_to_end(key)
+
+    def miss(self, key: Key) -> None:
+        """Nothing to remember about keys that are not resident."""
+
+    def insert(self, key: Key) -> None:
+        """Add ``key`` as most recently used."""
+        self._order[key] = None
+
+    def remove(self, key: Key) -> None:
+        """Forget ``key``."""
+        self._order.pop(key, None)
+
+    def victim(self, exclude: set[Key]) -> Key | None:
+        """Least recently used key not in ``exclude``."""
+        for key in self._order:
+            if key not in exclude:
+                return key
+        return None
+
+    def ranking(self) -> list[Key]:
+        """Resident keys, most recently used first (for saving the hot set)."""
+        return list(reversed(self._order))
+
+
+class _LazyMinHeap:
+    """Resident keys ordered by a priority that only grows; stale heap entries are skipped."""
+
+    def __init__(self) -> None:
+        self.prio: dict[Key, float] = {}  # resident key -> current priority
+        self._heap: list[tuple[float, Key]] = []
+
+    def put(self, key: Key, prio: float) -> None:
+        self.prio[key] = prio
+        heapq.heappush(self._heap, (prio, key))
+        if len(self._heap) > 4 * len(self.prio) + 64:
+            self._heap = [(p, k) for k, p in self.prio.items()]
+            heapq.heapify(self._heap)
+
+    def discard(self, key: Key) -> None:
+        self.prio.pop(key, None)
+
+    def lowest(self, exclude: set[Key]) -> Key | None:
+        """The resident key of lowest priority not in ``exclude`` (left in place)."""
+        heap, prio = self._heap, self.prio
+        skipped: list[tuple[float, Key]] = []
+        found = None
+        while heap:
+            p, key = heap[0]
+            if prio.get(key) != p:
+                heapq.heappop(heap)  # stale: updated since, or no longer resident
+                continue
+            if key in exclude:
+                skipped.append(heapq.heappop(heap))
+                continue
+            found = key
+            break
+        for item in skipped:
+            heapq.heappush(heap, item)
+        return found
+
+
+class LRFUPolicy:
+    """Evict the key with the lowest exponentially aged use count (recency and frequency).
+
+    ``half_life`` is in multiples of the cache's slot count, counted in lookups; ``math.inf``
+    gives plain LFU (never ages). Use counts are kept for keys that are not resident too, so an
+    expert evicted by a burst of others comes back with its history.
+    """
+
+    def __init__(self, n_slots: int, half_life: float = 4.0) -> None:
+        if not half_life > 0:  # (also refuses NaN)
+            raise ValueError(f"LRFU half-life must be positive, got {half_life}")
+        self._rate = 0.0 if math.isinf(half_life) else 1.0 / (half_life * max(1, n_slots))
+        self._clock = 0  # lookups seen
+        self._log_score: dict[Key, float] = {}  # log2(score) + clock * rate, for every key seen
+        self._heap = _LazyMinHeap()
+
+    def _use(self, key: Key) -> float:
+        self._clock += 1
+        now = self._clock * self._rate  # log2 of one use made now, in the shared frame
+        old = self._log_score.get(key)
+        if old is None:
+            new = now
+        elif old >= now:
+            new = old + math.log2(1.0 + 2.0 ** (now - old))
+        else:
+            new = now + math.log2(1.0 + 2.0 ** (old - now))
+        self._log_score[key] = new
+        return new
+
+    def touch(self, key: Key) -> None:
+        """A hit: one more use of a resident key."""
+        self._heap.put(key, self._use(key))
+
+    def miss(self, key: Key) -> None:
+        """A use of a key about to become resident."""
+        self._use(key)
+
+    def insert(self, key: Key) -> None:
+        """``key`` is resident, ranked by its use history (none for a key read ahead of use)."""
+        score = self._log_score.get(key)
+        self._heap.put(key, score if score is not None else -math.inf)
+
+    def remove(self, key: Key) -> None:
+        """``key`` left the cache (its history is kept)."""
+        self._heap.discard(key)
+
+    def victim(self, exclude: set[Key]) -> Key | None:
+        """The resident key with the lowest aged use count, not in ``exclude``."""
+        return self._heap.lowest(exclude)
+
+    def ranking(self) -> list[Key]:
+        """Every key seen, most valuable first (for saving the hot set)."""
+        return sorted(self._log_score, key=self._log_score.__getitem__, reverse=True)
+
+
+class BeladyPolicy:
+    """Belady's offline optimum: evict the key whose next use is furthest away.
+
+    The replay sets ``next_use`` (the lookup index of the current key's next use, ``math.inf``
+    when never) before each lookup; the policy files it under the key on touch or miss.
+    """
+
+    def __init__(self, n_slots: int = 0) -> None:
+        self.next_use = math.inf
+        self._next: dict[Key, float] = {}
+        self._heap = _LazyMinHeap()  # priority: -next use
+
+    def touch(self, key: Key) -> None:
+        """A hit: remember when the key is needed next."""
+        self._next[key] = self.next_use
+        self._heap.put(key, -self.next_use)
+
+    def miss(self, key: Key) -> None:
+        """A miss: remember when the key is needed next."""
+        self._next[key] = self.next_use
+
+    def insert(self, key: Key) -> None:
+        """``key`` is resident."""
+        self._heap.put(key, -self._next.get(key, math.inf))
+
+    def remove(self, key: Key) -> None:
+        """``key`` left the cache."""
+        self._heap.discard(key)
+
+    def victim(self, exclude: set[Key]) -> Key | None:
+        """The resident key needed furthest in the future, not in ``exclude``."""
+        return self._heap.lowest(exclude)
+
+
+PolicyFactory = Callable[[int], ReplacementPolicy]
+
+# Engine policies by name; each takes the cache's slot count. "lrfu" is the default: chosen by
+# replaying traces with ``moebar-engine cache-sim`` (see BENCHMARKS.md, "Expert cache policy").
+POLICIES: dict[str, PolicyFactory] = {
+    "lru": LRUPolicy,
+    "lrfu": lambda n: LRFUPolicy(n, half_life=4.0),
+    "lfu": lambda n: LRFUPolicy(n, half_life=math.inf),
+}
+
+
+def make_policy(name: str, n_slots: int) -> ReplacementPolicy:
+    """The policy called ``name`` for a cache of ``n_slots``; ``lrfu:H`` sets the half-life H."""
+    base, _, arg = name.partition(":")
+    if base == "lrfu" and arg:
+        try:
+            half_life = float(arg)
+        except ValueError:
+            raise ValueError(f"cache policy {name!r}: the half-life after ':' must be a number") from None
+        return LRFUPolicy(n_slots, half_life=half_life)
+    if base not in POLICIES or arg:
+        raise ValueError(f"unknown cache policy {name!r}; known: {', '.join(POLICIES)}, lrfu:HALF_LIFE")
+    return POLICIES[base](n_slots)
+
+DEFAULT_POLICY = "lrfu"  # the engine's policy, chosen with cache-sim (BENCHMARKS.md, "Expert cache policy")
+
+
+def is_policy_name(name: str) -> bool:
+    """Whether ``make_policy`` knows ``name``."""
+    try:
+        make_policy(name, 1)
+    except ValueError:
+        return False
+    return True
