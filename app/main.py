@@ -11,20 +11,25 @@ from pathlib import Path
 from app import paths
 from app.bridge import EngineBridge
 from app.history import HistoryError, HistoryStore, open_history
+from app.mcp.servers_panel import McpServersPanel
+from app.mcp.service import McpService
 from app.platform_check import exit_if_qt_cannot_start
 from app.qt import QtCore, QtWidgets, Slot
 from app.settings import SettingsStore
 from app.single_instance import SingleInstance
 from app.tools import DroppedFiles
 from app.ui.chat_controller import ChatController
+from app.ui.local_server import LocalServerController, LocalServerPanel
 from app.ui.macos import hide_dock_icon
 from app.ui.main_window import MainWindow
 from app.ui.model_dialog import ModelDialog
 from app.ui.model_manager import ModelManager
+from app.ui.model_picker import ModelPicker
 from app.ui.quick_ask import QuickAskWindow
 from app.ui.settings_dialog import SettingsDialog
 from app.ui.theme import app_icon, apply_theme, resolve_theme
 from app.ui.tray import TrayController, tray_available
+from app.ui.tray_extras import install_tray_extras
 from engine.cli import moebar_version
 from engine.serving.protocol import LoadedEvent
 
@@ -49,8 +54,12 @@ class MoeBarApp(QtCore.QObject):
         except HistoryError as exc:
             self.history, history_notice = None, f"{exc} Chats will not be saved this session."
         self.bridge = EngineBridge(engine_command, log_path=paths.log_dir() / "engine.log")
-        self.controller = ChatController(self.bridge, self.settings, self.history, DroppedFiles())
+        self.mcp = McpService()  # reads mcp.json (problems become notices); servers start in start()
+        self.controller = ChatController(self.bridge, self.settings, self.history, DroppedFiles(),
+                                         mcp_tools=self.mcp.tools)
         self.models = ModelManager(self.bridge, self.settings)
+        self.picker = ModelPicker(self.bridge, self.settings, self.models)
+        self.local_server = LocalServerController(self.bridge, self.settings)
         self.window = MainWindow(self.controller, self.bridge, self.settings, self.history, self.theme)
         self.quick_ask = QuickAskWindow(self.bridge, self.settings, self.history, self.theme)
         self.tray: TrayController | None = None
@@ -60,6 +69,7 @@ class MoeBarApp(QtCore.QObject):
             self.tray.quick_ask_requested.connect(self.quick_ask.popup)
             self.tray.settings_requested.connect(self.open_settings)
             self.tray.quit_requested.connect(self.quit)
+            install_tray_extras(self.tray, self.picker, self.local_server)
             self.tray.show()
         # With a tray the app lives on after its window closes; without one, closing quits.
         qt_app.setQuitOnLastWindowClosed(self.tray is None)
@@ -69,6 +79,10 @@ class MoeBarApp(QtCore.QObject):
         self.quick_ask.open_in_chat_requested.connect(self._open_quick_ask_chat)
         self.models.status.connect(self.window.state_label.setText)
         self.models.failed.connect(lambda text: self.window.show_notice("error", text))
+        self.picker.failed.connect(lambda text: self.window.show_notice("error", text))
+        self.local_server.failed.connect(lambda text: self.window.show_notice("error", text))
+        for problem in self.mcp.problems:
+            self.window.show_notice("warning", f"MCP servers: {problem}")
         self.models.using_demo.connect(self._on_using_demo)
         self.bridge.loaded.connect(self._on_loaded)
         self.settings.changed.connect(self._on_setting_changed)
@@ -83,14 +97,26 @@ class MoeBarApp(QtCore.QObject):
         if show_window or self.tray is None:
             self.window.show_and_raise()
         self.models.load_configured()
+        self.mcp.start_all()
+        if self.settings.get("local_server_enabled"):
+            self.local_server.apply()  # sent to the engine with (after) the model's load
+
+    def build_settings_dialog(self) -> SettingsDialog:
+        """The settings dialog with the MCP servers' and the local server's sections."""
+        trained = 0
+        if self.bridge.model is not None:
+            trained = int(self.bridge.model.plan.get("trained_experts_per_token", 0) or 0)
+        dialog = SettingsDialog(self.settings, trained, self.window)
+        dialog.add_section("MCP tool servers", McpServersPanel(self.mcp, dialog))
+        server_panel = LocalServerPanel(self.settings, self.local_server, dialog)
+        dialog.add_section("Local server", server_panel)
+        dialog.accepted.connect(server_panel.save)
+        return dialog
 
     @Slot()
     def open_settings(self) -> None:
         """Show the settings dialog."""
-        trained = 0
-        if self.bridge.model is not None:
-            trained = int(self.bridge.model.plan.get("trained_experts_per_token", 0) or 0)
-        SettingsDialog(self.settings, trained, self.window).exec()
+        self.build_settings_dialog().exec()
 
     @Slot()
     def open_model_dialog(self) -> None:
@@ -109,6 +135,7 @@ class MoeBarApp(QtCore.QObject):
         if self.tray is not None:
             self.tray.hide()
         self.bridge.shutdown()
+        self.mcp.shutdown()
         if self.history is not None:
             self.history.close()
             self.history = None

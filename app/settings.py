@@ -71,6 +71,14 @@ class Settings:
         "base64", "Chat window position and size (base64 of QWidget.saveGeometry())."))
     hf_repo_last_used: str = field(default="", metadata=_describe(
         "str", "Hugging Face repository last downloaded from, e.g. 'Qwen/Qwen3-30B-A3B'.", max_length=200))
+    recent_models: tuple[str, ...] = field(default=(), metadata=_describe(
+        "str_list", "Model folders loaded lately, newest first (the tray's model menu).", max_items=10))
+    local_server_enabled: bool = field(default=False, metadata=_describe(
+        "bool", "Serve the loaded model to other programs over the OpenAI-compatible API."))
+    local_server_host: str = field(default="127.0.0.1", metadata=_describe(
+        "str", "Address the local server listens on; 127.0.0.1 is this computer only.", max_length=255))
+    local_server_port: int = field(default=8080, metadata=_describe(
+        "int", "TCP port of the local server.", min=1, max=65535))
 
 SETTING_NAMES: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Settings))
 _FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
@@ -81,7 +89,7 @@ class SettingInfo:
     """What a preferences screen needs to show one setting."""
 
     name: str
-    kind: str  # "bool", "int", "optional_int", "float", "str", "str_set" or "base64"
+    kind: str  # "bool", "int", "optional_int", "float", "str", "str_list", "str_set" or "base64"
     default: Any
     description: str
     choices: tuple[str, ...] | None
@@ -133,6 +141,12 @@ def validate_setting(name: str, value: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise SettingsError(f"Setting '{name}' must be a number, not {value!r}.")
         return _check_range(name, float(value), meta)
+    if kind == "str_list":
+        if isinstance(value, str) or not isinstance(value, (list, tuple)):
+            raise SettingsError(f"Setting '{name}' must be a list of text, not {value!r}.")
+        if not all(isinstance(item, str) and item for item in value):
+            raise SettingsError(f"Setting '{name}' must contain only non-empty text.")
+        return tuple(value)[: meta.get("max_items", len(value))]
     if kind == "str_set":
         if isinstance(value, str) or not isinstance(value, (list, tuple, set, frozenset)):
             raise SettingsError(f"Setting '{name}' must be a list of names, not {value!r}.")

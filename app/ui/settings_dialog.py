@@ -101,6 +101,15 @@ class SettingsDialog(QtWidgets.QDialog):
         layout.addWidget(buttons, 0, Qt.AlignmentFlag.AlignRight)
         self._update_k_warning()
 
+    def add_section(self, title: str, widget: QtWidgets.QWidget) -> QtWidgets.QGroupBox:
+        """Add a titled section (a feature's own panel, e.g. MCP servers) above the error line and buttons."""
+        box = QtWidgets.QGroupBox(title, self)
+        QtWidgets.QVBoxLayout(box).addWidget(widget)
+        layout = self.layout()
+        assert isinstance(layout, QtWidgets.QVBoxLayout)
+        layout.insertWidget(layout.indexOf(self.error_label), box)
+        return box
+
     def values(self) -> dict[str, Any]:
         """The settings as edited in the dialog."""
         k = self.experts_per_token.value()

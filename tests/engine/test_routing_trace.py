@@ -5,8 +5,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
+import mlx.core as mx
+import numpy as np
 import pytest
+from mlx_lm import load as mlx_load
+from mlx_lm import stream_generate
+from mlx_lm.sample_utils import make_sampler
 
 from engine.cli import main as cli_main
 from engine.diagnostics.cache_sim import replay
@@ -14,15 +20,42 @@ from engine.diagnostics.traces import read_trace
 from engine.engine import Engine
 from engine.model.hot_set import hot_set_path
 from engine.types import EngineOptions, SamplingParams
-from exactness import PREFILL_CHUNK, cache_mb, long_prompt, mlx_lm_reference, share_tokenizers
+from engine.model.loader import inspect_experts
 
 TOKENS = 16
 PROMPT = 96
+PREFILL_CHUNK = 40  # three prefill chunks
+
+
+def long_prompt(n: int) -> list[int]:
+    """``n`` random token ids inside the tiny tokenizer's vocabulary."""
+    return [int(t) for t in np.random.default_rng(0).integers(100, 50_000, size=n)]
+
+
+def cache_mb(path: Path, size: str) -> float:
+    """A budget holding every expert ("all") or 3/8 of them ("partial": hits and evictions)."""
+    layers = inspect_experts(path).layers
+    total = sum(l.expert_bytes * l.num_experts for l in layers)
+    return (total + 2**20 if size == "all" else total * 3 / 8) / 2**20
+
+
+_tokenizers: dict[Path, Any] = {}
 
 
 @pytest.fixture(autouse=True)
-def _shared_tokenizers(monkeypatch: pytest.MonkeyPatch) -> None:
-    share_tokenizers(monkeypatch)
+def _tokenizer_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Load the tokenizer once for every Engine.load here (seconds each; tests compare token ids)."""
+    import engine.model.loader as loader
+
+    real = loader._load_tokenizer
+
+    def load_once(model_dir: Path, config: dict[str, Any]) -> Any:
+        key = Path(model_dir).resolve()
+        if key not in _tokenizers:
+            _tokenizers[key] = real(model_dir, config)
+        return _tokenizers[key]
+
+    monkeypatch.setattr(loader, "_load_tokenizer", load_once)
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +65,10 @@ def model(tiny_model) -> Path:
 
 @pytest.fixture(scope="module")
 def reference(model: Path) -> list[int]:
-    return mlx_lm_reference(model, long_prompt(PROMPT), max_tokens=TOKENS)
+    """mlx-lm's own greedy generation on the fully loaded model."""
+    ref_model, tok = mlx_load(str(model))
+    prompt = mx.array(long_prompt(PROMPT))
+    return [r.token for r in stream_generate(ref_model, tok, prompt, max_tokens=TOKENS, sampler=make_sampler(0.0))]
 
 
 def _run(model: Path, options: EngineOptions, trace: Path | None = None) -> tuple[list[int], Engine]:
