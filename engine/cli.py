@@ -87,10 +87,10 @@ def engine_options(args: argparse.Namespace) -> EngineOptions:
     """EngineOptions from parsed command-line arguments."""
     return EngineOptions(
         cache_mb=args.cache_mb,
-        experts_per_token=args.experts_per_token,
-        cold=args.cold,
         memory_limit_mb=args.memory_limit_mb,
         context_tokens=args.context_tokens,
+        experts_per_token=args.experts_per_token,
+        cold=args.cold,
         io_threads=args.io_threads,
         prefill_chunk=args.prefill_chunk,
         prefetch=args.prefetch,
@@ -179,17 +179,17 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from engine.model.plan import make_plan
 
     model_dir = Path(args.model).expanduser().resolve()
+    device = pick_device(args.device)
     inspected = inspect_experts(model_dir, args.experts_per_token)
     layers = inspected.layers
-    disk = measure_expert_read_speed(layers, io_threads=args.io_threads, samples=args.samples)
-    packed = open_packed_layout(model_dir, layers)
-    plan = make_plan(
-    device = pick_device(args.device)
-        model_type=inspected.config["model_type"],
-        moe_layers=len(layers),
     options = EngineOptions(cache_mb=args.cache_mb, memory_limit_mb=args.memory_limit_mb,
                             context_tokens=args.context_tokens, device=device)  # fmt: skip
     budget = memory_budget_for(inspected, options, device)  # the same budget a load would choose
+    disk = measure_expert_read_speed(layers, io_threads=args.io_threads, samples=args.samples)
+    packed = open_packed_layout(model_dir, layers)
+    plan = make_plan(
+        model_type=inspected.config["model_type"],
+        moe_layers=len(layers),
         experts_per_layer=layers[0].num_experts,
         k=inspected.k,
         trained_k=inspected.trained_k,

@@ -27,6 +27,7 @@ from typing import Any, ClassVar, Literal, Union
 
 from engine.errors import RequestError
 from engine.types import EngineOptions, SamplingParams
+from engine.model.cache_policies import is_policy_name
 
 PROTOCOL_VERSION = 1
 MAX_LINE_CHARS = 16 * 1024 * 1024  # one request line (a whole conversation) may not exceed this
@@ -78,6 +79,7 @@ class LiveFigures:
     engine_read_bps: float = 0.0  # expert bytes the engine read per second (recent window)
     disk_read_bps: float | None = None  # the disk's own read counter, bytes per second
     cache_hit_rate: float = 0.0  # expert cache hits / lookups (cumulative since load)
+    cache_saved_bytes: int = 0  # expert bytes the cache's hits did not read (cumulative since load)
     resident_bytes: int = 0  # bytes held by the in-process expert cache
     rss_bytes: int = 0  # process resident set size
     pressure_level: Literal["normal", "warning", "critical", "unknown"] = "unknown"
@@ -149,6 +151,11 @@ class LoadRequest:
             o.prefill_matmul in ("auto", "on", "off"),
             "load.options.prefill_matmul",
             f"must be auto, on or off, got {o.prefill_matmul!r}",
+        )
+        _require(
+            is_policy_name(o.cache_policy),
+            "load.options.cache_policy",
+            f"must be lrfu, lru, lfu or lrfu:HALF_LIFE, got {o.cache_policy!r}",
         )
 
 
