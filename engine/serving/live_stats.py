@@ -62,7 +62,6 @@ class LiveStats:
             pressure_value=float(pressure.raw),
             pressure_source=pressure.source,
         )
-        if turn is not None:
         if engine is not None:
             from engine.model.mlx_memory import mlx_memory
 
@@ -70,6 +69,7 @@ class LiveStats:
             figures.mlx_active_bytes = mem.active_bytes
             figures.mlx_cached_bytes = mem.cached_bytes
             figures.mlx_peak_bytes = mem.peak_bytes
+        if turn is not None:
             figures.decode_tps = turn.decode_tps
             figures.prompt_tps = turn.prompt_tps
             figures.ttft_s = turn.ttft_s
