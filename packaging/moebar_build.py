@@ -39,6 +39,7 @@ DATA_FILES: tuple[tuple[str, str], ...] = (
     ("resources/icons/light/*.svg", "resources/icons/light"),
     ("resources/icons/dark/*.svg", "resources/icons/dark"),
     ("resources/qss/*.qss", "resources/qss"),
+    ("resources/catalogue/*.json", "resources/catalogue"),
     ("engine/templates/*.jinja", "engine/templates"),
 )
 

@@ -1,18 +1,23 @@
-"""Choosing the model: the demo model, a local folder, or a Hugging Face download; with the
-memory plan shown before anything is loaded."""
+"""Choosing the model: the demo model, a local folder, or one from the catalogue or Hugging Face
+(downloaded, checked, optionally packed, then loaded); the memory plan is shown before anything
+is loaded, and a folder whose plan fails is never loaded."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-from app.ops import BackgroundOp, OpContext, Progress
+from app.catalogue import CatalogueModel, packing_pays
+from app.ops import BackgroundOp, OpContext
 from app.qt import QtGui, QtWidgets, Slot
-from app.settings import HF_TOKEN_SECRET, SecretStoreError, SettingsStore, delete_secret, get_secret, set_secret
+from app.settings import SettingsStore
+from app.ui.catalogue_view import machine_facts
+from app.ui.download_panel import DownloadPanel
 from app.ui.format import human_bytes
-from app.ui.model_download import DownloadCancelled, check_repo_id, download_model
+from app.ui.model_download import DownloadError, download_dir_for, pack_downloaded_model
 from app.ui.model_manager import ModelManager, plan_op
 from app.ui.model_panel import plan_lines
+from engine.storage.packed_layout import PACKED_DIRNAME
 
 
 class ModelDialog(QtWidgets.QDialog):
@@ -22,11 +27,10 @@ class ModelDialog(QtWidgets.QDialog):
         super().__init__(parent)
         self.setWindowTitle("Model")
         self.setObjectName("modelDialog")
-        self.resize(620, 520)
+        self.resize(720, 720)
         self.settings = settings
         self.manager = manager
         self._plan_op: BackgroundOp[dict[str, Any]] | None = None
-        self._download: BackgroundOp[Path] | None = None
         self._plan_ok: Path | None = None  # the folder whose memory plan was read without error
         self._plan_error = ""
 
@@ -43,33 +47,14 @@ class ModelDialog(QtWidgets.QDialog):
         self.demo_radio.toggled.connect(self._on_choice_changed)
         self.folder_edit.editingFinished.connect(self._on_choice_changed)
 
-        download_box = QtWidgets.QGroupBox("Download from Hugging Face", self)
-        self.repo_edit = QtWidgets.QLineEdit(str(settings.get("hf_repo_last_used")), download_box)
-        self.repo_edit.setPlaceholderText("owner/name, e.g. mlx-community/Qwen3-30B-A3B-4bit")
-        self.token_edit = QtWidgets.QLineEdit(download_box)
-        self.token_edit.setEchoMode(QtWidgets.QLineEdit.EchoMode.Password)
-        self.token_edit.setPlaceholderText("Access token (only for gated or private models)")
-        self.forget_token_button = QtWidgets.QPushButton("Forget token", download_box)
-        self.forget_token_button.clicked.connect(self._forget_token)
-        self.token_note = QtWidgets.QLabel(download_box)
-        self.token_note.setObjectName("figuresLabel")
-        self.token_note.setWordWrap(True)
-        self.save_token_box = QtWidgets.QCheckBox("Save the token in the system keychain", download_box)
-        self.save_token_box.setChecked(True)
-        self.download_button = QtWidgets.QPushButton("Download", download_box)
-        self.download_button.clicked.connect(self._start_or_cancel_download)
-        self.download_progress = QtWidgets.QProgressBar(download_box)
-        self.download_progress.hide()
-        form = QtWidgets.QFormLayout(download_box)
-        form.addRow("Model id:", self.repo_edit)
-        token_row = QtWidgets.QHBoxLayout()
-        token_row.addWidget(self.token_edit, 1)
-        token_row.addWidget(self.forget_token_button)
-        form.addRow("Token:", token_row)
-        form.addRow("", self.save_token_box)
-        form.addRow("", self.token_note)
-        form.addRow(self.download_button, self.download_progress)
-        self._show_token_state()
+        loaded = manager.bridge.model
+        disk_rate = loaded.plan.get("disk_read_bytes_per_s") if loaded is not None else None
+        self.downloads = DownloadPanel(settings, machine_facts(download_dir_for("x/x").parent, disk_rate), self)
+        self.downloads.downloaded.connect(self._on_downloaded)
+        self.downloads.failed.connect(self.error_label_text)
+        self.downloads.busy_changed.connect(self._on_download_busy)
+        self._load_when_checked: Path | None = None  # a downloaded folder to load once its plan is read
+        self._pack: BackgroundOp[Path] | None = None
 
         self.plan_title = QtWidgets.QLabel("Memory plan", self)
         self.plan_title.setObjectName("sectionTitle")
@@ -90,11 +75,10 @@ class ModelDialog(QtWidgets.QDialog):
         layout.addWidget(self.demo_radio)
         layout.addWidget(self.folder_radio)
         layout.addLayout(folder_row)
-        layout.addWidget(download_box)
+        layout.addWidget(self.downloads, 1)
         layout.addWidget(self.plan_title)
         layout.addWidget(self.plan_view)
         layout.addWidget(self.error_label)
-        layout.addStretch(1)
         layout.addWidget(buttons)
         for button in self.findChildren(QtWidgets.QPushButton):
             button.setAutoDefault(False)  # Enter in a text field never presses Load
@@ -154,9 +138,13 @@ class ModelDialog(QtWidgets.QDialog):
         self.load_button.setEnabled(True)
         rows = plan_lines(plan)
         self.plan_view.setText("<br>".join(f"{label}: <b>{value}</b>" for label, value in rows))
+        if self._load_when_checked is not None and folder == self._load_when_checked:
+            self._load_when_checked = None
+            self.accept()  # the one click of the catalogue: downloaded, checked, now loaded
 
     def _plan_failed(self, error: BaseException) -> None:
         self._plan_op = None
+        self._load_when_checked = None
         self._plan_ok, self._plan_error = None, f"{error} This folder cannot be loaded."
         self.plan_view.setText("")
         self.error_label.setText(self._plan_error)
@@ -177,81 +165,61 @@ class ModelDialog(QtWidgets.QDialog):
         self.settings.set("model_dir", str(folder) if folder else "")
         super().accept()
 
-    # ------------------------------------------------------------ download
+    # ------------------------------------------------------------ download, pack, load
 
-    def _show_token_state(self) -> None:
-        try:
-            stored = get_secret(HF_TOKEN_SECRET) is not None
-        except SecretStoreError as exc:
-            self.token_note.setText(str(exc))
-            self.forget_token_button.setEnabled(False)
-            return
-        self.token_note.setText("A token is stored in the system keychain." if stored
-                                else "Tokens are kept in the system keychain, never in a file.")
-        self.forget_token_button.setEnabled(stored)
+    @Slot(str)
+    def error_label_text(self, text: str) -> None:
+        """Show a problem under the plan (one sentence, wrapped)."""
+        self.error_label.setText(text)
 
-    @Slot()
-    def _forget_token(self) -> None:
-        try:
-            delete_secret(HF_TOKEN_SECRET)
-        except SecretStoreError as exc:
-            self.error_label.setText(str(exc))
-        self._show_token_state()
+    @Slot(bool)
+    def _on_download_busy(self, busy: bool) -> None:
+        if busy:
+            self.error_label.clear()
 
-    @Slot()
-    def _start_or_cancel_download(self) -> None:
-        if self._download is not None:
-            self._download.cancel()
-            self._download_finished("Download cancelled; press Download again to resume.")
+    @Slot(object, object)
+    def _on_downloaded(self, folder: Path, model: CatalogueModel | None) -> None:
+        if model is not None and packing_pays(self.downloads.catalogue.verdicts[model.repo]) \
+                and not (folder / PACKED_DIRNAME).exists() and self.ask_to_pack(model):
+            self._start_pack(folder, model)
             return
-        try:
-            repo_id = check_repo_id(self.repo_edit.text())
-            token = self.token_edit.text().strip()
-            if token:
-                set_secret(HF_TOKEN_SECRET, token)
-                self.token_edit.clear()
-            token = get_secret(HF_TOKEN_SECRET) or ""
-        except (ValueError, SecretStoreError) as exc:
-            self.error_label.setText(str(exc))
-            return
-        self._show_token_state()
-        self.settings.set("hf_repo_last_used", repo_id)
-        self.error_label.clear()
-        self.download_button.setText("Cancel")
-        self.download_progress.setRange(0, 0)
-        self.download_progress.show()
+        self._check_then_load(folder)
+
+    def ask_to_pack(self, model: CatalogueModel) -> bool:
+        """Ask whether to pack the experts of a model that streams (its own disk check follows)."""
+        answer = QtWidgets.QMessageBox.question(
+            self, "Pack the experts?",
+            f"{model.name} streams its experts from the disk. Packing writes each expert as one block "
+            f"(one read per expert instead of several), which makes streaming faster. It needs "
+            f"{human_bytes(model.expert_bytes_total)} more disk and takes a while. Pack now?")
+        return answer == QtWidgets.QMessageBox.StandardButton.Yes
+
+    def _start_pack(self, folder: Path, model: CatalogueModel) -> None:
+        self.plan_view.setText(f"Packing the experts of {model.name}…")
+        self.downloads.setEnabled(False)
 
         def work(ctx: OpContext) -> Path:
-            return download_model(ctx, repo_id, token)
+            return pack_downloaded_model(folder, model.expert_bytes_total)
 
-        self._download = BackgroundOp(self, work, self._downloaded, self._download_failed)
-        self._download.with_progress(self._download_progress).run()
+        def failed(error: BaseException) -> None:
+            self._pack = None
+            self.downloads.setEnabled(True)
+            text = str(error) if isinstance(error, DownloadError) else f"Packing failed: {error}"
+            self.error_label.setText(f"{text.rstrip('.')}.")
+            self._check_then_load(folder)
 
-    def _download_progress(self, progress: Progress) -> None:
-        if progress.total:
-            self.download_progress.setRange(0, 1000)
-            self.download_progress.setValue(int(1000 * progress.done / progress.total))
-            unit = f"{human_bytes(progress.done)} of {human_bytes(progress.total)}" if progress.total > 10_000 \
-                else f"{progress.done} of {progress.total}"
-            self.download_progress.setFormat(f"{progress.label}: {unit}")
+        def packed(result: Path) -> None:
+            self._pack = None
+            self.downloads.setEnabled(True)
+            self._check_then_load(result)
 
-    def _downloaded(self, folder: Path) -> None:
-        self._download_finished(f"Downloaded to {folder}.")
+        self._pack = BackgroundOp(self, work, packed, failed).run()
+
+    def _check_then_load(self, folder: Path) -> None:
+        self._load_when_checked = folder
         self.folder_edit.setText(str(folder))
         self.folder_radio.setChecked(True)
         self._on_choice_changed()
-
-    def _download_failed(self, error: BaseException) -> None:
-        if isinstance(error, DownloadCancelled):
-            return
-        self._download_finished("")
-        self.error_label.setText(f"Download failed: {error}. Press Download to resume.")
-
-    def _download_finished(self, note: str) -> None:
-        self._download = None
-        self.download_button.setText("Download")
-        self.download_progress.hide()
-        self.token_note.setText(note or self.token_note.text())
 
     def showEvent(self, event: QtGui.QShowEvent) -> None:  # noqa: N802 (Qt override)
         """Never wider than the screen, whatever a message says (labels wrap instead)."""
@@ -262,6 +230,5 @@ class ModelDialog(QtWidgets.QDialog):
 
     def reject(self) -> None:
         """Closing cancels a running download (its partial files stay for a resume)."""
-        if self._download is not None:
-            self._download.cancel()
+        self.downloads.cancel()
         super().reject()

@@ -15,7 +15,7 @@ from typing import Any
 
 from app.bridge import LOADING, EngineBridge
 from app.ops import BackgroundOp, OpContext
-from app.qt import QObject, Signal, Slot
+from app.qt import QObject, QTimer, Signal, Slot
 from app.settings import Settings, SettingsStore
 from engine.serving.protocol import ErrorEvent, LoadedEvent
 from engine.types import EngineOptions
@@ -86,6 +86,7 @@ class ModelManager(QObject):
         self._building: BackgroundOp[Path] | None = None
         self._loading: Path | None = None  # the folder of the load under way
         self._working: tuple[Path, str] | None = None  # the last folder that loaded, and its model_dir setting
+        self._restoring: tuple[Path, str] | None = None  # the folder loaded again after a failure, and the notice
         settings.changed.connect(self._on_setting_changed)
         bridge.loaded.connect(self._on_loaded)
         bridge.error.connect(self._on_engine_error)
@@ -136,6 +137,9 @@ class ModelManager(QObject):
         if self._loading is not None and Path(event.model_dir) == self._loading:
             self._working = (self._loading, str(self.settings.get("model_dir")))
             self._loading = None
+        if self._restoring is not None and Path(event.model_dir) == self._restoring[0]:
+            text, self._restoring = self._restoring[1], None
+            QTimer.singleShot(0, lambda: self.failed.emit(text))  # after the window's own loaded notices
 
     @Slot(object)
     def _on_engine_error(self, event: ErrorEvent) -> None:
@@ -145,11 +149,14 @@ class ModelManager(QObject):
             return  # not a load error, or a later load is still under way
         self._loading = None
         text = f"Could not load {failed.name}: {event.message.rstrip('.')}."
+        if self._restoring is not None:  # the model that worked before failed too
+            text, self._restoring = f"{self._restoring[1].rsplit('. ', 1)[0]}. {text}", None
         if self._working is None or self._working[0] == failed:
             self.failed.emit(f"{text} Choose another model with Model… in the toolbar.")
             return
         previous, setting = self._working
-        self.failed.emit(f"{text} {previous.name} is loaded again.")
+        # Said once the previous model is back, so that no restart notice on the way hides it.
+        self._restoring = (previous, f"{text} {previous.name} is loaded again.")
         if str(self.settings.get("model_dir")) != setting:
             self.settings.set("model_dir", setting)  # reloads through _on_setting_changed
         else:

@@ -131,8 +131,9 @@ def test_bad_model_is_named_in_the_window_and_the_app_goes_on(
     if bad.at == "load":
         moebar.settings.set("model_dir", str(model))
         # The failed load is named, and the model that worked before is loaded again (issue 16).
-        qtbot.waitUntil(lambda: "is loaded again" in window.notice_bar.text(), timeout=LOAD_TIMEOUT_MS)
-        assert window.notice_bar.level() == "error" and window.notice_bar.text().startswith("Could not load ")
+        qtbot.waitUntil(lambda: window.notice_bar.level() == "error"
+                        and window.notice_bar.text().startswith("Could not load "), timeout=LOAD_TIMEOUT_MS)
+        assert window.notice_bar.text().endswith(f"{good_model.name} is loaded again.")
         for needle in needles:
             assert needle in window.notice_bar.text(), window.notice_bar.text()
         qtbot.waitUntil(lambda: bridge.state == READY and bridge.model is not None

@@ -175,24 +175,3 @@ def test_model_dialog_shows_the_plan_before_loading(qtbot, moebar: MoeBarApp, ti
     dialog.folder_edit.setText(str(model))
     dialog.accept()
     assert moebar.settings.get("model_dir") == str(model)
-
-
-def test_download_progress_and_cancel(qtbot) -> None:
-    import threading
-
-    import pytest as _pytest
-
-    from app.ops import OpContext
-    from app.ui.model_download import DownloadCancelled, check_repo_id, reporting_tqdm
-
-    assert check_repo_id(" mlx-community/Qwen3-30B-A3B-4bit ") == "mlx-community/Qwen3-30B-A3B-4bit"
-    with _pytest.raises(ValueError, match="owner/name"):
-        check_repo_id("not a repo")
-    reports = []
-    cancel = threading.Event()
-    bar = reporting_tqdm(OpContext(reports.append, cancel))(total=1000, desc="model.safetensors")
-    bar.update(400)
-    assert reports[-1].done == 400 and reports[-1].total == 1000 and reports[-1].label == "model.safetensors"
-    cancel.set()
-    with _pytest.raises(DownloadCancelled):
-        bar.update(100)
