@@ -12,7 +12,11 @@ import numpy as np
 
 from engine.storage.expert_layout import LayerExperts
 from engine.storage.expert_store import ExpertStore
+from engine.errors import RequestError
 from engine.model.generate import generate_tokens
+from engine.model.layer_prefill import context_length, pass_shape, pass_tokens, prefill_memory_bytes, supports_layer_major
+from engine.model.prefill_progress import ProgressFn
+from engine.platform_info import memory_info
 from engine.model.loader import ProgressFn, StreamedModel, load_streamed_model
 from engine.model.plan import MemoryPlan, make_plan
 from engine.types import EngineOptions, SamplingParams, TokenEvent
@@ -61,6 +65,21 @@ class Engine:
             keys = read_hot_set(hot_set_path(options.hot_set_dir, model_dir), loaded.streamer)
             if keys:  # read in the background into free slots; never in a request's way (hot_set)
                 self.warmer = HotSetWarmer(loaded.streamer, keys, options.io_threads).start()
+        self.context_length = context_length(loaded.config)  # 0 when config.json does not say
+        self.layer_major_prefill = supports_layer_major(loaded.model)
+        self.prefill_pass_tokens = self._pass_tokens()
+
+    def _pass_tokens(self) -> int:
+        """Tokens per layer-major prefill pass (0 where the family is prefilled chunk by chunk)."""
+        if not self.layer_major_prefill:
+            return 0
+        if self.options.prefill_pass_tokens > 0:
+            return self.options.prefill_pass_tokens
+        on_cpu = self._loaded.activation_dtype == "float32"
+        shape = pass_shape(self.config, self._loaded.k, 4 if on_cpu else 2)
+        budget = prefill_memory_bytes(self.options.prefill_memory_mb, memory_info().total_bytes)
+        # MLX's CPU attention materialises the scores; its GPU kernels do not.
+        return pass_tokens(shape, budget, self.context_length or 32768, on_cpu, max(1, self.options.prefill_chunk))
 
     @classmethod
     def load(
@@ -165,8 +184,20 @@ class Engine:
         stop: Callable[[], bool] | None = None,
         kv_cache: list[Any] | None = None,
         reused_tokens: int = 0,
+        on_prefill: ProgressFn | None = None,
     ) -> Iterator[TokenEvent]:
-        """Prefill ``prompt_tokens`` (after what ``kv_cache`` holds) and yield generated tokens."""
+        """Prefill ``prompt_tokens`` (after what ``kv_cache`` holds) and yield generated tokens.
+
+        ``on_prefill(PrefillProgress)`` is called after every layer of the prefill (see
+        engine.model.prefill_progress); ``stop()`` is polled there too, and a stopped prefill
+        leaves ``kv_cache`` holding whole passes only. A prompt that does not fit the model's
+        context is refused (RequestError) before anything is read.
+        """
+        if self.context_length and reused_tokens + len(prompt_tokens) >= self.context_length:
+            raise RequestError(
+                f"the prompt has {reused_tokens + len(prompt_tokens)} tokens; the model's context is "
+                f"{self.context_length} tokens, with room needed for at least one new token"
+            )
         cache = kv_cache if kv_cache is not None else self.make_kv_cache()
         return generate_tokens(
             self.model,
@@ -178,6 +209,9 @@ class Engine:
             stop=stop,
             reused_tokens=reused_tokens,
             prefill_chunk=self.options.prefill_chunk,
+            pass_tokens=self.prefill_pass_tokens,
+            on_prefill=on_prefill,
+            context_length=self.context_length,
         )
 
     def preload_experts(self) -> int:

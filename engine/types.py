@@ -18,7 +18,13 @@ class EngineOptions:
     experts_per_token: int | None = None  # override K; None keeps the model's trained value
     cold: bool = False  # bypass the OS page cache on expert reads (honest disk figures)
     io_threads: int = 4  # parallel pread workers
-    prefill_chunk: int = 512  # prompt tokens routed together: each needed expert is read once per chunk
+    # prompt tokens per attention call of a prefill pass (and per chunk for model families that
+    # engine.model.layer_prefill cannot run layer by layer)
+    prefill_chunk: int = 512
+    # prompt tokens per prefill pass over the experts (each routed expert is read once per layer
+    # per pass); 0: as many as prefill_memory_mb holds (see engine.model.layer_prefill)
+    prefill_pass_tokens: int = 0
+    prefill_memory_mb: float | None = None  # working memory of one pass; None: min(2 GiB, RAM / 8)
     prefetch: bool = False  # read layer l+1's predicted experts while layer l computes
     # expert cache replacement policy (engine.model.cache_policies: lrfu, lru, lfu, lrfu:HALF_LIFE)
     cache_policy: str = "lrfu"

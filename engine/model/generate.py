@@ -1,4 +1,4 @@
-"""The generation loop: chunked prefill, then one token per step, with each step's figures."""
+"""The generation loop: prefill (layer-major passes or chunks), then one token per step, with each step's figures."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
 from engine.errors import RequestError
 from engine.platform_info import peak_rss_bytes
+from engine.model.layer_prefill import PassReporter, run_pass
+from engine.model.prefill_progress import CacheCheckpoint, PrefillCancelled, ProgressFn
 from engine.model.streamed_moe import ExpertStreamer
 from engine.types import GenerationStats, SamplingParams, StepFigures, TokenEvent
 
@@ -38,14 +40,29 @@ def generate_tokens(
     stop: Callable[[], bool] | None = None,
     reused_tokens: int = 0,
     prefill_chunk: int = 512,
+    pass_tokens: int = 0,
+    on_prefill: ProgressFn | None = None,
+    context_length: int = 0,
 ) -> Iterator[TokenEvent]:
-    """Prefill ``prompt_tokens`` into ``kv_cache`` in chunks, then decode until eos or the limit.
+    """Prefill ``prompt_tokens`` into ``kv_cache``, then decode until eos or the limit.
 
-    Each event carries the token and the figures of the step that made it; the first token's
-    step is the whole prefill. A cancelled generation ends with an event whose token is NO_TOKEN.
+    With ``pass_tokens`` > 0 (a model ``layer_prefill`` supports) the prompt is prefilled
+    layer-major in passes of that many tokens, each routed expert read once per layer per pass;
+    otherwise in chunks of ``prefill_chunk`` tokens through the whole model. ``on_prefill`` gets
+    a ``PrefillProgress`` after every layer (see prefill_progress); ``stop`` is polled between
+    layers and expert groups, and a cancelled prefill leaves the cache at its last whole pass.
+    A prompt that with ``reused_tokens`` reaches ``context_length`` (when > 0) is refused before
+    anything is read. Each event carries the token and the figures of the step that made it; the
+    first token's step is the whole prefill. A cancelled generation ends with an event whose
+    token is NO_TOKEN.
     """
     if len(prompt_tokens) == 0:
         raise RequestError("the prompt has no new tokens to process")
+    if context_length > 0 and reused_tokens + len(prompt_tokens) >= context_length:
+        raise RequestError(
+            f"the prompt has {reused_tokens + len(prompt_tokens)} tokens ({reused_tokens} reused); "
+            f"the model's context is {context_length} tokens, with room needed for at least one new token"
+        )
     if sampling.max_tokens < 1:
         raise RequestError(f"max_tokens must be at least 1, got {sampling.max_tokens}")
     should_stop = stop or (lambda: False)
@@ -79,28 +96,63 @@ def generate_tokens(
         fig.compute_s = max(0.0, fig.elapsed_s - fig.io_wait_s - fig.sync_s)
         return fig
 
-    # Prefill: route each chunk together, so each needed expert is read once per chunk. All but
-    # the last prompt token go in chunks whose outputs are never used (only the caches are), so
-    # the last MoE layer is skipped there; the last token then runs alone for its logits.
+    # Prefill. Layer-major (pass_tokens > 0): the whole prompt in passes, the last pass giving
+    # the last token's logits. Chunked: all but the last token fill the caches only (their
+    # outputs are never used, so the last MoE layer is skipped there); the last token then runs
+    # alone through the model for its logits.
     t0 = time.perf_counter()
-    prompt = mx.array(list(prompt_tokens))
     n = len(prompt_tokens)
-    chunk = max(1, prefill_chunk)
-    if streamer.last_layer_is_final_block:
+    layer_major = pass_tokens > 0
+    todo = list(prompt_tokens) if layer_major else list(prompt_tokens[: n - 1])
+    step = max(1, pass_tokens if layer_major else prefill_chunk)
+    passes = -(-len(todo) // step)
+    reporter = PassReporter(on_prefill, len(todo), passes, len(getattr(model, "layers", [])), lambda: streamer.figures.bytes_read)
+    syncs_before_last = streamer.host_syncs
+    logits: mx.array | None = None
+
+    def check_stop() -> None:
+        if should_stop():
+            raise PrefillCancelled("stopped during the prefill")
+
+    if not layer_major and streamer.last_layer_is_final_block:
         streamer.skip_layer = len(streamer.layers) - 1
     try:
-        for start in range(0, n - 1, chunk):
-            if should_stop():
-                stats.prefill.add(finish_step(t0, start))
+        for index, start in enumerate(range(0, len(todo), step)):
+            piece = todo[start : start + step]
+            reporter.pass_index, reporter.pass_tokens = index, len(piece)
+            checkpoint = CacheCheckpoint.of(kv_cache)
+            # Stop mid-pass (between expert groups) only where the pass can be rolled back.
+            streamer.abort_check = check_stop if checkpoint is not None else None
+            try:
+                check_stop()
+                reporter.report(0)
+                if layer_major:
+                    syncs_before_last = streamer.host_syncs
+                    logits = run_pass(
+                        model, kv_cache, piece, last=start + step >= len(todo), attention_chunk=max(1, prefill_chunk),
+                        between_layers=lambda i: (reporter.report(i + 1), check_stop()),
+                    )
+                else:
+                    model(mx.array(piece)[None], cache=kv_cache)
+                    mx.eval([c.state for c in kv_cache])
+                    reporter.report(reporter.layers_total)
+            except PrefillCancelled:
+                mx.synchronize()  # nothing queued may still read a slot or write the cache
+                streamer.release_pins()
+                if checkpoint is not None:
+                    checkpoint.restore()
+                stats.prefill.add(finish_step(t0, reporter.tokens_done))
                 yield TokenEvent(NO_TOKEN, stats.prefill, stats, "cancelled")
                 return
-            model(prompt[start : min(start + chunk, n - 1)][None], cache=kv_cache)
-            mx.eval([c.state for c in kv_cache])
             streamer.release_pins()
+            reporter.tokens_done += len(piece)
     finally:
         streamer.skip_layer = None
-    syncs_before_last = streamer.host_syncs
-    token = sample(model(prompt[n - 1 :][None], cache=kv_cache))
+        streamer.abort_check = None
+    if logits is None:
+        syncs_before_last = streamer.host_syncs
+        logits = model(mx.array(list(prompt_tokens[n - 1 :]))[None], cache=kv_cache)
+    token = sample(logits)
     mx.eval(token)
     streamer.release_pins()
     streamer.in_prefill = False

@@ -220,10 +220,16 @@ def slots_widen_half_floats(device: str, model: nn.Module) -> bool:
     return device == "cpu" or dense_dtype(model) == mx.float32
 
 
-def use_prefill_matmul(setting: str) -> bool:
-    """Whether CPU prefill chunks run as dequantize + GEMM: "on", "off", or "auto" (fast BLAS)."""
+def use_prefill_matmul(setting: str, device: str = "cpu") -> bool:
+    """Whether CPU prefill chunks run as dequantize + GEMM: "on", "off", or "auto" (fast BLAS).
+
+    Only where the model runs on the CPU (``device`` as from ``pick_device``): on a GPU the
+    weights are on the device, and its own quantized matmul runs each expert's rows at once.
+    """
     if setting not in ("auto", "on", "off"):
         raise RequestError(f"prefill_matmul must be 'auto', 'on' or 'off', got {setting!r}")
+    if device != "cpu":
+        return False
     return setting == "on" or (setting == "auto" and fast_blas_status()[0])
 
 
@@ -348,7 +354,6 @@ def load_streamed_model(model_dir: Path, options: EngineOptions, progress: Progr
         cache_bytes=budget.cache_bytes * layers[0].expert_bytes // per_slot,
         experts_per_token=k,
         prefetch=options.prefetch,
-        policy=options.cache_policy,
         upcast_half=widen,
     )
     switches: list[StreamedSwitch] = []
@@ -367,7 +372,7 @@ def load_streamed_model(model_dir: Path, options: EngineOptions, progress: Progr
         model.set_dtype(mx.float32)
         if options.cpu_split:
             split_output_projection(model, cpu_streams())
-        if use_prefill_matmul(options.prefill_matmul):
+        if use_prefill_matmul(options.prefill_matmul, device):
             streamer.prefill_matmul.enabled = True
             streamer.prefill_matmul.streams = cpu_streams()
             install_prefill_matmul([model, *(s.inner_module for s in switches)], streamer.prefill_matmul)

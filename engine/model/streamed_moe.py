@@ -21,6 +21,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from engine.model.array_limits import max_array_bytes, max_slots_per_array
 from engine.model.cpu_prefill import PrefillMatmul
 from engine.model.expert_cache import ExpertCache, Key, SlotPool
 from engine.model.cache_policies import DEFAULT_POLICY
@@ -29,8 +30,6 @@ from engine.storage.expert_layout import LayerExperts
 from engine.storage.expert_store import ExpertStore
 from engine.types import StepFigures
 
-# MLX indexes with 32-bit element counts in places; keep each stacked slot array below this.
-_MAX_ELEMENTS_PER_ARRAY = 2**31 - 1
 
 
 @dataclass
@@ -40,6 +39,17 @@ class _Binding:
     inner: nn.Module
     streamer: "ExpertStreamer"
     next_router: Callable[[mx.array], mx.array] | None = None
+
+
+@dataclass
+class _PendingReads:
+    """Experts given slots by ``ExpertStreamer.begin`` whose reads may still be running."""
+
+    cache: ExpertCache
+    keys: list[Key]
+    slots: np.ndarray
+    waits: list[tuple[Key, "Future[int]"]]
+    filled: list[int]
 
 
 class ExpertStreamer:
@@ -71,11 +81,15 @@ class ExpertStreamer:
         self.skip_layer: int | None = None  # a layer whose output will not be used (see generate)
         self.last_layer_is_final_block = False  # set by the loader
         self.prefill_matmul = PrefillMatmul()  # dense-GEMM path for long CPU calls (see cpu_prefill)
+        # Called between the expert groups of a layer; raises to stop (generate sets it during a
+        # prefill whose cache it can roll back; see prefill_progress).
+        self.abort_check: Callable[[], None] | None = None
         self._pinned: set[Key] = set()
         self._inflight: dict[Key, tuple[ExpertCache, "Future[int]"]] = {}
         self._prefetched: set[Key] = set()  # resident because of a prediction, not yet used
         self.caches: list[ExpertCache] = []  # one per bank
         self.cache_of_layer: list[ExpertCache] = [None] * len(layers)  # type: ignore[list-item]
+        self.max_array_bytes = max_array_bytes()  # one stacked slot array at most (array_limits)
         self._build_banks(cache_bytes, policy, upcast_half)
 
     def _build_banks(self, cache_bytes: int, policy: str, upcast_half: bool) -> None:
@@ -90,12 +104,16 @@ class ExpertStreamer:
             group_total = per_expert * members[0].num_experts * len(members)
             share = cache_bytes * group_total / total_bytes if total_bytes else 0
             budget_slots = min(int(share // per_expert), members[0].num_experts * len(members))
-            largest = max(math.prod(p.shape) for p in members[0].params)
-            max_per_bank = max(working, _MAX_ELEMENTS_PER_ARRAY // max(1, largest))
+            # each stacked array under the backend's safe size (see array_limits)
+            max_per_bank = max(working, min(
+                max_slots_per_array(p.nbytes * (2 if upcast_half and p.dtype in ("BF16", "F16") else 1),
+                                    math.prod(p.shape), self.max_array_bytes)
+                for p in members[0].params
+            ))  # fmt: skip
             n_banks = max(1, min(len(members), math.ceil(budget_slots / max_per_bank)))
             for b in range(n_banks):
                 bank_layers = members[b::n_banks]
-                slots = max(working, budget_slots * len(bank_layers) // len(members))
+                slots = max(working, min(max_per_bank, budget_slots * len(bank_layers) // len(members)))
                 sizes = {l.layer: l.num_experts for l in bank_layers}
                 cache = ExpertCache(SlotPool(members[0].params, slots, upcast_half=upcast_half), policy, layer_experts=sizes)
                 if not cache.holds_all:
@@ -133,12 +151,25 @@ class ExpertStreamer:
         """Everything queued so far has been evaluated: no slot is in use by pending compute."""
         self._pinned.clear()
 
+    def unpin(self, keys: list[Key]) -> None:
+        """The computation that read these experts has been evaluated: their slots may be reused."""
+        self._pinned.difference_update(keys)
+
+    def check_abort(self) -> None:
+        """Between expert groups: let ``abort_check`` (set by generate) stop a long prefill."""
+        if self.abort_check is not None:
+            self.abort_check()
+
     def capacity(self, layer: int) -> int:
         """Slots available to one call of ``layer``."""
         return self.cache_of_layer[layer].pool.n_slots
 
     def ensure(self, layer: int, experts: np.ndarray) -> np.ndarray:
         """Make ``experts`` of ``layer`` resident (reading misses in parallel); return their slots."""
+        return self.finish(self.begin(layer, experts))
+
+    def begin(self, layer: int, experts: np.ndarray) -> "_PendingReads":
+        """Give ``experts`` of ``layer`` slots (pinned) and start reading the misses; do not wait."""
         cache = self.cache_of_layer[layer]
         slots = np.empty(len(experts), dtype=np.int32)
         waits: list[tuple[Key, Future[int]]] = []
@@ -165,6 +196,11 @@ class ExpertStreamer:
             slots[i] = slot
             filled.append(slot)
             waits.append((key, self.store.submit(layer, key[1], cache.pool.dests(slot))))
+        return _PendingReads(cache, keys, slots, waits, filled)
+
+    def finish(self, pending: "_PendingReads") -> np.ndarray:
+        """Wait for the reads ``begin`` started; return the slots of its experts, in its order."""
+        cache, slots, waits, filled = pending.cache, pending.slots, pending.waits, pending.filled
         t0 = time.perf_counter()
         error: BaseException | None = None
         for key, fut in waits:
@@ -356,27 +392,50 @@ class StreamedSwitch(nn.Module):
         return self._call_inner(x, *self._slot_indices(host_idx, unique))
 
     def _run_grouped(self, x: mx.array, host_idx: np.ndarray, unique: np.ndarray, cap: int) -> mx.array:
-        """More distinct experts than slots (long prefill chunks with a small cache): go in groups.
+        """More distinct experts than slots (long prefill passes with a small cache): go in groups.
 
-        Each (token, choice) pair is computed by the same kernel on the same rows; the pieces are
-        put back in their original order before the model's weighted sum.
+        Each expert is read once per call; half of the pool's slots take the group being read
+        while the other half's group computes, so reads overlap compute. Each (token, choice)
+        pair is computed by the same kernel on the same rows; the pieces are put back in their
+        original order before the model's weighted sum. ``check_abort`` runs between groups.
         """
+        streamer = self._binding.streamer
         k = host_idx.shape[-1]
         d = x.shape[-1]
         flat_idx = host_idx.reshape(-1)
         x_rows = x.reshape(-1, d)
+        by_expert = np.argsort(flat_idx, kind="stable")  # positions grouped by expert id
+        sorted_ids = flat_idx[by_expert]
+        # Two groups in flight when the pool allows it: one computing while the next is read.
+        size = cap // 2 if cap >= 2 else cap
+        groups = [unique[s : s + size] for s in range(0, len(unique), size)]
+        bounds = np.searchsorted(sorted_ids, [int(g[0]) for g in groups] + [int(sorted_ids[-1]) + 1])
         pieces: list[mx.array] = []
         positions: list[np.ndarray] = []
-        for start in range(0, len(unique), cap):
-            if pieces:
-                mx.eval(pieces)  # the previous group's slots may be reused below
-                self._binding.streamer.release_pins()
-            group = unique[start : start + cap]
-            pos = np.nonzero(np.isin(flat_idx, group))[0]
-            host_slots, slot_idx = self._slot_indices(flat_idx[pos], group)
+        pending = streamer.begin(self.layer, groups[0])
+        previous: tuple[list[Key], mx.array] | None = None
+        for g, group in enumerate(groups):
+            slots = streamer.finish(pending)
+            pos = np.sort(by_expert[bounds[g] : bounds[g + 1]])
+            lut = np.zeros(int(group.max()) + 1, dtype=np.int32)
+            lut[group] = slots
+            host_slots = lut[flat_idx[pos]]
             rows = x_rows[mx.array(pos // k)]
-            pieces.append(self._call_inner(rows, host_slots[:, None], slot_idx[:, None])[:, 0, :])
+            y = self._call_inner(rows, host_slots[:, None], mx.array(host_slots)[:, None])[:, 0, :]
+            mx.async_eval(y)
+            pieces.append(y)
             positions.append(pos)
+            if previous is not None:
+                mx.eval(previous[1])  # the group before: its slots may be reused below
+                streamer.unpin(previous[0])
+            previous = (pending.keys, y)
+            if g + 1 < len(groups):
+                if 2 * size > cap:  # no room for two groups: this one must finish first
+                    mx.eval(y)
+                    streamer.unpin(pending.keys)
+                    previous = None
+                streamer.check_abort()
+                pending = streamer.begin(self.layer, groups[g + 1])
         order = np.argsort(np.concatenate(positions))
         y = mx.concatenate(pieces, axis=0)[mx.array(order)]
         return y.reshape(*host_idx.shape, y.shape[-1])

@@ -1,0 +1,69 @@
+"""How large one stacked slot array may be on this machine's MLX backend, in bytes.
+
+A slot pool stacks one parameter of every slot into one MLX array (``[slots, *shape]``). Two
+limits apply:
+
+- Measured: on MLX 0.32.4's CUDA backend a 4 GiB slot array gave wrong logits (1.02 off mlx-lm at
+  Qwen3.5-397B's shape, all 2,048 experts of 4 layers resident) while pools split into arrays of
+  2 GiB and less were exact (H200, December 2026; ``bench/gpu/large_array_repro.py`` reproduces it
+  against plain MLX). 2 GiB is the largest size shown exact, so every GPU backend is held to it
+  until a larger size is measured exact there (``bench/gpu/large_array_repro.py`` on CUDA, the
+  engine's self-check on Metal).
+- The device's own maximum buffer length, where MLX reports one (Metal's ``max_buffer_length``).
+- On the CPU, MLX indexes with 32-bit element counts in places: below 2**31 elements.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import mlx.core as mx
+
+# The largest stacked array measured exact on a GPU backend (see the module docstring).
+GPU_SAFE_ARRAY_BYTES = 2 << 30
+MAX_ELEMENTS = 2**31 - 1
+
+
+def backend() -> str:
+    """``cuda``, ``metal`` or ``cpu``: where MLX's default device computes."""
+    try:
+        if mx.default_device() != mx.gpu:
+            return "cpu"
+    except (AttributeError, RuntimeError):
+        return "cpu"
+    try:
+        if mx.cuda.is_available():  # type: ignore[attr-defined]
+            return "cuda"
+    except (AttributeError, RuntimeError):
+        pass
+    return "metal"
+
+
+def _device_info() -> Mapping[str, Any]:
+    try:
+        return dict(mx.device_info())  # type: ignore[attr-defined]
+    except (AttributeError, RuntimeError):
+        return {}
+
+
+def max_array_bytes(where: str | None = None, info: Mapping[str, Any] | None = None) -> int:
+    """The byte limit for one stacked slot array on backend ``where`` (default: this one).
+
+    ``info`` is MLX's device information (``mx.device_info()``), given by tests.
+    """
+    where = where or backend()
+    info = _device_info() if info is None else info
+    if where == "cpu":
+        return 1 << 62  # bounded by MAX_ELEMENTS instead
+    limit = GPU_SAFE_ARRAY_BYTES
+    device_max = info.get("max_buffer_length") or info.get("max_buffer_size")
+    if isinstance(device_max, int) and device_max > 0:
+        limit = min(limit, device_max)
+    return limit
+
+
+def max_slots_per_array(slot_bytes: int, slot_elements: int, limit_bytes: int) -> int:
+    """Slots of one parameter (``slot_bytes`` / ``slot_elements`` each) that fit one array."""
+    by_bytes = limit_bytes // max(1, slot_bytes)
+    by_elements = MAX_ELEMENTS // max(1, slot_elements)
+    return max(1, min(by_bytes, by_elements))
