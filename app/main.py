@@ -77,6 +77,7 @@ class MoeBarApp(QtCore.QObject):
         self.window.model_dialog_requested.connect(self.open_model_dialog)
         self.window.quick_ask_requested.connect(self.quick_ask.popup)
         self.quick_ask.open_in_chat_requested.connect(self._open_quick_ask_chat)
+        self.quick_ask.conversation_created.connect(lambda _id: self.window.sidebar.refresh())
         self.models.status.connect(self.window.state_label.setText)
         self.models.failed.connect(lambda text: self.window.show_notice("error", text))
         self.picker.failed.connect(lambda text: self.window.show_notice("error", text))

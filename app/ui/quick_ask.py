@@ -24,12 +24,14 @@ from engine.serving.protocol import ChatRequest, DoneEvent
 from engine.types import SamplingParams
 
 REPAINT_MS = 80
+WIDTH = 560
 
 
 class QuickAskWindow(QtWidgets.QWidget):
     """One question, one streamed answer; Esc closes, Enter asks."""
 
     open_in_chat_requested = Signal(int)  # conversation id
+    conversation_created = Signal(int)  # saved to the history: the sidebar shows it at once
 
     def __init__(self, bridge: EngineBridge, settings: SettingsStore, history: HistoryStore | None,
                  theme: Theme = LIGHT, parent: QtWidgets.QWidget | None = None) -> None:
@@ -53,8 +55,14 @@ class QuickAskWindow(QtWidgets.QWidget):
         self.open_button = QtWidgets.QPushButton("Open in chat", self)
         self.open_button.clicked.connect(self._on_open_in_chat)
         self.open_button.hide()
+        self.stop_button = QtWidgets.QPushButton("Stop", self)
+        self.stop_button.setObjectName("sendButton")
+        self.stop_button.setProperty("stop", True)
+        self.stop_button.clicked.connect(self.stop)
+        self.stop_button.hide()
         row = QtWidgets.QHBoxLayout()
         row.addWidget(self.status, 1)
+        row.addWidget(self.stop_button)
         row.addWidget(self.open_button)
         layout = QtWidgets.QVBoxLayout(self)
         layout.setContentsMargins(12, 12, 12, 12)
@@ -62,12 +70,19 @@ class QuickAskWindow(QtWidgets.QWidget):
         layout.addWidget(self.answer_view)
         layout.addLayout(row)
         self.answer_view.hide()
-        self.resize(560, 120)
+        self.setMinimumWidth(WIDTH)
+        self.resize(WIDTH, 120)
         self._repaint = Throttle(self._show_answer, REPAINT_MS, self)
         bridge.token.connect(self._on_token)
         bridge.done.connect(self._on_done)
         bridge.engine_lost.connect(self._on_engine_lost)
         QtGui.QShortcut(QtGui.QKeySequence(Qt.Key.Key_Escape), self, self.close)
+
+    def stop(self) -> None:
+        """Stop the answer (what came so far stays, marked stopped)."""
+        if self._request_id:
+            self.bridge.cancel(self._request_id)
+            self.status.setText("Stopping…")
 
     def is_answering(self) -> bool:
         """Whether an answer is streaming."""
@@ -107,6 +122,7 @@ class QuickAskWindow(QtWidgets.QWidget):
         ))
         self.status.setText("Answering…")
         self.open_button.hide()
+        self.stop_button.show()
         self.answer_view.set_markdown_text("")
         self.answer_view.show()
         self._save_start(user)
@@ -120,6 +136,8 @@ class QuickAskWindow(QtWidgets.QWidget):
             append_entry(self.history, self.conversation_id, self._answer)
         except HistoryError:
             self.conversation_id = 0
+            return
+        self.conversation_created.emit(self.conversation_id)
 
     @Slot(str, str, str)
     def _on_token(self, request_id: str, text: str, kind: str) -> None:
@@ -133,7 +151,8 @@ class QuickAskWindow(QtWidgets.QWidget):
     def _show_answer(self) -> None:
         if self._answer is not None:
             self.answer_view.set_markdown_text(self._answer.content)
-            self.adjustSize()
+            # Grow to fit the answer; the width stays what it was (adjustSize would shrink it).
+            self.resize(self.width(), max(self.height(), self.sizeHint().height()))
 
     @Slot(object)
     def _on_done(self, event: DoneEvent) -> None:
@@ -143,9 +162,13 @@ class QuickAskWindow(QtWidgets.QWidget):
         self._repaint.flush()
         self._answer.figures = event.figures
         self._answer.status = "complete" if event.finish_reason in ("stop", "length") else "stopped"
-        if self._answer.status == "stopped":
+        figures = f"{event.figures.generated_tokens} tokens · {event.figures.decode_tps:.1f} tok/s"
+        if event.finish_reason == "cancelled":
+            self._answer.note = "you pressed Stop"
+            figures = f"Stopped · {figures}"
+        elif self._answer.status == "stopped":
             self._answer.note = event.finish_reason
-        self._finish(f"{event.figures.generated_tokens} tokens · {event.figures.decode_tps:.1f} tok/s")
+        self._finish(figures)
 
     @Slot(str, object)
     def _on_engine_lost(self, reason: str, request_ids: list[str]) -> None:
@@ -157,6 +180,7 @@ class QuickAskWindow(QtWidgets.QWidget):
 
     def _finish(self, status: str) -> None:
         self.status.setText(status)
+        self.stop_button.hide()
         if self.history is not None and self._answer is not None and self._answer.stored_id is not None:
             try:
                 update_entry(self.history, self._answer)
