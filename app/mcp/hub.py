@@ -87,7 +87,8 @@ def _stderr_tail(path: Path, start: int) -> str:
             data = handle.read()[-4096:]
     except OSError:
         return ""
-    lines = [line.strip() for line in data.decode("utf-8", "replace").splitlines() if line.strip()]
+    lines = [line.strip() for line in data.decode("utf-8", "replace").splitlines()
+             if line.strip() and not (line.startswith("--- ") and " moebar: " in line)]  # not the hub's own notes
     return lines[-1][:STDERR_TAIL_CHARS] if lines else ""
 
 
@@ -107,8 +108,10 @@ class McpHub:
     """Starts, stops and calls MCP servers; thread-safe; states are reported through `on_state`."""
 
     def __init__(self, log_dir: Path, path_for_servers: Callable[[], str] | None = None,
-                 on_state: Callable[[ServerState], None] | None = None) -> None:
+                 on_state: Callable[[ServerState], None] | None = None,
+                 ping_interval_s: float = PING_INTERVAL_S) -> None:
         self.log_dir = log_dir
+        self.ping_interval_s = ping_interval_s
         self._path_for_servers = path_for_servers or (lambda: os.environ.get("PATH", os.defpath))
         self._server_path: str | None = None
         self._on_state = on_state
@@ -331,7 +334,7 @@ class McpHub:
         """Wait for the stop signal; a server that dies or stops answering pings ends the session with an error."""
         config = runner.config
         while not runner.stop.is_set():
-            with anyio.move_on_after(PING_INTERVAL_S):
+            with anyio.move_on_after(self.ping_interval_s):
                 await runner.stop.wait()
             if runner.stop.is_set():
                 return

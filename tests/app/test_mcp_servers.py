@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -52,14 +53,21 @@ def _configs(http_port: int) -> dict[str, ServerConfig]:
     return {c.name: c for c in (
         ServerConfig("tools", command=py, args=(TOOL_SERVER,), env={"GREETING": "hello from mcp.json"},
                      disabled_tools=frozenset({"long_text"})),
-        ServerConfig("quick", command=py, args=(TOOL_SERVER,), timeout_s=4),
+        ServerConfig("quick", command=py, args=(TOOL_SERVER,), timeout_s=8),
         ServerConfig("remote", url=f"http://127.0.0.1:{http_port}/mcp", headers={"X-Test": "1"}),
         ServerConfig("missing", command="moebar-no-such-mcp-server"),
         ServerConfig("exits", command=py, args=(BAD_SERVER, "exit")),
         ServerConfig("garbage", command=py, args=(BAD_SERVER, "garbage")),
         ServerConfig("silent", command=py, args=(BAD_SERVER, "silent"), timeout_s=2),
         ServerConfig("off", command=py, args=(TOOL_SERVER,), disabled=True),
+        ServerConfig("crashy", command=py, args=(TOOL_SERVER,)),
     )}
+
+
+def _settle(hub: McpHub) -> None:
+    deadline = time.monotonic() + 60
+    while any(s.status == "starting" for s in hub.states().values()) and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 class Hub:
@@ -80,18 +88,18 @@ def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hub]:
     reported: list[ServerState] = []
     hub = McpHub(tmp_path_factory.mktemp("mcp-logs"),
                  path_for_servers=lambda: os.environ["PATH"] + os.pathsep + LOGIN_PATH_MARK,
-                 on_state=reported.append)
+                 on_state=reported.append, ping_interval_s=0.5)
     try:
         configs = _configs(port)
         config = McpConfig(path=Path("mcp.json"), servers=configs)
         for name, server in configs.items():
-            if name != "remote":
+            if name not in ("remote", "quick"):
                 hub.start_server(server)
         _wait_for_port(port, http)
         hub.start_server(configs["remote"])
-        deadline = time.monotonic() + 60
-        while any(s.status == "starting" for s in hub.states().values()) and time.monotonic() < deadline:
-            time.sleep(0.05)
+        _settle(hub)
+        hub.start_server(configs["quick"])  # alone, so that its short timeout is not spent waiting for a busy CPU
+        _settle(hub)
         yield Hub(hub, config, reported)
     finally:
         hub.shutdown()
@@ -103,8 +111,8 @@ def test_good_servers_are_ready_with_their_tools(running: Hub) -> None:
     states = running.hub.states()
     for name in ("tools", "quick", "remote"):
         assert states[name].status == "ready", states[name]
-        assert {t.name for t in states[name].tools} == {"add", "echo_env", "long_text", "picture", "sleep", "fail"}
-    assert states["tools"].summary() == "ready with 6 tools"
+        assert {t.name for t in states[name].tools} == {"add", "echo_env", "long_text", "picture", "sleep", "pid", "fail"}
+    assert states["tools"].summary() == "ready with 7 tools"
     assert states["off"].status == "disabled"
     starting = [s.name for s in running.reported if s.status == "starting"]
     assert "tools" in starting and "off" not in starting
@@ -170,7 +178,7 @@ def test_tool_errors_name_the_server(running: Hub) -> None:
 
 
 def test_a_call_past_the_server_timeout_fails_and_the_server_goes_on(running: Hub) -> None:
-    with pytest.raises(ToolError, match="'quick' did not answer the call of sleep within 4 s"):
+    with pytest.raises(ToolError, match="'quick' did not answer the call of sleep within 8 s"):
         running.tools.run(public_name("quick", "sleep"), {"seconds": 30})
     assert running.tools.run(public_name("quick", "add"), {"a": 1, "b": 1}) == "2"
 
@@ -185,6 +193,18 @@ def test_a_call_can_be_stopped(running: Hub) -> None:
     assert running.tools.run(public_name("tools", "add"), {"a": 1, "b": 2}) == "3"
 
 
+def test_a_server_that_dies_while_ready_is_reported(running: Hub) -> None:
+    pid = int(running.tools.run(public_name("crashy", "pid"), {}))
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while running.hub.states()["crashy"].status == "ready" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    state = running.hub.states()["crashy"]
+    assert state.status == "failed" and state.reason, state
+    assert public_name("crashy", "add") not in running.tools.offered()
+    assert running.tools.run(public_name("tools", "add"), {"a": 1, "b": 2}) == "3"  # the others carry on
+
+
 def test_restart_and_stop(running: Hub) -> None:
     running.hub.stop_server("quick")
     assert running.hub.states()["quick"].status == "stopped"
@@ -193,9 +213,7 @@ def test_restart_and_stop(running: Hub) -> None:
     with pytest.raises(Exception, match="'quick' is not running \\(stopped\\)"):
         running.hub.call_tool("quick", "add", {"a": 1, "b": 1})
     running.hub.start_server(running.config.servers["quick"])
-    deadline = time.monotonic() + 30
-    while running.hub.states()["quick"].status == "starting" and time.monotonic() < deadline:
-        time.sleep(0.05)
+    _settle(running.hub)
     assert running.hub.states()["quick"].status == "ready"
     assert running.tools.run(public_name("quick", "add"), {"a": 1, "b": 1}) == "2"
 
@@ -224,5 +242,5 @@ def test_check_command_text_and_success(tmp_path: Path, capsys: pytest.CaptureFi
     path.write_text(json.dumps({"mcpServers": {"tools": {"command": sys.executable, "args": [TOOL_SERVER]}}}))
     assert check_main(["check", "--config", str(path)]) == 0
     out = capsys.readouterr().out
-    assert "tools: ok, 6 tools" in out and "  add: Add two whole numbers." in out
+    assert "tools: ok, 7 tools" in out and "  add: Add two whole numbers." in out
     assert check_main(["check", "--config", str(tmp_path / "none.json")]) == 2

@@ -51,6 +51,12 @@ async def sleep(seconds: float) -> str:
 
 
 @server.tool()
+def pid() -> str:
+    """The server's process id."""
+    return str(os.getpid())
+
+
+@server.tool()
 def fail(message: str) -> str:
     """Fail with the message (a ToolError: the SDK passes its text to the client)."""
     raise ToolError(message)
