@@ -52,6 +52,9 @@ class Settings:
         "optional_int", "Experts used per token; empty keeps the model's own value.", min=1, max=256))
     cold_mode: bool = field(default=False, metadata=_describe(
         "bool", "Keep no experts resident between requests (lowest memory use, slower)."))
+    record_routing_traces: bool = field(default=False, metadata=_describe(
+        "bool", "Save each answer's expert routing as a trace file (for moebar-engine cache-sim); "
+        "applies at the next model load."))
     theme: str = field(default="system", metadata=_describe(
         "str", "Colour theme.", choices=THEMES))
     system_prompt: str = field(default="", metadata=_describe(

@@ -152,7 +152,7 @@ class GaugesPanel(QtWidgets.QFrame):
             ("prompt", "Prompt · first token"),
             ("ssd", "SSD read (engine · disk)"),
             ("pressure", "Memory pressure"),
-            ("cache", "Expert cache hits"),
+            ("cache", "Expert cache hits · read saved"),
             ("memory", "Resident (process · cache)"),
         ]
         for row, (key, title) in enumerate(rows):
@@ -217,5 +217,6 @@ class GaugesPanel(QtWidgets.QFrame):
         self._labels["pressure"].setToolTip(figures.pressure_raw or "no reading on this system")
         self._labels["pressure"].setStyleSheet(f"color: {pressure_colour(level, self._theme)};")
         self.pressure_bar.set_level(level)
-        self._labels["cache"].setText(percent(figures.cache_hit_rate))
+        saved = f" · {human_bytes(figures.cache_saved_bytes)} saved" if figures.cache_saved_bytes else ""
+        self._labels["cache"].setText(percent(figures.cache_hit_rate) + saved)  # reads the hits spared
         self._labels["memory"].setText(f"{human_bytes(figures.rss_bytes)} · {human_bytes(figures.resident_bytes)}")

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from app import paths
 from app.bridge import LOADING, EngineBridge
 from app.ops import BackgroundOp, OpContext
 from app.qt import QObject, QTimer, Signal, Slot
@@ -37,6 +38,8 @@ def engine_options_from(s: Settings) -> EngineOptions:
         memory_limit_mb=float(s.memory_limit_mb) if s.memory_limit_mb > 0 else None,
         experts_per_token=s.experts_per_token,
         cold=s.cold_mode,
+        hot_set_dir=str(paths.cache_dir() / "hot-experts"),  # warm start after a restart
+        trace_dir=str(paths.cache_dir() / "routing-traces") if s.record_routing_traces else "",
     )
 
 

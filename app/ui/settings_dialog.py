@@ -65,6 +65,10 @@ class SettingsDialog(QtWidgets.QDialog):
         self.experts_per_token.valueChanged.connect(self._update_k_warning)
         self.cold_mode = QtWidgets.QCheckBox("Cold mode: keep no experts resident (least memory, slowest)", self)
         self.cold_mode.setChecked(s.cold_mode)
+        self.record_traces = QtWidgets.QCheckBox(
+            "Save each answer's expert routing as a trace (for cache-sim; from the next model load)", self
+        )
+        self.record_traces.setChecked(s.record_routing_traces)
         self.approved_tools = QtWidgets.QListWidget(self)
         self.approved_tools.addItems(sorted(s.always_approved_tools))
         self.approved_tools.setFixedHeight(70)
@@ -88,6 +92,7 @@ class SettingsDialog(QtWidgets.QDialog):
         form.addRow("Experts per token:", self.experts_per_token)
         form.addRow("", self.k_warning)
         form.addRow("", self.cold_mode)
+        form.addRow("", self.record_traces)
         form.addRow("Always allowed tools:", self.approved_tools)
         form.addRow("", self.forget_tool)
         buttons = QtWidgets.QDialogButtonBox(
@@ -124,6 +129,7 @@ class SettingsDialog(QtWidgets.QDialog):
             "memory_limit_mb": self.memory_limit_mb.value(),
             "experts_per_token": k or None,
             "cold_mode": self.cold_mode.isChecked(),
+            "record_routing_traces": self.record_traces.isChecked(),
             "always_approved_tools": [self.approved_tools.item(i).text() for i in range(self.approved_tools.count())],
         }
 

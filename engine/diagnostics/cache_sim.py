@@ -36,7 +36,7 @@ class ReplayResult:
     hit_rate: float  # decode lookups served from the cache
     misses_per_token: float  # decode expert reads per token
     bytes_per_token: float | None  # decode expert bytes read per token (None: expert size unknown)
-    us_per_lookup: float  # wall time of the replay per lookup (cache + policy bookkeeping)
+    us_per_lookup: float  # CPU time of the replay per lookup (cache + policy bookkeeping)
 
 
 def _next_uses(trace: Trace) -> list[np.ndarray]:
@@ -57,42 +57,52 @@ def _next_uses(trace: Trace) -> list[np.ndarray]:
     return out
 
 
-def replay(trace: Trace, cache_experts: int, policy: str) -> ReplayResult:
-    """Replay ``trace`` with ``cache_experts`` slots per layer under ``policy`` (or "belady")."""
+def replay(trace: Trace, cache_experts: int, policy: str, per_layer: bool = False) -> ReplayResult:
+    """Replay ``trace`` with ``cache_experts`` slots per layer under ``policy`` (or "belady").
+
+    The pool is shared by all layers, as the engine's is; ``per_layer`` gives each layer a cache
+    of its own instead (equal fixed budgets), for comparison.
+    """
     h = trace.header
     k = max(len(e) for e in trace.experts)
     if cache_experts < k:
         raise TraceError(f"--cache-experts {cache_experts}: a layer call needs {k} slots (the trace's top-k)")
-    slots = min(cache_experts, h.experts_per_layer) * h.moe_layers
     belady = policy == "belady"
-    chosen: str | ReplacementPolicy = BeladyPolicy(slots) if belady else make_policy(policy, slots)
-    cache = ExpertCache(SlotPool([], slots), chosen, layer_experts={l: h.experts_per_layer for l in range(h.moe_layers)})
+    groups = [[l] for l in range(h.moe_layers)] if per_layer else [list(range(h.moe_layers))]
+    caches: list[ExpertCache] = []
+    policies: list[ReplacementPolicy] = []
+    for layers in groups:
+        slots = min(cache_experts, h.experts_per_layer) * len(layers)
+        chosen: ReplacementPolicy = BeladyPolicy(slots) if belady else make_policy(policy, slots)
+        policies.append(chosen)
+        caches.append(ExpertCache(SlotPool([], slots), chosen, layer_experts={l: h.experts_per_layer for l in layers}))
+    cache_of = [caches[l if per_layer else 0] for l in range(h.moe_layers)]
     nexts = _next_uses(trace) if belady else None
     hits = misses = 0
     lookups = 0
-    t0 = time.perf_counter()
+    t0 = time.process_time()  # CPU time: less disturbed by other processes than wall time
     for row, ids in enumerate(trace.experts):
         layer = int(trace.layers[row])
+        cache = cache_of[layer]
         keys = [(layer, e) for e in ids]
         pinned = set(keys)
         count = not trace.prefill[row]
         here = nexts[row] if nexts is not None else None
         for j, key in enumerate(keys):
             if here is not None:
-                assert isinstance(chosen, BeladyPolicy)
-                chosen.next_use = float(here[j])
+                cache.policy.next_use = float(here[j])  # type: ignore[attr-defined]  # (BeladyPolicy)
             if cache.lookup(key) is not None:
                 hits += count
             else:
                 misses += count
                 cache.assign(key, pinned)
         lookups += len(keys)
-    elapsed = time.perf_counter() - t0
+    elapsed = time.process_time() - t0
     tokens = max(1, trace.decode_tokens)
     total = hits + misses
     per_token = misses / tokens
     return ReplayResult(
-        policy=policy,
+        policy=policy + (" per-layer" if per_layer else ""),
         cache_experts=cache_experts,
         hit_rate=hits / total if total else 0.0,
         misses_per_token=per_token,
@@ -133,6 +143,31 @@ def compare(trace: Trace, cache_experts: int, policy: str = DEFAULT_POLICY) -> d
     }
 
 
+def compare_table(trace: Trace, sizes: list[int], policies: list[str], per_layer: list[str] | None = None) -> list[str]:
+    """A Markdown table: hit rate of each policy at each size, with LRU's and the optimum's.
+
+    Cells read ``hit% (share of optimal)``; the last row is each policy's CPU time per lookup.
+    ``per_layer`` policies are also replayed with equal per-layer budgets.
+    """
+    names = ["belady", "lru", *[p for p in policies if p != "lru"]]
+    extra = [(p, True) for p in per_layer or []]
+    runs = [(n, False) for n in names] + extra
+    head = ["experts/layer (share)"] + [f"{n}{' per-layer' if pl else ''}" for n, pl in runs]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    cost: dict[str, list[float]] = {}
+    for size in sizes:
+        results = [replay(trace, size, n, pl) for n, pl in runs]
+        best = results[0].hit_rate
+        cells = [f"{size} ({100 * size / trace.header.experts_per_layer:.0f}%)"]
+        for r in results:
+            share = f" ({r.hit_rate / best:.2f})" if best and r.policy != "belady" else ""
+            cells.append(f"{100 * r.hit_rate:.1f}%{share}")
+            cost.setdefault(r.policy, []).append(r.us_per_lookup)
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("| CPU us/lookup | " + " | ".join(f"{sum(v) / len(v):.2f}" for v in cost.values()) + " |")
+    return lines
+
+
 def _check_model(trace: Trace, model: str, path: str) -> None:
     """Refuse a trace recorded from a model other than ``model`` (a model directory)."""
     from pathlib import Path
@@ -170,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--policy", default=DEFAULT_POLICY, help="lru, lrfu, lfu, lrfu:HALF_LIFE (default: the engine's)")
     p.add_argument("--model", help="model directory the trace must belong to (refused otherwise)")
     p.add_argument("--json", action="store_true", help="one JSON object per size")
+    p.add_argument("--compare", metavar="POLICIES", help="comma-separated policies: print one Markdown table of all sizes")
+    p.add_argument("--per-layer", metavar="POLICIES", default="", help="with --compare: these also with equal per-layer budgets")
     args = p.parse_args(argv)
     trace = read_trace(args.trace)
     if args.model:
@@ -178,8 +215,19 @@ def main(argv: list[str] | None = None) -> int:
         make_policy(args.policy, 1)
     except ValueError as e:
         raise TraceError(f"--policy: {e}") from None
-    for size_text in args.cache_experts:
-        size = parse_size(size_text, trace.header.experts_per_layer)
+    sizes = [parse_size(text, trace.header.experts_per_layer) for text in args.cache_experts]
+    if args.compare:
+        names = [n.strip() for n in args.compare.split(",") if n.strip()]
+        per_layer = [n.strip() for n in args.per_layer.split(",") if n.strip()]
+        for name in names + per_layer:
+            if name != "belady":
+                try:
+                    make_policy(name, 1)
+                except ValueError as e:
+                    raise TraceError(f"--compare: {e}") from None
+        print("\n".join(compare_table(trace, sizes, names, per_layer)))
+        return 0
+    for size in sizes:
         result = compare(trace, size, args.policy)
         print(json.dumps(result) if args.json else describe(result), flush=True)
     return 0

@@ -63,6 +63,7 @@ def test_gauges_show_latest_figures_on_timer_not_per_event(qtbot: pytest.Fixture
                 engine_read_bps=2.5e9,
                 disk_read_bps=2.6e9,
                 cache_hit_rate=0.71,
+                cache_saved_bytes=3_000_000_000,
                 resident_bytes=512_000_000,
                 rss_bytes=5_500_000_000,
                 pressure_level="warning",
@@ -77,7 +78,7 @@ def test_gauges_show_latest_figures_on_timer_not_per_event(qtbot: pytest.Fixture
     assert panel.value_text("ssd") == "2.5 GB/s · 2.6 GB/s"
     assert panel.value_text("pressure") == "warning"
     assert panel.pressure_bar.level() == "warning"
-    assert panel.value_text("cache") == "71%"
+    assert panel.value_text("cache") == "71% · 3.0 GB saved"
     assert panel.value_text("memory") == "5.5 GB · 512.0 MB"
     qtbot.wait(3 * REFRESH_MS)
     assert panel.repaint_count == 1  # nothing new, no repaint of the labels
