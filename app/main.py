@@ -11,6 +11,7 @@ from pathlib import Path
 from app import paths
 from app.bridge import EngineBridge
 from app.history import HistoryError, HistoryStore, open_history
+from app.hotkey import GlobalHotkey, HotkeyBackend, HotkeyError, hotkey_backend
 from app.mcp.servers_panel import McpServersPanel
 from app.mcp.service import McpService
 from app.platform_check import exit_if_qt_cannot_start
@@ -40,7 +41,7 @@ class MoeBarApp(QtCore.QObject):
     """Every long-lived part of the app, wired together (the entry point and tests build one)."""
 
     def __init__(self, qt_app: QtWidgets.QApplication, engine_command: Sequence[str] | None = None,
-                 use_tray: bool | None = None) -> None:
+                 use_tray: bool | None = None, hotkey: HotkeyBackend | None = None) -> None:
         super().__init__()
         self.qt_app = qt_app
         self.settings = SettingsStore()
@@ -62,6 +63,8 @@ class MoeBarApp(QtCore.QObject):
         self.local_server = LocalServerController(self.bridge, self.settings)
         self.window = MainWindow(self.controller, self.bridge, self.settings, self.history, self.theme)
         self.quick_ask = QuickAskWindow(self.bridge, self.settings, self.history, self.theme)
+        self.hotkey = GlobalHotkey(hotkey if hotkey is not None else hotkey_backend(), self)
+        self.hotkey.pressed.connect(self.quick_ask.popup)
         self.tray: TrayController | None = None
         if tray_available() if use_tray is None else use_tray:
             self.tray = TrayController(self.bridge, self.theme.name)
@@ -93,8 +96,18 @@ class MoeBarApp(QtCore.QObject):
         if history_notice:
             self.window.show_notice("error", history_notice)
 
+    def apply_hotkey(self) -> None:
+        """Grab the Quick Ask shortcut from the settings; a notice says why when it cannot be had."""
+        try:
+            self.hotkey.set_shortcut(str(self.settings.get("quick_ask_shortcut")))
+        except HotkeyError as exc:
+            log.warning("Quick Ask shortcut: %s", exc)
+            if self.hotkey.backend is not None:  # no API here (Wayland, offscreen): Settings says so
+                self.window.show_notice("warning", f"The Quick Ask shortcut is off: {exc}.")
+
     def start(self, show_window: bool = True) -> None:
         """Show the window (unless living in the tray only) and load the model."""
+        self.apply_hotkey()
         if show_window or self.tray is None:
             self.window.show_and_raise()
         self.models.load_configured()
@@ -135,6 +148,7 @@ class MoeBarApp(QtCore.QObject):
         self.window.save_geometry()
         if self.tray is not None:
             self.tray.hide()
+        self.hotkey.close()
         self.bridge.shutdown()
         self.mcp.shutdown()
         if self.history is not None:
@@ -163,6 +177,8 @@ class MoeBarApp(QtCore.QObject):
 
     @Slot(str)
     def _on_setting_changed(self, name: str) -> None:
+        if name == "quick_ask_shortcut":
+            self.apply_hotkey()
         if name == "theme":
             self.theme = resolve_theme(str(self.settings.get("theme")))
             apply_theme(self.qt_app, self.theme)

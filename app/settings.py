@@ -74,6 +74,9 @@ class Settings:
         "base64", "Chat window position and size (base64 of QWidget.saveGeometry())."))
     hf_repo_last_used: str = field(default="", metadata=_describe(
         "str", "Hugging Face repository last downloaded from, e.g. 'Qwen/Qwen3-30B-A3B'.", max_length=200))
+    quick_ask_shortcut: str = field(default="Ctrl+Shift+Space", metadata=_describe(
+        "str", "Global shortcut that opens Quick Ask from any app, as Qt writes it (on macOS 'Ctrl' is "
+        "Command); empty turns it off.", max_length=60))
     recent_models: tuple[str, ...] = field(default=(), metadata=_describe(
         "str_list", "Model folders loaded lately, newest first (the tray's model menu).", max_items=10))
     local_server_enabled: bool = field(default=False, metadata=_describe(

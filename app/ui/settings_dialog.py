@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from app.qt import Qt, QtWidgets, Slot
+from app.qt import Qt, QtGui, QtWidgets, Slot
 from app.settings import SettingsError, SettingsStore
 
 K_WARNING = (
@@ -44,6 +44,11 @@ class SettingsDialog(QtWidgets.QDialog):
         for label, value in (("Follow the system", "system"), ("Light", "light"), ("Dark", "dark")):
             self.theme.addItem(label, value)
         self.theme.setCurrentIndex(max(0, self.theme.findData(s.theme)))
+        self.quick_ask_shortcut = QtWidgets.QKeySequenceEdit(QtGui.QKeySequence(s.quick_ask_shortcut), self)
+        self.quick_ask_shortcut.setObjectName("quickAskShortcut")
+        self.quick_ask_shortcut.setMaximumSequenceLength(1)
+        self.quick_ask_shortcut.setClearButtonEnabled(True)
+        self.quick_ask_shortcut.setToolTip("Press the keys that open Quick Ask from any app; clear to turn it off.")
         self.cache_mb = QtWidgets.QSpinBox(self)
         self.cache_mb.setRange(0, 1 << 22)
         self.cache_mb.setSuffix(" MB")
@@ -87,6 +92,7 @@ class SettingsDialog(QtWidgets.QDialog):
         form.addRow("Longest answer:", self.max_tokens)
         form.addRow("", self.thinking)
         form.addRow("Theme:", self.theme)
+        form.addRow("Quick Ask shortcut:", self.quick_ask_shortcut)
         form.addRow("Expert cache:", self.cache_mb)
         form.addRow("Memory limit:", self.memory_limit_mb)
         form.addRow("Experts per token:", self.experts_per_token)
@@ -125,6 +131,8 @@ class SettingsDialog(QtWidgets.QDialog):
             "max_tokens": self.max_tokens.value(),
             "thinking": self.thinking.isChecked(),
             "theme": str(self.theme.currentData()),
+            "quick_ask_shortcut": self.quick_ask_shortcut.keySequence().toString(
+                QtGui.QKeySequence.SequenceFormat.PortableText),
             "cache_mb": self.cache_mb.value(),
             "memory_limit_mb": self.memory_limit_mb.value(),
             "experts_per_token": k or None,
