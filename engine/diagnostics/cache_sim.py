@@ -196,10 +196,10 @@ def describe(result: dict[str, object]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``moebar-engine cache-sim TRACE --cache-experts N [--policy NAME] [--json]``."""
+def build_parser() -> argparse.ArgumentParser:
+    """Arguments of ``moebar-engine cache-sim``."""
     p = argparse.ArgumentParser(prog="moebar-engine cache-sim", description=__doc__.splitlines()[0])
-    p.add_argument("trace")
+    p.add_argument("trace", help="routing trace file to replay (from the app's routing-traces/ or synth-trace)")
     p.add_argument("--cache-experts", required=True, action="append",
                    help="slots per layer: a count, or a percentage of a layer's experts (e.g. 5%%); repeat for a curve")
     p.add_argument("--policy", default=DEFAULT_POLICY, help="lru, lrfu, lfu, lrfu:HALF_LIFE (default: the engine's)")
@@ -207,7 +207,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="one JSON object per size")
     p.add_argument("--compare", metavar="POLICIES", help="comma-separated policies: print one Markdown table of all sizes")
     p.add_argument("--per-layer", metavar="POLICIES", default="", help="with --compare: these also with equal per-layer budgets")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``moebar-engine cache-sim TRACE --cache-experts N [--policy NAME] [--json]``."""
+    args = build_parser().parse_args(argv)
     trace = read_trace(args.trace)
     if args.model:
         _check_model(trace, args.model, args.trace)

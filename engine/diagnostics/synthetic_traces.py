@@ -189,16 +189,22 @@ def calibrate(layers: int = 6, tokens: int = 1000) -> dict[str, Any]:
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``moebar-engine synth-trace OUT [--tokens N] [--prompt-tokens N] [--layers L] [--seed S]``."""
+def build_parser() -> argparse.ArgumentParser:
+    """Arguments of ``moebar-engine synth-trace``."""
     p = argparse.ArgumentParser(prog="moebar-engine synth-trace", description=__doc__.splitlines()[0])
     p.add_argument("out", help="trace file to write (with --calibrate: the calibration report, JSON)")
     p.add_argument("--tokens", type=int, default=1000, help="decode tokens")
     p.add_argument("--prompt-tokens", type=int, default=0, help="prefill tokens before them")
-    p.add_argument("--layers", type=int, default=QWEN35_397B["moe_layers"])
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--layers", type=int, default=QWEN35_397B["moe_layers"],
+                   help="MoE layers in the trace (default: Qwen3.5-397B's)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (the same seed gives the same trace)")
     p.add_argument("--calibrate", action="store_true", help="fit the model to the published statistics")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``moebar-engine synth-trace OUT [--tokens N] [--prompt-tokens N] [--layers L] [--seed S]``."""
+    args = build_parser().parse_args(argv)
     if args.calibrate:
         report = calibrate()
         Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
