@@ -15,7 +15,7 @@ import queue
 import sys
 import threading
 from dataclasses import dataclass, field
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, TextIO
 
 from engine.serving.protocol import (
@@ -95,6 +95,9 @@ class StdioServer:
         self._chats: dict[str, _Job] = {}  # chat requests queued or running, by id
         self._chats_lock = threading.Lock()
         self._stopping = threading.Event()
+        # How the stats ticker waits one interval: True means stop. Tests replace it with a
+        # manual clock (before run), so that they count events per tick instead of per second.
+        self.wait_tick: Callable[[float], bool] = self._stopping.wait
         self.local_api = LocalApiServer(service, self.emit)  # the app's local server, on request
 
     def run(self) -> int:
@@ -210,7 +213,7 @@ class StdioServer:
 
     def _tick(self) -> None:
         waited = 0.0
-        while not self._stopping.wait(self.stats_interval):
+        while not self.wait_tick(self.stats_interval):
             waited += self.stats_interval
             busy = self.service.busy
             if busy or (self.idle_stats_interval > 0 and waited >= self.idle_stats_interval):

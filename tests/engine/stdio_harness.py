@@ -96,13 +96,64 @@ class _Stdin:
         return out
 
 
-class InProcess:
-    """A StdioServer on a thread: send() lines, read events."""
+class ManualTicks:
+    """A stats clock that moves only when a test calls ``tick``: the ticker's waits return one
+    interval per tick, and ``tick`` returns once the ticker has handled it (waits again)."""
 
-    def __init__(self, service: EngineService, stats_interval: float = 0.5) -> None:
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._pending = 0
+        self.waits = 0  # calls of the ticker's wait so far
+        self.stopped = False
+
+    def wait(self, interval: float) -> bool:
+        with self._cond:
+            self.waits += 1
+            self._cond.notify_all()
+            self._cond.wait_for(lambda: self._pending > 0 or self.stopped)
+            if self.stopped:
+                return True
+            self._pending -= 1
+            return False
+
+    def started(self, timeout: float = 30.0) -> None:
+        """Return once the ticker is waiting for its first tick."""
+        with self._cond:
+            assert self._cond.wait_for(lambda: self.waits > 0, timeout)
+
+    def tick(self, n: int = 1, timeout: float = 30.0) -> None:
+        """Let ``n`` intervals pass, one at a time; return when the ticker has handled each."""
+        for _ in range(n):
+            with self._cond:
+                target = self.waits + 1
+                self._pending += 1
+                self._cond.notify_all()
+                assert self._cond.wait_for(lambda: self.waits >= target, timeout), "the ticker did not come back"
+
+    def stop(self) -> None:
+        with self._cond:
+            self.stopped = True
+            self._cond.notify_all()
+
+
+class InProcess:
+    """A StdioServer on a thread: send() lines, read events. With ``ticks`` the stats ticker runs
+    on that manual clock instead of the wall clock."""
+
+    def __init__(
+        self,
+        service: EngineService,
+        stats_interval: float = 0.5,
+        *,
+        idle_stats_interval: float = 0,
+        ticks: ManualTicks | None = None,
+    ) -> None:
         self.events = Events()
         self.stdin = _Stdin()
-        self.server = StdioServer(service, self.stdin, _Stdout(self.events), stats_interval, 0)  # type: ignore[arg-type]
+        self.ticks = ticks
+        self.server = StdioServer(service, self.stdin, _Stdout(self.events), stats_interval, idle_stats_interval)  # type: ignore[arg-type]
+        if ticks is not None:
+            self.server.wait_tick = ticks.wait
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
 
@@ -110,6 +161,8 @@ class InProcess:
         self.stdin.lines.put(obj if isinstance(obj, str) else line(obj))
 
     def close(self) -> None:
+        if self.ticks is not None:
+            self.ticks.stop()  # the ticker ends (it would on run()'s stop flag with a real clock)
         self.stdin.lines.put(None)
         self.thread.join(timeout=30)
         assert not self.thread.is_alive()

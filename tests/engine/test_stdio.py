@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 from scripted_engine import ENDLESS, ScriptedEngine, load_tokenizer, scripted_loader
-from stdio_harness import ROOT, InProcess, Subprocess
+from stdio_harness import ROOT, InProcess, ManualTicks, Subprocess
 
 from engine.serving.chat import render_prompt
 from engine.serving.protocol import (
@@ -279,28 +279,49 @@ def test_malformed_tool_call_is_an_error_event_not_text() -> None:
         io.close()
 
 
-def test_stats_arrive_at_least_twice_a_second_while_working() -> None:
+def test_stats_event_on_every_tick_while_working() -> None:
+    """Busy: one stats event per stats interval (a manual clock: counted per tick, not per second)."""
     engine = ScriptedEngine(load_tokenizer("qwen3"), [ENDLESS], delay_s=0.01)
-    io = InProcess(EngineService(loader=scripted_loader(engine)), stats_interval=0.5)
+    ticks = ManualTicks()
+    io = InProcess(EngineService(loader=scripted_loader(engine)), stats_interval=0.5, ticks=ticks)
     try:
         io.events.next()
         io.send({"type": "load", "model_dir": "/scripted"})
         io.events.until(lambda e: isinstance(e, LoadedEvent))
         io.send(chat("s", [{"role": "user", "content": "go"}], sampling={"max_tokens": 100000}))
-        import time
-
-        t0 = time.monotonic()
-        stats = []
-        while time.monotonic() - t0 < 2.6:
-            ev = io.events.next()
-            if isinstance(ev, StatsEvent):
-                stats.append(ev)
-        assert len(stats) >= 4
+        io.events.until(lambda e: isinstance(e, TokenTextEvent) and e.id == "s")  # working now
+        ticks.started()
+        ticks.tick(3)  # each tick's event is written before tick() returns
+        so_far = []
+        while not io.events.queue.empty():
+            so_far.append(io.events.next())
+        stats = [e for e in so_far if isinstance(e, StatsEvent)]
+        assert len(stats) == 3
         last = stats[-1]
         assert last.id == "s" and last.figures.generated_tokens > 0 and last.figures.rss_bytes > 0
         assert last.figures.pressure_level in ("normal", "warning", "critical")
         io.send({"type": "cancel", "id": "s"})
-        io.events.until(is_done("s"))
+        rest = io.events.until(is_done("s"))
+        assert len([e for e in rest if isinstance(e, StatsEvent)]) == 1  # the turn's own, at its end
+    finally:
+        io.close()
+
+
+def test_idle_stats_come_every_idle_interval_only() -> None:
+    """Idle: a stats event once per idle interval (2.0 s = four 0.5 s ticks), none in between."""
+    ticks = ManualTicks()
+    io = InProcess(EngineService(loader=scripted_loader(ScriptedEngine(load_tokenizer("qwen3"), []))),
+                   stats_interval=0.5, idle_stats_interval=2.0, ticks=ticks)
+    try:
+        io.events.next()  # hello
+        ticks.started()
+        ticks.tick(3)
+        assert io.events.queue.empty()
+        ticks.tick(1)
+        assert isinstance(io.events.next(), StatsEvent)
+        ticks.tick(7)
+        assert isinstance(io.events.next(), StatsEvent)  # the 4th of these 7; the last 3 give none
+        assert io.events.queue.empty()
     finally:
         io.close()
 
