@@ -294,6 +294,7 @@ _DELEGATED = (
     ("stdio", "serving.stdio_server", "the JSON-lines protocol loop the app runs"),
     ("serve", "serving.http_server", "OpenAI-compatible HTTP server"),
     ("bench", "diagnostics.bench", "benchmark the engine against mlx-lm and the disk"),
+    ("selfcheck", "diagnostics.selfcheck", "check this machine (exactness, slots, disk, memory); a report for bug reports"),
     ("cache-sim", "diagnostics.cache_sim", "replay a routing trace: hit rates of a cache policy, LRU and the optimum"),
     ("synth-trace", "diagnostics.synthetic_traces", "write a synthetic routing trace calibrated to published statistics"),
 )

@@ -15,6 +15,9 @@ class EngineOptions:
     cache_mb: float | None = 0.0
     memory_limit_mb: float | None = None  # cap of the whole footprint (RSS + MLX buffers); None: no cap
     context_tokens: int = 8192  # the context the budget keeps KV-cache room for
+    # activations: "auto" (fp32 on the CPU, the model's own dtype on a GPU), "float32" or
+    # "bfloat16" (the dense weights cast to it; bf16 runs as Macs run real models)
+    activation_dtype: str = "auto"
     experts_per_token: int | None = None  # override K; None keeps the model's trained value
     cold: bool = False  # bypass the OS page cache on expert reads (honest disk figures)
     io_threads: int = 4  # parallel pread workers

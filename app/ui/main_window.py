@@ -114,6 +114,19 @@ class MainWindow(QtWidgets.QMainWindow):
         self.model_action.triggered.connect(self.model_dialog_requested)
         self.settings_action.triggered.connect(self.settings_requested)
         self.quick_ask_action.triggered.connect(self.quick_ask_requested)
+        self.help_menu = self.menuBar().addMenu("Help")
+        self.selfcheck_action = self.help_menu.addAction("Check This Mac…")
+        self.selfcheck_action.triggered.connect(self.show_selfcheck)
+
+    @Slot()
+    def show_selfcheck(self) -> None:
+        """Help > Check This Mac…: run the engine's self-check and show its report."""
+        from app.ui.selfcheck_dialog import SelfcheckDialog
+
+        dialog = SelfcheckDialog(self)
+        dialog.setAttribute(Qt.WidgetAttribute.WA_DeleteOnClose)
+        dialog.show()
+        dialog.start()
 
     def _connect(self) -> None:
         c, view = self.controller, self.chat_view

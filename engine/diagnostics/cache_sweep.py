@@ -1,6 +1,6 @@
 """``moebar-engine bench --cache-sweep``: decode speed and hit rate across expert-cache sizes.
 
-For each cache size (a fraction of all experts), one engine decodes the same prompt twice: with
+For each cache size (a fraction of all experts), one engine decodes the same prompts twice: with
 the OS page cache warm (the experts the in-process cache misses come from RAM) and cold (they
 come from the disk). The figures say what the in-process cache buys over the page cache, which
 is what the memory budget's page-cache reserve is chosen from (engine.model.memory_budget).
@@ -28,8 +28,11 @@ def parse_fractions(text: str) -> list[float]:
     return values
 
 
-def _decode_row(engine: Any, prompt: list[int], tokens: int, repeats: int) -> dict[str, Any]:
-    """Median decode figures over ``repeats`` generations of the same prompt (each from an empty KV)."""
+def _decode_row(engine: Any, prompts: list[list[int]], tokens: int) -> dict[str, Any]:
+    """Median decode figures over one generation per prompt (each from an empty KV cache).
+
+    Distinct prompts, so that hits come from experts shared between different tokens, not from
+    replaying the same generation."""
     import mlx.core as mx
 
     from engine.model.mlx_memory import mlx_memory
@@ -37,7 +40,7 @@ def _decode_row(engine: Any, prompt: list[int], tokens: int, repeats: int) -> di
 
     rates, hit_rates, bytes_per_token = [], [], []
     mx.reset_peak_memory()
-    for _ in range(repeats):
+    for prompt in prompts:
         before = engine.expert_counters()
         events = list(engine.generate(prompt, SamplingParams(max_tokens=tokens)))
         after = engine.expert_counters()
@@ -72,7 +75,7 @@ def run_cache_sweep(args: argparse.Namespace, model: Path, fractions: list[float
     layers = inspect_experts(model).layers
     total = sum(l.expert_bytes * l.num_experts for l in layers)
     rng = random.Random(0)
-    prompt = [rng.randrange(1000, 100_000) for _ in range(16)]
+    prompts = [[rng.randrange(1000, 100_000) for _ in range(16)] for _ in range(args.repeats + 1)]
     rows = []
     for fraction in fractions:
         row: dict[str, Any] = {"fraction": fraction, "cache_bytes": int(fraction * total)}
@@ -80,12 +83,13 @@ def run_cache_sweep(args: argparse.Namespace, model: Path, fractions: list[float
             options = EngineOptions(
                 cache_mb=fraction * total / 2**20, cold=cold, io_threads=args.io_threads, device=args.device,
                 use_packed=args.layout == "packed", prefill_matmul=args.prefill_matmul,
+                cache_policy=args.cache_policy,
             )  # fmt: skip
             engine = Engine.load(model, options, measure_disk=False)
             try:
                 if not cold:
-                    _decode_row(engine, prompt, 2, 1)  # the page cache now holds what decoding reads
-                row[mode] = _decode_row(engine, prompt, args.decode_tokens, args.repeats)
+                    _decode_row(engine, prompts[-1:], 2)  # warms the page cache (and MLX's kernels)
+                row[mode] = _decode_row(engine, prompts[: args.repeats], args.decode_tokens)
             finally:
                 engine.close()
         row["peak_rss_bytes"] = peak_rss_bytes()
@@ -102,6 +106,7 @@ def run_cache_sweep(args: argparse.Namespace, model: Path, fractions: list[float
         "decode_tokens": args.decode_tokens,
         "repeats": args.repeats,
         "eviction_method": eviction_method(),
+        "cache_policy": args.cache_policy,
         "rows": rows,
     }
 

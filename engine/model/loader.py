@@ -209,15 +209,36 @@ def dense_dtype(model: nn.Module) -> mx.Dtype | None:
     return None
 
 
-def slots_widen_half_floats(device: str, model: nn.Module) -> bool:
+def slots_widen_half_floats(device: str, model: nn.Module, activation_dtype: str = "auto") -> bool:
     """Whether expert slots hold 16-bit scales/biases as fp32: wherever activations are fp32.
 
     MLX promotes bf16 scales to the activations' fp32 inside ``gather_qmm`` by converting the
     whole stacked array it is given, on every call; a slot pool stacks the experts of many
     layers, so that conversion cost 0.46 ms per layer on the H200 (warm decode 0.61x mlx-lm)
     and 3.3x on the CPU. Widening once per read is exact and costs nothing per call.
+    ``activation_dtype`` (EngineOptions) "float32"/"bfloat16" says what the activations will be.
     """
+    if activation_dtype in ("float32", "bfloat16"):
+        return activation_dtype == "float32"
     return device == "cpu" or dense_dtype(model) == mx.float32
+
+
+_ACTIVATION_DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16}
+
+
+def cast_activations(model: nn.Module, device: str, setting: str) -> str:
+    """Cast the dense weights for the activation dtype asked for; return the dtype's name.
+
+    "auto": fp32 on the CPU (MLX's CPU kernels are several times faster with fp32 activations
+    than bf16/fp16), the model's own dtype on a GPU. "float32" / "bfloat16": that dtype anywhere.
+    """
+    if setting not in ("auto", *_ACTIVATION_DTYPES):
+        raise RequestError(f"activation_dtype must be 'auto', 'float32' or 'bfloat16', got {setting!r}")
+    if setting == "auto" and device != "cpu":
+        return "model"
+    name = "float32" if setting == "auto" else setting
+    model.set_dtype(_ACTIVATION_DTYPES[name])
+    return name
 
 
 def use_prefill_matmul(setting: str, device: str = "cpu") -> bool:
@@ -346,7 +367,7 @@ def load_streamed_model(model_dir: Path, options: EngineOptions, progress: Progr
     packed = open_packed_layout(model_dir, layers) if options.use_packed else None
     store = ExpertStore(layers, io_threads=options.io_threads, cold=options.cold, packed=packed)
     # the streamer counts its budget in on-disk expert bytes; slots may hold 16-bit scales as fp32
-    widen = slots_widen_half_floats(device, model)
+    widen = slots_widen_half_floats(device, model, options.activation_dtype)
     per_slot = max(1, slot_bytes_per_expert(layers[0], widen))
     streamer = ExpertStreamer(
         layers,
@@ -366,13 +387,12 @@ def load_streamed_model(model_dir: Path, options: EngineOptions, progress: Progr
         switches[i].set_next_router(_router_of(parents[i + 1], layers[i + 1].num_experts))
     streamer.last_layer_is_final_block = _in_final_block(model, found[-1][0])
 
-    activation_dtype = "float32" if device == "cpu" else "model"
+    activation_dtype = cast_activations(model, device, options.activation_dtype)
     if device == "cpu":
-        # MLX's CPU kernels are several times faster with fp32 activations than bf16/fp16.
-        model.set_dtype(mx.float32)
         if options.cpu_split:
             split_output_projection(model, cpu_streams())
-        if use_prefill_matmul(options.prefill_matmul, device):
+        # the dense-GEMM prefill computes in fp32: only beside fp32 activations
+        if activation_dtype == "float32" and use_prefill_matmul(options.prefill_matmul, device):
             streamer.prefill_matmul.enabled = True
             streamer.prefill_matmul.streams = cpu_streams()
             install_prefill_matmul([model, *(s.inner_module for s in switches)], streamer.prefill_matmul)
@@ -411,7 +431,8 @@ def memory_budget_for(inspected: "ModelExperts", options: EngineOptions, device:
         context_tokens=options.context_tokens,
         prefill_chunk=options.prefill_chunk,
         prefetch=options.prefetch,
-        cpu_prefill_gemm=use_prefill_matmul(options.prefill_matmul),
+        cpu_prefill_gemm=use_prefill_matmul(options.prefill_matmul, device) and options.activation_dtype != "bfloat16",
+        dense_fp32=options.activation_dtype == "float32" or (on_cpu and options.activation_dtype == "auto"),
         runtime_bytes=process_rss_bytes(),
     )
     ram = memory_info()

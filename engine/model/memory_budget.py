@@ -250,19 +250,24 @@ def memory_needs(
     prefetch: bool,
     cpu_prefill_gemm: bool,
     runtime_bytes: int,
+    dense_fp32: bool | None = None,
 ) -> MemoryNeeds:
-    """Estimate what a load needs besides the expert cache, from the lazily built model."""
+    """Estimate what a load needs besides the expert cache, from the lazily built model.
+
+    ``dense_fp32``: whether the dense weights will be cast to fp32 (default: on the CPU).
+    """
     on_cpu = device == "cpu"
-    dense = resident_dense_bytes(model, expert_paths, widen_to_fp32=on_cpu)
+    widen = on_cpu if dense_fp32 is None else dense_fp32
+    dense = resident_dense_bytes(model, expert_paths, widen_to_fp32=widen)
     c = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
     assert isinstance(c, dict)
-    act_bytes = 4 if on_cpu else 2
+    act_bytes = 4 if widen else 2
     kv = kv_cache_bytes(config, context_tokens, act_bytes)
     groups: dict[Any, LayerExperts] = {}
     for layer in layers:
         groups.setdefault(layer.signature, layer)
     working_slots = k * (2 if prefetch else 1)
-    working = sum(working_slots * slot_bytes_per_expert(l, on_cpu) for l in groups.values())
+    working = sum(working_slots * slot_bytes_per_expert(l, widen) for l in groups.values())
     bits = int((c.get("quantization") or config.get("quantization") or {}).get("bits", 16))
     largest = max(layers, key=lambda l: l.expert_bytes)
     prefill = prefill_working_bytes(

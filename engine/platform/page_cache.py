@@ -90,3 +90,26 @@ def eviction_method(platform: str = sys.platform) -> str:
     if hasattr(os, "posix_fadvise") and platform.startswith("linux"):
         return METHOD_FADVISE
     return METHOD_NONE
+
+
+def cached_fraction(path: str | os.PathLike[str], libc: _Libc | None = None) -> float:
+    """Share of the file's pages now in the page cache (mmap + mincore, Linux and macOS)."""
+    calls = libc or _libc()
+    size = os.path.getsize(path)
+    if size == 0:
+        return 0.0
+    pages = -(-size // mmap.PAGESIZE)
+    vec = (ctypes.c_ubyte * pages)()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        addr = calls.mmap(size, fd, 0)
+        try:
+            calls.lib.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+            if calls.lib.mincore(addr, size, vec) != 0:
+                err = ctypes.get_errno()
+                raise OSError(err, f"mincore failed: {os.strerror(err)}")
+        finally:
+            calls.munmap(addr, size)
+    finally:
+        os.close(fd)
+    return sum(v & 1 for v in vec) / pages

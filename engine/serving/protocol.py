@@ -130,6 +130,8 @@ class LoadRequest:
         _require(o.memory_limit_mb is None or o.memory_limit_mb > 0, "load.options.memory_limit_mb",
                  f"must be > 0 or null (no limit), got {o.memory_limit_mb}")  # fmt: skip
         _require(o.context_tokens >= 1, "load.options.context_tokens", f"must be >= 1, got {o.context_tokens}")
+        _require(o.activation_dtype in ("auto", "float32", "bfloat16"), "load.options.activation_dtype",
+                 f"must be auto, float32 or bfloat16, got {o.activation_dtype!r}")  # fmt: skip
         _require(
             self.prompt_cache_mb >= 0, "load.prompt_cache_mb", f"must be >= 0, got {self.prompt_cache_mb}"
         )

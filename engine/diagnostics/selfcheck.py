@@ -1,0 +1,312 @@
+"""``moebar-engine selfcheck``: check this machine, print a short report to attach to a bug report.
+
+Checks, each PASS / FAIL / SKIP with one line of detail:
+- exactness: streamed generation equals mlx-lm's in-memory generation, token for token, with
+  fp32 and with bf16 activations on the default device (a tiny random model built on the spot,
+  with a cache that hits and evicts);
+- slot reuse: during a real generation with the smallest cache, no slot read by computation not
+  yet evaluated is chosen for a new expert;
+- row independence: one token's row of the expert matmul does not change with the other rows of
+  its batch (bitwise), so chunked prefill equals token-by-token;
+- disk: the cold read rate of a test file, and that evicting its pages from the page cache works
+  (the method this OS uses);
+- memory budget: the expert cache and limits it would choose (for ``--model`` or the test model).
+Exit status 0 when nothing failed, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+PROMPT_TOKENS = 40
+GENERATED_TOKENS = 12
+PREFILL_CHUNK = 16
+
+
+@dataclass
+class CheckResult:
+    """One line of the report."""
+
+    name: str
+    status: str  # "PASS", "FAIL" or "SKIP"
+    detail: str
+
+    def line(self) -> str:
+        """``PASS name: detail``."""
+        return f"{self.status:4}  {self.name}: {self.detail}"
+
+
+def _prompt() -> list[int]:
+    import random
+
+    rng = random.Random(0)
+    return [rng.randrange(100, 50_000) for _ in range(PROMPT_TOKENS)]
+
+
+def build_check_model(root: Path, dtype: str) -> Path:
+    """A tiny random qwen3_moe model (4-bit) whose expert scales are ``dtype`` ("float32"/"bfloat16")."""
+    from engine.demo.demo_model import build_random_moe_model
+
+    out = root / f"selfcheck-{dtype}"
+    if not (out / "config.json").is_file():
+        build_random_moe_model(out, "qwen3_moe", 4, preset="tiny", expert_scales_dtype=dtype)
+    return out
+
+
+def mlx_lm_tokens(model_dir: Path, prompt: list[int], n: int, dtype: str) -> list[int]:
+    """mlx-lm's greedy tokens for ``prompt`` with the whole model in memory, activations ``dtype``."""
+    import mlx.core as mx
+    from mlx_lm.generate import generate_step
+    from mlx_lm.sample_utils import make_sampler
+    from mlx_lm.utils import load_model
+
+    model, _ = load_model(model_dir)
+    model.set_dtype(mx.float32 if dtype == "float32" else mx.bfloat16)
+    out = []
+    for token, _ in generate_step(mx.array(prompt), model, max_tokens=n, sampler=make_sampler(temp=0.0)):
+        out.append(int(token))
+    return out
+
+
+def streamed_tokens(model_dir: Path, prompt: list[int], n: int, dtype: str, cache_fraction: float) -> tuple[list[int], dict[str, int]]:
+    """The engine's greedy tokens with activations ``dtype`` and a cache of that share of the experts."""
+    from engine.engine import Engine
+    from engine.model.loader import inspect_experts
+    from engine.types import EngineOptions, SamplingParams
+
+    layers = inspect_experts(model_dir).layers
+    cache_mb = cache_fraction * sum(l.expert_bytes * l.num_experts for l in layers) / 2**20
+    options = EngineOptions(cache_mb=cache_mb, activation_dtype=dtype, prefill_chunk=PREFILL_CHUNK)
+    engine = Engine.load(model_dir, options, measure_disk=False)
+    try:
+        tokens = [ev.token for ev in engine.generate(prompt, SamplingParams(max_tokens=n))]
+        return tokens, engine.expert_counters()
+    finally:
+        engine.close()
+
+
+def check_exactness(root: Path, dtype: str) -> CheckResult:
+    """Streamed tokens equal mlx-lm's at ``dtype`` on the default device, with hits and evictions."""
+    import mlx.core as mx
+
+    name = f"exactness {dtype} on {mx.default_device()}"
+    model = build_check_model(root, dtype)
+    prompt = _prompt()
+    want = mlx_lm_tokens(model, prompt, GENERATED_TOKENS, dtype)
+    got, counters = streamed_tokens(model, prompt, GENERATED_TOKENS, dtype, cache_fraction=3 / 8)
+    if got != want:
+        first = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
+        return CheckResult(name, "FAIL", f"token {first} differs: streamed {got[first:first + 4]} vs mlx-lm "
+                                         f"{want[first:first + 4]} ({len(prompt)}-token prompt)")  # fmt: skip
+    return CheckResult(name, "PASS", f"{len(got)} tokens equal mlx-lm's; cache {counters['cache_hits']} hits, "
+                                     f"{counters['cache_misses']} misses")  # fmt: skip
+
+
+def check_slot_reuse(root: Path) -> CheckResult:
+    """No slot pinned by pending computation is ever given to another expert (smallest cache)."""
+    from engine.engine import Engine
+    from engine.types import EngineOptions, SamplingParams
+
+    model = build_check_model(root, "float32")
+    engine = Engine.load(model, EngineOptions(cache_mb=0, prefill_chunk=PREFILL_CHUNK), measure_disk=False)
+    streamer = engine._loaded.streamer
+    evictions, violations = 0, []
+
+    def watch(cache: Any) -> Callable[[tuple[int, int], set[tuple[int, int]]], int]:
+        assign = cache.assign
+
+        def checked(key: tuple[int, int], pinned: set[tuple[int, int]]) -> int:
+            nonlocal evictions
+            before = dict(cache._slot_of)
+            slot = assign(key, pinned)
+            owner = next((k for k, s in before.items() if s == slot), None)
+            if owner is not None:
+                evictions += 1
+                if owner in streamer._pinned:
+                    violations.append((owner, key, slot))
+            return int(slot)
+
+        return checked
+
+    for cache in streamer.caches:
+        cache.assign = watch(cache)
+    try:
+        list(engine.generate(_prompt(), SamplingParams(max_tokens=GENERATED_TOKENS)))
+    finally:
+        engine.close()
+    if violations:
+        owner, key, slot = violations[0]
+        return CheckResult("slot reuse", "FAIL", f"slot {slot} of pinned expert {owner} given to {key} "
+                                                 f"({len(violations)} times)")  # fmt: skip
+    if evictions == 0:
+        return CheckResult("slot reuse", "FAIL", "the smallest cache never evicted: the check proved nothing")
+    return CheckResult("slot reuse", "PASS", f"{evictions} evictions, none of a slot pending computation reads")
+
+
+def check_row_independence(root: Path) -> CheckResult:
+    """Each token's row of the streamed expert matmul is bitwise the same alone or in a batch."""
+    import mlx.core as mx
+    from mlx_lm.utils import load_model
+
+    from engine.model.loader import inspect_experts
+
+    model_dir = build_check_model(root, "float32")
+    layers = inspect_experts(model_dir).layers
+    model, _ = load_model(model_dir)
+    switch = next(m for path, m in model.named_modules() if path == layers[0].module_path)
+    gate = switch.gate_proj
+    hidden = int(gate.weight.shape[-1]) * 32 // int(getattr(gate, "bits", 32))
+    mx.random.seed(0)
+    n, k = 24, 4
+    x = mx.random.normal((n, hidden))
+    idx = mx.random.randint(0, layers[0].num_experts, (n, k)).astype(mx.uint32)
+    batch = switch(x, idx)
+    alone = mx.concatenate([switch(x[i : i + 1], idx[i : i + 1]) for i in range(n)])
+    mx.eval(batch, alone)
+    if not bool(mx.array_equal(batch, alone)):
+        diff = float(mx.max(mx.abs(batch - alone)))
+        return CheckResult("row independence", "FAIL", f"rows differ with their batch (max |diff| {diff:.3g})")
+    return CheckResult("row independence", "PASS", f"{n} rows x top-{k} bitwise equal alone and batched")
+
+
+def check_disk(directory: Path, size: int = 64 << 20) -> CheckResult:
+    """Cold read rate of a test file in ``directory``, and that evicting its cached pages works."""
+    from engine.platform.page_cache import cached_fraction, eviction_method
+    from engine.platform_info import drop_file_cache, measure_cold_read_speed
+
+    method = eviction_method()
+    with tempfile.TemporaryDirectory(dir=directory, prefix="moebar-selfcheck-") as tmp:
+        path = Path(tmp) / "blob"
+        with open(path, "wb") as f:
+            for _ in range(size // (4 << 20)):
+                f.write(os.urandom(4 << 20))
+            f.flush()
+            os.fsync(f.fileno())
+        path.read_bytes()  # now in the page cache
+        before = cached_fraction(path)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            dropped = drop_file_cache(fd)
+        finally:
+            os.close(fd)
+        after = cached_fraction(path)
+        rate = measure_cold_read_speed(path, block_bytes=1 << 20, threads=4, total_bytes=size)
+    figures = f"cold read {rate / 1e9:.2f} GB/s; eviction by {method}: cached {before:.0%} -> {after:.0%}"
+    if before < 0.5:
+        return CheckResult("disk", "SKIP", f"{figures} (this filesystem keeps no page cache to evict)")
+    if not dropped or after > 0.1:
+        return CheckResult("disk", "FAIL", f"{figures}: eviction did not work, cold figures would be warm")
+    return CheckResult("disk", "PASS", figures)
+
+
+def check_budget(model_dir: Path) -> CheckResult:
+    """The memory budget a load of ``model_dir`` would choose on this machine."""
+    import mlx.core as mx
+
+    from engine.model.loader import inspect_experts, memory_budget_for
+    from engine.types import EngineOptions
+
+    device = "gpu" if mx.default_device() == mx.gpu else "cpu"
+    b = memory_budget_for(inspect_experts(model_dir), EngineOptions(cache_mb=None), device)
+    gib = 2**30
+    return CheckResult("memory budget", "PASS",
+                       f"{model_dir.name}: expert cache {b.cache_bytes / 2**20:.0f} MiB ({b.mode}: {b.reason}); "
+                       f"footprint {b.footprint_bytes / gib:.2f} GiB; page cache keeps "
+                       f"{b.page_cache_reserve_bytes / gib:.2f} GiB; MLX limit {b.mlx_memory_limit_bytes / gib:.2f} GiB, "
+                       f"MLX cache limit {b.mlx_cache_limit_bytes / 2**20:.0f} MiB")  # fmt: skip
+
+
+def _guard(name: str, fn: Callable[[], CheckResult]) -> CheckResult:
+    try:
+        return fn()
+    except Exception as e:  # a check that crashes is a failure to report, not a traceback
+        return CheckResult(name, "FAIL", f"{type(e).__name__}: {e}")
+
+
+def run_selfcheck(work_dir: Path, disk_dir: Path, model_dir: Path | None, skip: set[str] = frozenset()) -> list[CheckResult]:  # type: ignore[assignment]
+    """Run every check (those named in ``skip`` are reported as skipped) and return the results."""
+    checks: list[tuple[str, Callable[[], CheckResult]]] = [
+        ("exactness float32", lambda: check_exactness(work_dir, "float32")),
+        ("exactness bfloat16", lambda: check_exactness(work_dir, "bfloat16")),
+        ("slot reuse", lambda: check_slot_reuse(work_dir)),
+        ("row independence", lambda: check_row_independence(work_dir)),
+        ("disk", lambda: check_disk(disk_dir)),
+        ("memory budget", lambda: check_budget(model_dir or build_check_model(work_dir, "float32"))),
+    ]
+    results = []
+    for name, fn in checks:
+        if name.split()[0] in skip or name in skip:
+            results.append(CheckResult(name, "SKIP", "skipped on request"))
+            continue
+        t0 = time.perf_counter()
+        r = _guard(name, fn)
+        r.detail += f" [{time.perf_counter() - t0:.1f} s]"
+        results.append(r)
+        print(r.line(), file=sys.stderr, flush=True)
+    return results
+
+
+def header() -> list[str]:
+    """Machine and versions, the report's first lines."""
+    import mlx.core as mx
+
+    from engine.cli import moebar_version
+    from engine.platform_info import memory_info
+
+    ram = memory_info()
+    try:
+        import mlx_lm
+
+        mlx_lm_version = mlx_lm.__version__
+    except Exception:
+        mlx_lm_version = "?"
+    return [
+        f"MoeBar selfcheck, {moebar_version()}",
+        f"{platform.platform()}, {platform.machine()}, Python {platform.python_version()}",
+        f"MLX {mx.__version__}, mlx-lm {mlx_lm_version}, default device {mx.default_device()}",
+        f"RAM {ram.total_bytes / 2**30:.1f} GiB total, {ram.available_bytes / 2**30:.1f} GiB available",
+    ]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Arguments of ``moebar-engine selfcheck``."""
+    p = argparse.ArgumentParser(prog="moebar-engine selfcheck", description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=None, help="also report the memory budget of this model directory")
+    p.add_argument("--disk-dir", default=None,
+                   help="folder for the disk check (default: the model's folder, else the temp folder)")
+    p.add_argument("--work-dir", default=None, help="where the test models are built (default: a temp folder)")
+    p.add_argument("--skip", action="append", default=[], choices=["exactness", "slot", "row", "disk", "memory"],
+                   help="skip a check (repeatable)")
+    p.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the checks, print the report on stdout; exit 1 when any check failed."""
+    from engine.model.loader import pick_device
+
+    args = build_parser().parse_args(argv)
+    pick_device(args.device)
+    model_dir = Path(args.model).expanduser().resolve() if args.model else None
+    disk_dir = Path(args.disk_dir) if args.disk_dir else (model_dir or Path(tempfile.gettempdir()))
+    with tempfile.TemporaryDirectory(prefix="moebar-selfcheck-") as tmp:
+        work = Path(args.work_dir) if args.work_dir else Path(tmp)
+        results = run_selfcheck(work, disk_dir, model_dir, set(args.skip))
+    failed = [r for r in results if r.status == "FAIL"]
+    lines = header() + [r.line() for r in results]
+    lines.append(f"result: {'FAILED (' + str(len(failed)) + ' of ' + str(len(results)) + ')' if failed else 'all checks passed'}")
+    print("\n".join(lines))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
