@@ -58,6 +58,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     max_tokens: int = 256
     seed: int | None = None
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit before sampling
 
 
 @dataclass

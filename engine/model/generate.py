@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 import time
 from typing import Any, Callable, Iterator, Sequence
 
@@ -18,6 +19,11 @@ from engine.model.streamed_moe import ExpertStreamer
 from engine.types import GenerationStats, SamplingParams, StepFigures, TokenEvent
 
 NO_TOKEN = -1  # token id of the event that only reports a cancellation
+
+
+def request_seed(seed: int | None) -> int:
+    """The seed of a generation's random state: its own seed (any int, folded to 64 bits) or a fresh one."""
+    return secrets.randbits(64) if seed is None else seed % 2**64
 
 
 def _sampler(sampling: SamplingParams) -> Callable[[mx.array], mx.array]:
@@ -66,12 +72,17 @@ def generate_tokens(
     if sampling.max_tokens < 1:
         raise RequestError(f"max_tokens must be at least 1, got {sampling.max_tokens}")
     should_stop = stop or (lambda: False)
-    if sampling.seed is not None:
-        mx.random.seed(sampling.seed)
+    # Each generation starts its own random state: from its seed, or fresh when it has none. So no
+    # earlier request (one that failed half-way included) changes what this one samples, and a
+    # seeded request gives the same tokens whatever ran before it.
+    mx.random.seed(request_seed(sampling.seed))
     sampler = _sampler(sampling)
     processors = (
-        make_logits_processors(repetition_penalty=sampling.repetition_penalty)
-        if sampling.repetition_penalty != 1.0
+        make_logits_processors(
+            logit_bias=sampling.logit_bias or None,
+            repetition_penalty=sampling.repetition_penalty if sampling.repetition_penalty != 1.0 else None,
+        )
+        if sampling.repetition_penalty != 1.0 or sampling.logit_bias
         else []
     )
     history = list(prompt_tokens)

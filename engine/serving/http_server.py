@@ -1,7 +1,9 @@
 """`moebar-engine serve`: an OpenAI-compatible HTTP server (starlette + uvicorn) on one EngineService.
 
 Routes: POST /v1/chat/completions (SSE when streamed), GET /v1/models, GET /health. With an API
-key, every route but /health needs "Authorization: Bearer KEY". Generation runs on a worker
+key, every route but /health needs "Authorization: Bearer KEY". Requests must name this machine
+in Host and may come from a web page only if its origin was allowed (engine/serving/http_guard.py);
+bodies must be application/json. Generation runs on a worker
 thread; a client that disconnects cancels it at the next token.
 """
 
@@ -27,6 +29,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from engine.errors import ModelError
+from engine.serving.http_guard import DEFAULT_MAX_REQUESTS_PER_CONNECTION, RequestGuard, allowed_host_names
 from engine.serving.openai_format import (
     APIError,
     CompletionRequest,
@@ -66,9 +69,20 @@ class _AuthMiddleware:
 
 
 def create_app(
-    service: EngineService, model_id: str, api_key: str | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    service: EngineService,
+    model_id: str,
+    api_key: str | None = None,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    *,
+    allowed_hosts: tuple[str, ...] = (),
+    cors_origins: tuple[str, ...] = (),
+    max_requests_per_connection: int = DEFAULT_MAX_REQUESTS_PER_CONNECTION,
 ) -> ASGIApp:
-    """Build the ASGI app serving `service` under the model name `model_id`."""
+    """Build the ASGI app serving `service` under the model name `model_id`.
+
+    Host may name a loopback address or one of `allowed_hosts`; web pages of `cors_origins` may
+    call it (see http_guard.RequestGuard).
+    """
 
     async def health(request: Request) -> Response:
         return JSONResponse({"status": "ok" if service.engine is not None else "not_loaded", "model": model_id})
@@ -104,11 +118,16 @@ def create_app(
         ],
         exception_handlers={404: not_found, 405: not_found},
     )
-    return _AuthMiddleware(app, api_key)
+    return RequestGuard(_AuthMiddleware(app, api_key), allowed_hosts, cors_origins, max_requests_per_connection)
 
 
 async def _read_json(request: Request, limit: int) -> Any:
-    """Read a JSON body of at most `limit` bytes; raises APIError 413 or 400."""
+    """Read a JSON body of at most `limit` bytes; raises APIError 415, 413 or 400."""
+    media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    if media_type != "application/json":
+        # A web page can send text/plain or a form cross-site without a preflight; JSON it cannot.
+        raise APIError(415, f"the body must be sent as Content-Type: application/json, not "
+                       f"'{media_type[:100] or 'none'}'", code="unsupported_media_type")
     declared = request.headers.get("content-length")
     if declared is not None:
         if not declared.isdigit():
@@ -167,7 +186,7 @@ class _ChatResponse(Response):
             elif isinstance(ev, ToolCallEvent):
                 calls.append(tool_call_json(ev.call_id, ev.name, ev.arguments))
             elif isinstance(ev, ErrorEvent) and ev.code != "bad_tool_call":
-                await _send_json(send, _error_status(ev), APIError(_error_status(ev), ev.message, code=ev.code).body())
+                await _send_json(send, _error_status(ev), APIError(_error_status(ev), ev.message, param=ev.field, code=ev.code).body())
                 return
             elif isinstance(ev, DoneEvent):
                 body = completion(
@@ -184,7 +203,7 @@ class _ChatResponse(Response):
             if isinstance(ev, ErrorEvent) and ev.code == "bad_tool_call":
                 continue
             if isinstance(ev, ErrorEvent) and not started:  # nothing sent yet: answer with a status
-                await _send_json(send, _error_status(ev), APIError(_error_status(ev), ev.message, code=ev.code).body())
+                await _send_json(send, _error_status(ev), APIError(_error_status(ev), ev.message, param=ev.field, code=ev.code).body())
                 return
             if not started:
                 await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
@@ -198,7 +217,7 @@ class _ChatResponse(Response):
                 n_calls += 1
                 await _send_sse(send, chunk(rid, model, {"tool_calls": [call]}))
             elif isinstance(ev, ErrorEvent):
-                await _send_sse(send, APIError(_error_status(ev), ev.message, code=ev.code).body())
+                await _send_sse(send, APIError(_error_status(ev), ev.message, param=ev.field, code=ev.code).body())
             elif isinstance(ev, DoneEvent):
                 if cancel.is_set():
                     return
@@ -280,6 +299,9 @@ def run_server(
     api_key: str | None = None,
     options: EngineOptions | None = None,
     prompt_cache_mb: float = 1024.0,
+    allow_hosts: tuple[str, ...] = (),
+    cors_origins: tuple[str, ...] = (),
+    max_requests_per_connection: int = DEFAULT_MAX_REQUESTS_PER_CONNECTION,
 ) -> int:
     """Load `model_dir` and serve it over HTTP until interrupted."""
     import uvicorn
@@ -296,7 +318,8 @@ def run_server(
         lambda ev: log.info("loading: %s", getattr(ev, "stage", ev)),
     )
     log.info("loaded %s (%s) in %.1f s", loaded.name, loaded.model_type, loaded.load_s)
-    app = create_app(service, loaded.name, api_key)
+    app = create_app(service, loaded.name, api_key, allowed_hosts=tuple(allowed_host_names(host, allow_hosts)),
+                     cors_origins=cors_origins, max_requests_per_connection=max_requests_per_connection)
     try:
         uvicorn.run(app, host=host, port=port, log_level="info")
     finally:
@@ -314,6 +337,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000, help="TCP port to listen on (default 8000)")
     p.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY on every route but /health")
     p.add_argument("--prompt-cache-mb", type=float, default=1024.0, help="bound of the prompt (KV) cache")
+    p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                   help="let web pages at ORIGIN (scheme://host[:port], or * for any) call the server; repeatable. "
+                        "Without it, requests from web pages are refused")
+    p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                   help="also accept requests whose Host header names NAME (loopback names and the bind address "
+                        "always work); repeatable")
+    p.add_argument("--max-requests-per-connection", type=int, default=DEFAULT_MAX_REQUESTS_PER_CONNECTION,
+                   metavar="N", help=f"close a connection after N requests (default {DEFAULT_MAX_REQUESTS_PER_CONNECTION})")
     _add_engine_options(p)
     return p
 
@@ -323,7 +354,10 @@ def main(argv: list[str] | None = None) -> int:
     from engine.cli import engine_options
 
     args = build_parser().parse_args(argv)
-    return run_server(args.model, args.host, args.port, args.api_key, engine_options(args), args.prompt_cache_mb)
+    if args.max_requests_per_connection < 1:
+        build_parser().error(f"--max-requests-per-connection must be at least 1, got {args.max_requests_per_connection}")
+    return run_server(args.model, args.host, args.port, args.api_key, engine_options(args), args.prompt_cache_mb,
+                      tuple(args.allow_host), tuple(args.cors_origin), args.max_requests_per_connection)
 
 
 if __name__ == "__main__":

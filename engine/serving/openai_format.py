@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 import uuid
 from dataclasses import dataclass
@@ -90,6 +91,7 @@ def _parse(body: dict[str, Any]) -> CompletionRequest:
             or _number(body, "max_tokens", DEFAULT_MAX_TOKENS, 1, 1 << 24, integer=True)
         ),
         seed=int(s) if (s := _number(body, "seed", None, -(1 << 63), (1 << 63) - 1, integer=True)) is not None else None,
+        logit_bias=_logit_bias(body),
     )
     stream = body.get("stream", False)
     _need(isinstance(stream, bool) or stream is None, "stream", "must be true or false")
@@ -103,6 +105,21 @@ def _parse(body: dict[str, Any]) -> CompletionRequest:
     )
     chat.check()
     return CompletionRequest(chat=chat, stream=bool(stream), include_usage=include_usage, model=model)
+
+
+def _logit_bias(body: dict[str, Any]) -> dict[int, float] | None:
+    """OpenAI's logit_bias: {"token id": bias in [-100, 100]}; ids are checked against the model later."""
+    bias = body.get("logit_bias")
+    if bias is None or bias == {}:
+        return None
+    _need(isinstance(bias, dict), "logit_bias", "must be an object mapping token ids to biases")
+    checked: dict[int, float] = {}
+    for key, value in bias.items():
+        _need(key.strip().isdigit() and len(key.strip()) <= 12, "logit_bias", f"keys must be token ids, got {key[:40]!r}")
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        _need(ok and -100 <= value <= 100, "logit_bias", f"[{key.strip()}] must be a number in [-100, 100]")
+        checked[int(key)] = float(value)
+    return checked
 
 
 def _thinking(body: dict[str, Any]) -> bool | None:

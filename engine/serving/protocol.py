@@ -187,6 +187,11 @@ class ChatRequest:
             "chat.sampling.repetition_penalty",
             f"must be > 0, got {s.repetition_penalty}",
         )
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty"):
+            value = getattr(s, name)
+            _require(math.isfinite(value), f"chat.sampling.{name}", f"must be a finite number, got {value}")
+        if s.logit_bias is not None:
+            s.logit_bias = _checked_logit_bias(s.logit_bias)
         for i, tool in enumerate(self.tools):
             check_tool_schema(tool, f"chat.tools[{i}]")
 
@@ -436,6 +441,22 @@ def check_tool_schema(tool: Any, where: str = "tools[0]") -> None:
     _require(isinstance(name, str) and bool(name), f"{where}.function.name", "must be a non-empty string")
     params = function.get("parameters", {})
     _require(isinstance(params, dict), f"{where}.function.parameters", "must be an object (JSON schema)")
+
+
+def _checked_logit_bias(bias: dict[Any, Any]) -> dict[int, float]:
+    """logit_bias with int token ids (JSON object keys arrive as strings) and finite biases; ProtocolError otherwise."""
+    checked: dict[int, float] = {}
+    for key, value in bias.items():
+        token = key if isinstance(key, int) and not isinstance(key, bool) else None
+        if isinstance(key, str) and key.strip().isdigit():
+            token = int(key)
+        _require(token is not None and token >= 0, "chat.sampling.logit_bias",
+                 f"keys must be token ids (integers >= 0), got {_short(key)}")
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        _require(ok and -100 <= value <= 100, "chat.sampling.logit_bias",
+                 f"[{key}] must be a number in [-100, 100], got {_short(value)}")
+        checked[int(token)] = float(value)  # type: ignore[arg-type]
+    return checked
 
 
 def _require(ok: bool, where: str, problem: str) -> None:

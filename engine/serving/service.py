@@ -7,6 +7,7 @@ tool calls), and keep the final cache state for the next turn.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import queue
 import threading
@@ -24,6 +25,7 @@ from engine.serving.out_of_memory import is_out_of_memory, out_of_memory_message
 from engine.model.prompt_cache import PromptCache, cache_is_trimmable, cache_length, common_prefix_len, snapshot
 from engine.serving.protocol import (
     ChatMessage,
+    ProtocolError,
     ChatRequest,
     DoneEvent,
     ErrorEvent,
@@ -224,6 +226,7 @@ class EngineService:
         context = self.loaded.context_length if self.loaded else 0
         if context and len(prompt) >= context:
             raise RequestError(f"chat.messages: the prompt has {len(prompt)} tokens; the model's context is {context}")
+        req = dataclasses.replace(req, sampling=bounded_sampling(req.sampling, _vocab_size(engine), len(prompt), context))
         hit = self.prompt_cache.fetch(prompt)
         kv, reused = (hit.cache, hit.reused) if hit else (engine.make_kv_cache(), 0)
         splitter = OutputSplitter(self._fmt, req.tools, in_reasoning=prompt_ends_in_reasoning(tok, prompt))
@@ -337,6 +340,38 @@ class EngineService:
         figures.reused_tokens = reused
         figures.bytes_read = engine.expert_counters()["bytes_read"] - bytes_before
         return DoneEvent(id=req.id, finish_reason=reason, figures=figures)  # type: ignore[arg-type]
+
+
+def bounded_sampling(sampling: SamplingParams, vocab: int, prompt_tokens: int, context: int) -> SamplingParams:
+    """`sampling` checked against the model, with max_tokens cut to the room left in the context.
+
+    top_k above the vocabulary and logit_bias ids outside it are refused (ProtocolError naming
+    the field); top_k equal to the vocabulary keeps every token, so it becomes 0 (off). A request
+    whose prompt plus max_tokens passes the context stops at the context with finish_reason
+    "length" (vocab or context 0: unknown, not checked).
+    """
+    top_k = sampling.top_k
+    if vocab:
+        if top_k > vocab:
+            raise ProtocolError(f"top_k is {top_k}, more than the model's vocabulary of {vocab} tokens",
+                                field="chat.sampling.top_k")
+        outside = sorted(t for t in (sampling.logit_bias or {}) if not 0 <= t < vocab)
+        if outside:
+            raise ProtocolError(f"logit_bias names token {outside[0]}; the model's token ids are 0 to {vocab - 1}",
+                                field="chat.sampling.logit_bias")
+        top_k = 0 if top_k == vocab else top_k
+    max_tokens = sampling.max_tokens
+    if context:
+        max_tokens = max(1, min(max_tokens, context - prompt_tokens))
+    return dataclasses.replace(sampling, top_k=top_k, max_tokens=max_tokens)
+
+
+def _vocab_size(engine: "Engine") -> int:
+    """Rows of the model's output (its vocabulary), from config.json; 0 when unknown."""
+    config = getattr(engine, "config", None) or {}
+    text = config.get("text_config", config) if isinstance(config, dict) else {}
+    value = text.get("vocab_size", config.get("vocab_size", 0)) if isinstance(text, dict) else 0
+    return int(value) if isinstance(value, int) and value > 0 else 0
 
 
 def _turn_figures(turn: _Turn) -> MessageFigures:

@@ -124,7 +124,7 @@ def test_wrong_or_missing_key_is_refused(real: tuple[Server, EngineService]) -> 
 )
 def test_malformed_requests_get_400(real: tuple[Server, EngineService], content: bytes, status: int, param: str | None) -> None:
     server, _ = real
-    r = httpx.post(server.url + "/v1/chat/completions", content=content, headers={"Authorization": f"Bearer {KEY}"})
+    r = httpx.post(server.url + "/v1/chat/completions", content=content, headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
     assert r.status_code == status, r.text
     err = r.json()["error"]
     assert err["type"] == "invalid_request_error" and err["message"]
@@ -134,14 +134,14 @@ def test_malformed_requests_get_400(real: tuple[Server, EngineService], content:
 def test_oversized_body_gets_413_and_server_survives(real: tuple[Server, EngineService]) -> None:
     server, _ = real
     big = json.dumps({"messages": [{"role": "user", "content": "x" * (2 << 20)}]})
-    r = httpx.post(server.url + "/v1/chat/completions", content=big, headers={"Authorization": f"Bearer {KEY}"})
+    r = httpx.post(server.url + "/v1/chat/completions", content=big, headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
     assert r.status_code == 413
 
     def chunked() -> Iterator[bytes]:  # no Content-Length: the limit holds while reading
         for _ in range(40):
             yield b"x" * 65536
 
-    r = httpx.post(server.url + "/v1/chat/completions", content=chunked(), headers={"Authorization": f"Bearer {KEY}"})
+    r = httpx.post(server.url + "/v1/chat/completions", content=chunked(), headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
     assert r.status_code == 413
     assert httpx.get(server.url + "/health").status_code == 200
 

@@ -33,11 +33,11 @@ BODY = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_toke
 class ScriptedServer(ThreadedServer):
     """uvicorn on a thread serving a scripted engine that records every prompt it is given."""
 
-    def __init__(self, api_key: str | None = KEY) -> None:
+    def __init__(self, api_key: str | None = KEY, **guard: Any) -> None:
         self.engine = ScriptedEngine(load_tokenizer("qwen3"), ["ok"] * 100)
         service = EngineService(loader=scripted_loader(self.engine))
         service.load(LoadRequest(model_dir="/scripted"), lambda ev: None)
-        super().__init__(create_app(service, "m", api_key, max_body_bytes=4096))
+        super().__init__(create_app(service, "m", api_key, max_body_bytes=4096, **guard))
 
     def raw(self, request: bytes) -> bytes:
         """Send raw bytes and return the whole answer (the server closes after an error)."""
@@ -98,17 +98,17 @@ def test_the_right_key_is_served(server: ScriptedServer) -> None:
 AUTH = f"Authorization: Bearer {KEY}\r\n".encode()
 MALFORMED = {
     "garbage-request-line": b"\x16\x03\x01\x02\x00 not http at all\r\n\r\n",
-    "bad-content-length": b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n" + AUTH + b"Content-Length: ten\r\n\r\n{}",
-    "negative-content-length": b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n" + AUTH
+    "bad-content-length": b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\n" + AUTH + b"Content-Length: ten\r\n\r\n{}",
+    "negative-content-length": b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\n" + AUTH
     + b"Content-Length: -5\r\n\r\n{}",
-    "bad-chunk-size": b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n" + AUTH
+    "bad-chunk-size": b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\n" + AUTH
     + b"Transfer-Encoding: chunked\r\n\r\nzz\r\n{}\r\n0\r\n\r\n",
-    "header-without-colon": b"GET /v1/models HTTP/1.1\r\nHost: x\r\n" + AUTH + b"this is not a header\r\n\r\n",
-    "declared-body-over-limit": b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n" + AUTH
+    "header-without-colon": b"GET /v1/models HTTP/1.1\r\nHost: localhost\r\n" + AUTH + b"this is not a header\r\n\r\n",
+    "declared-body-over-limit": b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\n" + AUTH
     + b"Content-Type: application/json\r\nContent-Length: 999999999\r\n\r\n{",
-    "body-not-utf8": b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n" + AUTH
+    "body-not-utf8": b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\n" + AUTH
     + b"Content-Type: application/json\r\nContent-Length: 4\r\n\r\n\xff\xfe\xfd\xfc",
-    "json-nested-deeply": b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n" + AUTH
+    "json-nested-deeply": b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\n" + AUTH
     + b"Content-Type: application/json\r\nContent-Length: 4000\r\n\r\n" + b"[" * 4000,
 }
 
@@ -153,3 +153,113 @@ def test_serve_listens_on_loopback_only_by_default(tiny_model: Any) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(10)
+
+
+# ------------------------------------------------------------------ web pages: Host, Origin, Content-Type
+
+APP_ORIGIN = "https://app.example"
+
+
+@pytest.fixture(scope="module")
+def open_server() -> Iterator[ScriptedServer]:
+    """No API key (the default on loopback), one web origin allowed, three requests per connection."""
+    s = ScriptedServer(api_key=None, cors_origins=(APP_ORIGIN,), max_requests_per_connection=3)
+    yield s
+    s.stop()
+
+
+FOREIGN_HOSTS = ["evil.example", "evil.example:8000", "127.0.0.1.evil.example", "localhost.evil.example:80",
+                 "192.0.2.7", "[2001:db8::1]:8000", "0.0.0.0", ""]  # fmt: skip
+
+
+@pytest.mark.parametrize("host", FOREIGN_HOSTS)
+def test_a_host_that_is_not_this_machine_is_refused(open_server: ScriptedServer, host: str) -> None:
+    """DNS rebinding: a page on the attacker's name resolved to 127.0.0.1 sends its own name as Host."""
+    before = len(open_server.engine.prompts)
+    for method, path in [("POST", "/v1/chat/completions"), ("GET", "/v1/models"), ("GET", "/health")]:
+        r = httpx.request(method, open_server.url + path, headers={"Host": host}, json=BODY if method == "POST" else None)
+        assert r.status_code == 403 and r.json()["error"]["code"] == "forbidden_host", (host, path, r.text)
+    assert len(open_server.engine.prompts) == before
+
+
+@pytest.mark.parametrize("host", ["localhost", "LOCALHOST.", "127.0.0.1", "127.1.2.3:9", "[::1]", "[::1]:8000",
+                                  "app.localhost"])  # fmt: skip
+def test_loopback_hosts_are_served(open_server: ScriptedServer, host: str) -> None:
+    r = httpx.post(open_server.url + "/v1/chat/completions", headers={"Host": host}, json=BODY)
+    assert r.status_code == 200, r.text
+
+
+def test_the_configured_and_allowed_hosts_are_served() -> None:
+    from engine.serving.http_guard import allowed_host_names, host_of
+
+    assert allowed_host_names("192.168.1.4") >= {"192.168.1.4"}
+    assert "mybox.lan" in allowed_host_names("127.0.0.1", ["MyBox.lan:8000"])
+    assert "evil.example" not in allowed_host_names("0.0.0.0")
+    assert host_of("[::1]:80") == "::1" and host_of("Example.COM.:8000") == "example.com" and host_of("::1") == "::1"
+    server = ScriptedServer(api_key=None, allowed_hosts=("mybox.lan",))
+    try:
+        assert httpx.post(server.url + "/v1/chat/completions", headers={"Host": "mybox.lan:80"}, json=BODY).status_code == 200
+        assert httpx.post(server.url + "/v1/chat/completions", headers={"Host": "other.lan"}, json=BODY).status_code == 403
+    finally:
+        server.stop()
+
+
+def test_a_web_page_of_a_foreign_origin_is_refused_and_its_preflight_too(open_server: ScriptedServer) -> None:
+    before = len(open_server.engine.prompts)
+    for origin in ["https://evil.example", "null", "http://localhost:3000", APP_ORIGIN + ".evil.example"]:
+        r = httpx.post(open_server.url + "/v1/chat/completions", headers={"Origin": origin}, json=BODY)
+        assert r.status_code == 403 and r.json()["error"]["code"] == "forbidden_origin", (origin, r.text)
+        assert "access-control-allow-origin" not in r.headers
+        preflight = httpx.options(open_server.url + "/v1/chat/completions", headers={
+            "Origin": origin, "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "content-type"})
+        assert preflight.status_code == 403 and "access-control-allow-origin" not in preflight.headers
+    assert len(open_server.engine.prompts) == before
+
+
+def test_the_allowed_origin_gets_cors_headers_and_a_preflight(open_server: ScriptedServer) -> None:
+    preflight = httpx.options(open_server.url + "/v1/chat/completions", headers={
+        "Origin": APP_ORIGIN, "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization, content-type"})
+    assert preflight.status_code == 204
+    assert preflight.headers["access-control-allow-origin"] == APP_ORIGIN
+    assert "content-type" in preflight.headers["access-control-allow-headers"]
+    r = httpx.post(open_server.url + "/v1/chat/completions", headers={"Origin": APP_ORIGIN}, json=BODY)
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == APP_ORIGIN
+    assert r.json()["choices"][0]["message"]["content"] == "ok"
+
+
+@pytest.mark.parametrize("content_type", [None, "text/plain", "text/plain;charset=UTF-8", "application/x-www-form-urlencoded",
+                                          "multipart/form-data; boundary=x", "application/jsonx", "application/json-seq"])
+def test_a_body_that_is_not_declared_json_is_refused_with_415(open_server: ScriptedServer, content_type: str | None) -> None:
+    """A cross-site "simple" POST (text/plain, forms) needs no preflight: it must not run a generation."""
+    import json as json_module
+
+    before = len(open_server.engine.prompts)
+    headers = {} if content_type is None else {"Content-Type": content_type}
+    r = httpx.post(open_server.url + "/v1/chat/completions", content=json_module.dumps(BODY), headers=headers)
+    assert r.status_code == 415 and r.json()["error"]["code"] == "unsupported_media_type", r.text
+    assert len(open_server.engine.prompts) == before
+    ok = httpx.post(open_server.url + "/v1/chat/completions", content=json_module.dumps(BODY),
+                    headers={"Content-Type": "Application/JSON; charset=utf-8"})
+    assert ok.status_code == 200, ok.text
+
+
+def test_one_connection_serves_a_bounded_number_of_requests(open_server: ScriptedServer) -> None:
+    with httpx.Client() as client:
+        answers = [client.get(open_server.url + "/v1/models") for _ in range(7)]
+    assert all(a.status_code == 200 for a in answers)
+    closes = [a.headers.get("connection") == "close" for a in answers]
+    assert closes == [False, False, True, False, False, True, False]  # the 3rd of each connection closes it
+
+
+def test_serve_options_parse() -> None:
+    from engine.serving.http_server import build_parser
+
+    args = build_parser().parse_args(["m", "--cors-origin", "https://a.example", "--cors-origin", "*",
+                                      "--allow-host", "box.lan", "--max-requests-per-connection", "5"])
+    assert args.cors_origin == ["https://a.example", "*"] and args.allow_host == ["box.lan"]
+    assert args.max_requests_per_connection == 5
+    with pytest.raises(ValueError, match="at least 1"):
+        from engine.serving.http_guard import RequestGuard
+
+        RequestGuard(lambda *a: None, max_requests_per_connection=0)  # type: ignore[arg-type]
