@@ -68,7 +68,7 @@ BUILTIN_TOOLS: tuple[ToolSpec, ...] = (
         "'path:line: text' for each match.",
         _object({
             "pattern": {"type": "string", "minLength": 1, "maxLength": builtin.MAX_PATTERN_CHARS,
-                        "description": "The text (or regular expression, if regex is true) to find."},
+                        "description": "The text (or regular expression in RE2 syntax, if regex is true) to find."},
             "path": {**_PATH, "description": "Search only this dropped file or folder (default: all drops)."},
             "regex": {"type": "boolean", "description": "Treat pattern as a regular expression."},
             "case_sensitive": {"type": "boolean", "description": "Match letter case exactly (default false)."},
