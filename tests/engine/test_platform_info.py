@@ -6,6 +6,7 @@ import mmap
 import os
 import resource
 import sys
+import types
 from collections import namedtuple
 from pathlib import Path
 from typing import Any
@@ -324,16 +325,20 @@ def test_plan_read_blocks_are_distinct_and_whole() -> None:
     assert pi.plan_read_blocks([(Path("c"), 100)], 4096, 4096) == []
 
 
-def test_measure_cold_read_speed_reads_from_disk(tmp_path: Path) -> None:
+def test_measure_cold_read_speed_reads_from_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     model = tmp_path / "model"
     model.mkdir()
     for i in range(3):
         _write_file(model / f"shard{i}.safetensors", 12 << 20)
     on_disk = sys.platform.startswith("linux") and pi.disk_of_path(model) in (psutil.disk_io_counters(perdisk=True) or {})
+    # a fake clock: the reads take 2.0 s, so the speed is exactly the bytes read / 2
+    clock = iter([100.0, 102.0])
+    monkeypatch.setattr(pi, "time", types.SimpleNamespace(perf_counter=lambda: next(clock)))
     before = pi.disk_read_counters(model)
     speed = pi.measure_cold_read_speed(model, block_bytes=1 << 20, threads=2, total_bytes=24 << 20)
     after = pi.disk_read_counters(model)
-    assert 1e6 < speed < 1e12
+    monkeypatch.undo()
+    assert speed == (24 << 20) / 2.0  # 24 whole 1 MiB blocks
     if on_disk:  # the bytes really came from the disk, not from the page cache
         assert after.read_bytes - before.read_bytes >= 20 << 20
     single = pi.measure_cold_read_speed(model / "shard0.safetensors", block_bytes=3 << 20, threads=1, total_bytes=6 << 20)
