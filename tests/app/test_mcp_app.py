@@ -176,10 +176,41 @@ def test_tray_model_picker_lists_recent_and_demo_and_loads_the_choice(qtbot, mak
     assert app.settings.get("recent_models")[:2] == (str(tmp_path / "my-model"), str(tmp_path / "other-model"))
 
 
-def test_local_server_switch_and_tray_line(qtbot, make_app) -> None:
+@pytest.fixture
+def memory_keyring():
+    import keyring
+    import keyring.backend
+    import keyring.errors
+
+    class MemoryKeyring(keyring.backend.KeyringBackend):
+        priority = 1  # type: ignore[assignment]
+        secrets: dict[tuple[str, str], str] = {}
+
+        def get_password(self, service: str, username: str) -> str | None:
+            return self.secrets.get((service, username))
+
+        def set_password(self, service: str, username: str, password: str) -> None:
+            self.secrets[(service, username)] = password
+
+        def delete_password(self, service: str, username: str) -> None:
+            if self.secrets.pop((service, username), None) is None:
+                raise keyring.errors.PasswordDeleteError("not found")
+
+    previous = keyring.get_keyring()
+    backend = MemoryKeyring()
+    backend.secrets = {}
+    keyring.set_keyring(backend)
+    yield backend
+    keyring.set_keyring(previous)
+
+
+def test_local_server_switch_and_tray_line(qtbot, make_app, memory_keyring) -> None:
     app = make_app()
     line = next(a for a in app.tray.menu.actions() if a.objectName() == "localServerAction")
     assert line.text() == "Local server: off"
+    asked: list[tuple[object, ...]] = []
+    real_serve = app.bridge.serve
+    app.bridge.serve = lambda *args: (asked.append(args), real_serve(*args))[1]  # type: ignore[method-assign]
     dialog = app.build_settings_dialog()
     panel = dialog.findChild(LocalServerPanel)
     assert not panel.warning.isVisible() and panel.host_value() == "127.0.0.1"
@@ -188,8 +219,13 @@ def test_local_server_switch_and_tray_line(qtbot, make_app) -> None:
     panel.host.setCurrentIndex(panel.host.findData("127.0.0.1"))
     panel.enabled.setChecked(True)
     panel.port.setValue(8123)
+    panel.generate.click()
+    key = panel.api_key.text()
     dialog.accept()
     qtbot.waitUntil(lambda: line.text() == "Local server: on at 127.0.0.1:8123 (no requests running)", timeout=10_000)
     assert app.settings.get("local_server_enabled") and app.settings.get("local_server_port") == 8123
+    assert len(key) >= 24 and memory_keyring.secrets[("MoeBar", "local_server_api_key")] == key
+    assert key not in app.settings.path.read_text()  # the key is kept in the keychain only
+    assert asked[-1] == (True, "127.0.0.1", 8123, key)  # ... and sent to the engine
     app.settings.set("local_server_enabled", False)
     qtbot.waitUntil(lambda: line.text() == "Local server: off", timeout=10_000)
