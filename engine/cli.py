@@ -121,29 +121,40 @@ def cmd_generate(args: argparse.Namespace) -> int:
     detok = tok.detokenizer
     detok.reset()
     stats = None
+    # Several machines: rank 0 answers; the other ranks follow silently (their last JSON line
+    # names the rank and its tokens, so a check can see that every rank agreed).
+    follower = engine.parallel is not None and engine.parallel.rank != 0
+    tokens: list[int] = []
     for ev in engine.generate(list(prompt), sampling):
         stats = ev.stats
         if ev.token == NO_TOKEN:
             break
+        tokens.append(ev.token)
         if ev.token in engine.eos_token_ids:
             piece = ""
         else:
             detok.add_token(ev.token)
             piece = detok.last_segment
+        if follower:
+            continue
         if args.json:
             print(json.dumps({"token": ev.token, "text": piece}), flush=True)
         else:
             print(piece, end="", flush=True)
     detok.finalize()
     tail = detok.last_segment
-    if tail and not args.json:
+    if tail and not args.json and not follower:
         print(tail, end="")
     assert stats is not None
     figures = stats.to_dict()
     figures["expert_counters"] = engine.expert_counters()
     if args.json:
-        print(json.dumps({"stats": figures}), flush=True)
-    else:
+        final: dict[str, Any] = {"stats": figures}
+        if engine.parallel is not None:
+            final.update(rank=engine.parallel.rank, ranks=engine.parallel.size, tokens=tokens,
+                         collectives=engine.parallel.collectives)
+        print(json.dumps(final), flush=True)
+    elif not follower:
         print()
     if args.timing:
         print(timing_report(figures), file=sys.stderr)

@@ -8,11 +8,13 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
+import mlx.core as mx
 import numpy as np
 
 from engine.storage.expert_layout import LayerExperts
 from engine.storage.expert_store import ExpertStore
 from engine.errors import RequestError
+from engine.model.expert_parallel import attach_expert_parallel
 from engine.model.generate import generate_tokens
 from engine.model.layer_prefill import context_length, pass_shape, pass_tokens, prefill_memory_bytes, supports_layer_major
 from engine.model.prefill_progress import ProgressFn
@@ -68,6 +70,16 @@ class Engine:
         self.context_length = context_length(loaded.config)  # 0 when config.json does not say
         self.layer_major_prefill = supports_layer_major(loaded.model)
         self.prefill_pass_tokens = self._pass_tokens()
+        self.parallel = attach_expert_parallel(
+            loaded.streamer,
+            model_dir,
+            {"k": loaded.k, "device": options.device, "prefill_matmul": options.prefill_matmul,
+             "prefill_chunk": options.prefill_chunk, "layer_major": self.layer_major_prefill},
+        )
+        if self.parallel is not None and self.prefill_pass_tokens:
+            # every rank must cut the prompt at the same places (same collectives, same sums)
+            agreed = mx.distributed.all_min(mx.array(self.prefill_pass_tokens), group=self.parallel.group)
+            self.prefill_pass_tokens = int(agreed.item())  # type: ignore[arg-type]
 
     def _pass_tokens(self) -> int:
         """Tokens per layer-major prefill pass (0 where the family is prefilled chunk by chunk)."""
@@ -195,7 +207,7 @@ class Engine:
         """
         if self.context_length and reused_tokens + len(prompt_tokens) >= self.context_length:
             raise RequestError(
-                f"the prompt has {reused_tokens + len(prompt_tokens)} tokens; the model's context is "
+                f"the prompt has {reused_tokens + len(prompt_tokens)} tokens ({reused_tokens} reused); the model's context is "
                 f"{self.context_length} tokens, with room needed for at least one new token"
             )
         cache = kv_cache if kv_cache is not None else self.make_kv_cache()

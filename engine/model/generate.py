@@ -98,6 +98,8 @@ def generate_tokens(
             for proc in processors:
                 logits = proc(context, logits)
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        if streamer.parallel is not None:  # several machines: every rank takes rank 0's token
+            return streamer.parallel.agree_token(sampler(logprobs))
         return sampler(logprobs)
 
     def finish_step(t0: float, tokens: int) -> StepFigures:

@@ -15,15 +15,17 @@ import math
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from engine.errors import UnsupportedModelError
 from engine.model.array_limits import max_array_bytes, max_slots_per_array
 from engine.model.cpu_prefill import PrefillMatmul
 from engine.model.expert_cache import ExpertCache, Key, SlotPool
+from engine.model.expert_parallel import ExpertParallel
 from engine.model.cache_policies import DEFAULT_POLICY
 from engine.diagnostics.traces import TraceRecorder
 from engine.storage.expert_layout import LayerExperts
@@ -39,6 +41,7 @@ class _Binding:
     inner: nn.Module
     streamer: "ExpertStreamer"
     next_router: Callable[[mx.array], mx.array] | None = None
+    extra: tuple[tuple[Any, ...], dict[str, Any]] = ((), {})  # the current call's other arguments
 
 
 @dataclass
@@ -76,6 +79,7 @@ class ExpertStreamer:
         self._luts: dict[int, tuple[int, mx.array]] = {}  # layer -> (cache version, slot table)
         self.figures = StepFigures()
         self.trace: TraceRecorder | None = None  # records each layer call's routing (host path only)
+        self.parallel: ExpertParallel | None = None  # this rank's share of the experts (several machines)
         self.in_prefill = False  # set by generate while the prompt runs (marks trace lines)
         self.prefetched_hits = 0
         self.skip_layer: int | None = None  # a layer whose output will not be used (see generate)
@@ -223,8 +227,8 @@ class ExpertStreamer:
         no key of that pool is ever evicted, so the table stays valid without pinning.
         """
         cache = self.cache_of_layer[layer]
-        if not (self.device_routing and cache.holds_all) or self.trace is not None:
-            return None  # (a trace needs the ids on the host)
+        if not (self.device_routing and cache.holds_all) or self.trace is not None or self.parallel is not None:
+            return None  # (a trace needs the ids on the host; ranks read only their own experts)
         cached = self._luts.get(layer)
         if cached is not None and cached[0] == cache.version:
             return cached[1]
@@ -252,6 +256,8 @@ class ExpertStreamer:
                 key = (layer.layer, e)
                 if key in cache or key in self._inflight:
                     continue
+                if self.parallel is not None and not self.parallel.owns(np.array(e)):
+                    continue  # another rank's expert
                 slot = cache.assign(key, self._pinned)
                 waits.append((cache, key, self.store.submit(layer.layer, e, cache.pool.dests(slot))))
         self.drain_prefetch()
@@ -301,7 +307,12 @@ class ExpertStreamer:
 
 
 class StreamedSwitch(nn.Module):
-    """Drop-in replacement of an mlx-lm switch module whose experts stream from the SSD."""
+    """Drop-in replacement of an mlx-lm switch module whose experts stream from the SSD.
+
+    Every attribute and method of the replaced module stays reachable through this one (a
+    family's MoE block may read the bank's sizes or call its helpers); extra call arguments
+    after the routing indices go to the replaced module's own ``__call__`` unchanged.
+    """
 
     def __init__(self, inner: nn.Module, layer: int, streamer: ExpertStreamer, param_keys: list[str]) -> None:
         super().__init__()
@@ -315,6 +326,14 @@ class StreamedSwitch(nn.Module):
                 owner = getattr(owner, part)
             setattr(owner, attr, cache.pool.arrays[key])
 
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name.startswith("__") or name == "_binding":
+                raise
+            return getattr(self._binding.inner, name)
+
     @property
     def inner_module(self) -> nn.Module:
         """The mlx-lm switch module this layer runs (kept outside the model's parameter tree)."""
@@ -324,7 +343,15 @@ class StreamedSwitch(nn.Module):
         """Give this layer the next MoE layer's router (for next-layer prefetch)."""
         self._binding.next_router = router
 
-    def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
+    def __call__(self, x: mx.array, indices: mx.array, *args: Any, **kwargs: Any) -> mx.array:
+        b = self._binding
+        b.extra = (args, kwargs)
+        try:
+            return self._route(x, indices)
+        finally:
+            b.extra = ((), {})
+
+    def _route(self, x: mx.array, indices: mx.array) -> mx.array:
         b = self._binding
         streamer = b.streamer
         if streamer.skip_layer == self.layer:
@@ -338,7 +365,7 @@ class StreamedSwitch(nn.Module):
             streamer.device_routed_calls += 1
             streamer.cache_of_layer[self.layer].hits += indices.size
             streamer.figures.cache_hits += indices.size
-            return b.inner(x, table[indices])
+            return b.inner(x, table[indices], *b.extra[0], **b.extra[1])
         streamer.host_syncs += 1
         t0 = time.perf_counter()
         prediction = None
@@ -354,6 +381,10 @@ class StreamedSwitch(nn.Module):
         host_idx = np.array(indices)
         if streamer.trace is not None:
             streamer.trace.record(self.layer, host_idx, streamer.in_prefill)
+        if streamer.parallel is not None:  # several machines: this rank's experts, combined exactly
+            y = streamer.parallel.run_layer(self, x, host_idx)
+            streamer.figures.sync_s += time.perf_counter() - t1 - (streamer.figures.io_wait_s - io_before)
+            return y
         unique = np.unique(host_idx)
         cap = streamer.capacity(self.layer)
         if len(unique) <= cap:
@@ -370,6 +401,17 @@ class StreamedSwitch(nn.Module):
         streamer.figures.sync_s += time.perf_counter() - t1 - (streamer.figures.io_wait_s - io_before)
         return y
 
+    def run_pairs(self, rows: mx.array, experts: np.ndarray) -> mx.array:
+        """Row ``i`` of ``rows`` through expert ``experts[i]``: ``[n, hidden]`` (expert parallelism)."""
+        host_idx = np.asarray(experts).reshape(-1, 1)
+        unique = np.unique(host_idx)
+        cap = self._binding.streamer.capacity(self.layer)
+        if len(unique) <= cap:
+            y = self._run_group(rows, host_idx, unique)
+        else:
+            y = self._run_grouped(rows, host_idx, unique, cap)
+        return y[:, 0, :]
+
     def _slot_indices(self, host_idx: np.ndarray, unique: np.ndarray) -> tuple[np.ndarray, mx.array]:
         slots = self._binding.streamer.ensure(self.layer, unique)
         lut = np.zeros(int(unique.max()) + 1, dtype=np.int32)
@@ -379,12 +421,13 @@ class StreamedSwitch(nn.Module):
 
     def _call_inner(self, x: mx.array, host_slots: np.ndarray, slot_idx: mx.array) -> mx.array:
         """The switch module on slot ids; long calls tell the expert projections their runs."""
-        mode = self._binding.streamer.prefill_matmul
+        b = self._binding
+        mode = b.streamer.prefill_matmul
         if not mode.enabled or host_slots.size < mode.min_rows:
-            return self._binding.inner(x, slot_idx)
+            return b.inner(x, slot_idx, *b.extra[0], **b.extra[1])
         mode.plan = np.unique(host_slots, return_counts=True)  # runs in the sorted call's order
         try:
-            return self._binding.inner(x, slot_idx)
+            return b.inner(x, slot_idx, *b.extra[0], **b.extra[1])
         finally:
             mode.plan = None
 
@@ -399,6 +442,12 @@ class StreamedSwitch(nn.Module):
         pair is computed by the same kernel on the same rows; the pieces are put back in their
         original order before the model's weighted sum. ``check_abort`` runs between groups.
         """
+        if self._binding.extra != ((), {}):
+            raise UnsupportedModelError(
+                f"expert layer {self.layer}: its MoE block passes the bank arguments besides the routing "
+                "indices, which cannot be split into groups; raise the expert cache to at least "
+                f"{len(unique)} experts per layer"
+            )
         streamer = self._binding.streamer
         k = host_idx.shape[-1]
         d = x.shape[-1]

@@ -1,0 +1,184 @@
+"""Expert parallelism over mlx.distributed (ring backend on loopback ranks): exact and never hung.
+
+Each rank is a real process (tests/engine/rank_worker.py) joined by mlx.distributed's ring
+backend through a hostfile of free 127.0.0.1 ports; per-rank logs are shown when a case fails.
+Every rank's greedy tokens must equal mlx-lm's on the same weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from engine.model.expert_parallel import DistributedSetupError, hosts_from_file
+from exactness import mlx_lm_reference
+
+HERE = Path(__file__).resolve().parent
+WORKER = HERE / "rank_worker.py"
+PROMPT = [(i * 7919) % 5000 + 100 for i in range(40)]
+TOKENS = 16
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _hostfile(tmp: Path, ranks: int) -> Path:
+    path = tmp / "hosts.json"
+    path.write_text(json.dumps([[f"127.0.0.1:{p}"] for p in _free_ports(ranks)]))
+    return path
+
+
+def _env(rank: int | None, hostfile: Path | None, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLX_")}
+    if rank is not None and hostfile is not None:
+        env.update(MLX_RANK=str(rank), MLX_HOSTFILE=str(hostfile))
+    env.update(extra)
+    return env
+
+
+def run_ranks(model: Path, tmp: Path, ranks: int, *, per_rank_args: dict[int, list[str]] | None = None,
+              timeout: float = 420, **extra_env: str) -> list[tuple[int, dict[str, Any] | None, str]]:
+    """Start ``ranks`` workers; return (exit code, result or None, log) per rank."""
+    hostfile = _hostfile(tmp, ranks)
+    procs = []
+    for r in range(ranks):
+        out = tmp / f"rank{r}.json"
+        log = open(tmp / f"rank{r}.log", "w")
+        args = [sys.executable, str(WORKER), str(model), str(out), "--prompt", ",".join(map(str, PROMPT)),
+                "--max-tokens", str(TOKENS), *(per_rank_args or {}).get(r, [])]
+        procs.append((subprocess.Popen(args, env=_env(r, hostfile, **extra_env), stdout=log, stderr=subprocess.STDOUT,
+                                       cwd=HERE), out, log))
+    results = []
+    deadline = time.monotonic() + timeout
+    for proc, out, log in procs:
+        try:
+            code = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            for p, _, _ in procs:
+                p.kill()
+            code = -9
+        log.close()
+        text = Path(log.name).read_text()
+        results.append((code, json.loads(out.read_text()) if out.exists() else None, text))
+    return results
+
+
+def _logs(results: list[tuple[int, Any, str]]) -> str:
+    return "\n".join(f"--- rank {r} (exit {c}) ---\n{log[-2000:]}" for r, (c, _, log) in enumerate(results))
+
+
+def assert_ranks_match(results: list[tuple[int, Any, str]], reference: list[int]) -> None:
+    assert all(code == 0 for code, _, _ in results), _logs(results)
+    for r, (_, res, _) in enumerate(results):
+        assert res["rank"] == r and res["ranks"] == len(results)
+        assert res["tokens"] == reference, f"rank {r}: {res['tokens']} != mlx-lm {reference}"
+        assert res["collectives"] > 0
+
+
+@pytest.mark.parametrize(("model_type", "bits", "ranks"), [
+    ("qwen3_moe", 4, 2),
+    ("qwen3_next", 4, 2),
+    ("qwen3_5_moe", 4, 2),
+    ("qwen3_moe", 8, 4),
+])
+def test_ranks_give_mlx_lm_tokens(tiny_model: Any, tmp_path: Path, model_type: str, bits: int, ranks: int) -> None:
+    model = tiny_model(model_type, bits)
+    reference = mlx_lm_reference(model, PROMPT, TOKENS)
+    results = run_ranks(model, tmp_path, ranks)
+    assert_ranks_match(results, reference)
+    # each rank read only its own experts: together about what one process reads, each less
+    alone = [res["bytes_read"] for _, res, _ in results]
+    assert all(b > 0 for b in alone)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("model_type", "bits", "ranks"), [
+    ("qwen3_next", 8, 2), ("qwen3_5_moe", 8, 2), ("qwen3_moe", 4, 4), ("qwen3_next", 4, 4), ("qwen3_5_moe", 8, 4),
+])
+def test_ranks_give_mlx_lm_tokens_more(tiny_model: Any, tmp_path: Path, model_type: str, bits: int, ranks: int) -> None:
+    model = tiny_model(model_type, bits)
+    assert_ranks_match(run_ranks(model, tmp_path, ranks), mlx_lm_reference(model, PROMPT, TOKENS))
+
+
+def test_a_cache_on_each_rank_stays_exact(tiny_model: Any, tmp_path: Path) -> None:
+    model = tiny_model("qwen3_moe", 4)
+    reference = mlx_lm_reference(model, PROMPT, TOKENS)
+    results = run_ranks(model, tmp_path, 2, per_rank_args={0: ["--cache-mb", "0.05"], 1: ["--cache-mb", "1000"]})
+    assert_ranks_match(results, reference)
+
+
+def test_sampling_without_a_seed_still_agrees(tiny_model: Any, tmp_path: Path) -> None:
+    """Each process has its own random state; the ranks take rank 0's token, so they never split."""
+    model = tiny_model("qwen3_moe", 4)
+    results = run_ranks(model, tmp_path, 2, per_rank_args={0: ["--temp", "1.5"], 1: ["--temp", "1.5"]})
+    assert all(code == 0 for code, _, _ in results), _logs(results)
+    assert results[0][1]["tokens"] == results[1][1]["tokens"]
+
+
+def test_ranks_on_different_options_are_refused_by_name(tiny_model: Any, tmp_path: Path) -> None:
+    model = tiny_model("qwen3_moe", 4)
+    results = run_ranks(model, tmp_path, 2, per_rank_args={1: ["--experts-per-token", "1"]}, timeout=300)
+    assert [code for code, _, _ in results] == [2, 2], _logs(results)
+    assert "rank 1 was started on another model or other options than rank 0" in results[0][2]
+    assert "this rank was started on another model or other options than rank 0" in results[1][2]
+
+
+def test_a_dead_peer_ends_the_other_rank_with_a_named_error(tiny_model: Any, tmp_path: Path) -> None:
+    """Rank 1 never starts: rank 0 gives up connecting after the collective timeout, naming the hosts."""
+    model = tiny_model("qwen3_moe", 4)
+    hostfile = _hostfile(tmp_path, 2)
+    proc = subprocess.run(
+        [sys.executable, str(WORKER), str(model), str(tmp_path / "r0.json"), "--prompt", "1,2,3"],
+        env=_env(0, hostfile, MOEBAR_COLLECTIVE_TIMEOUT_S="5"), capture_output=True, text=True, timeout=120, cwd=HERE,
+    )
+    assert proc.returncode != 0
+    assert "rank 0: connecting to the other ranks (127.0.0.1:" in proc.stderr
+    assert "a peer rank died or cannot be reached" in proc.stderr
+    assert "Timeout" in proc.stderr or "no answer within 5 s" in proc.stderr  # ended by the watchdog
+
+
+def test_a_peer_that_dies_mid_generation_ends_the_others_with_a_named_error(tiny_model: Any, tmp_path: Path) -> None:
+    """Rank 1 is killed during its generation: rank 0 stops with peer_lost naming itself, no hang."""
+    model = tiny_model("qwen3_moe", 4)
+    results = run_ranks(model, tmp_path, 2, per_rank_args={1: ["--die-after", "3"], 0: ["--max-tokens", "200"]},
+                        timeout=300, MOEBAR_COLLECTIVE_TIMEOUT_S="30")
+    assert results[1][0] == -9, _logs(results)  # killed
+    assert results[0][0] == 2, _logs(results)
+    assert "error: rank 0 of 2:" in results[0][2] and "another rank stopped" in results[0][2]
+
+
+@pytest.mark.parametrize(("text", "problem"), [
+    ("[[\"127.0.0.1:5000\"], ", "not JSON (line 1"),
+    ("{\"a\": 1}", "expected a JSON list with one entry per rank"),
+    ("[[\"127.0.0.1:5000\"], [\"127.0.0.1\"]]", "rank 1: '127.0.0.1' is not host:port"),
+    ("[[\"127.0.0.1:5000\"], [\"host:99999\"]]", "rank 1: 'host:99999' is not host:port"),
+    ("[[\"127.0.0.1:5000\"], [3]]", "rank 1: expected a list of \"host:port\" strings"),
+])
+def test_a_bad_hostfile_is_refused_naming_the_problem(tmp_path: Path, text: str, problem: str) -> None:
+    path = tmp_path / "hosts.json"
+    path.write_text(text)
+    with pytest.raises(DistributedSetupError) as err:
+        hosts_from_file(path)
+    assert str(path) in str(err.value) and problem in str(err.value)
+
+
+def test_a_good_hostfile_lists_each_rank(tmp_path: Path) -> None:
+    path = tmp_path / "hosts.json"
+    path.write_text(json.dumps([["10.0.0.1:5000", "10.0.1.1:5000"], "mac2.local:5001"]))
+    assert hosts_from_file(path) == ["10.0.0.1:5000", "mac2.local:5001"]
