@@ -3,35 +3,18 @@
 from __future__ import annotations
 
 import concurrent.futures
-import hashlib
-import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from app.mcp.config import McpConfig
 from app.mcp.hub import McpHub, McpServerError, McpToolInfo
+from app.mcp.names import PREFIX, public_name
 from app.mcp.results import MAX_RESULT_CHARS, result_text
 from app.tools.errors import ToolError
 from app.tools.registry import parse_arguments
 
-PREFIX = "mcp__"
-MAX_NAME_CHARS = 64  # OpenAI-style function names: [A-Za-z0-9_-]{1,64}
 POLL_S = 0.1
 STOPPED_RESULT = "The call was stopped before the MCP server answered."
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_-]+", "_", text).strip("_") or "x"
-
-
-def public_name(server: str, tool: str) -> str:
-    """The name the model calls: mcp__SERVER__TOOL (never a built-in's name; shortened with a hash past 64 characters)."""
-    name = f"{PREFIX}{_slug(server)}__{_slug(tool)}"
-    if len(name) <= MAX_NAME_CHARS and name == f"{PREFIX}{server}__{tool}":
-        return name
-    # Changed or shortened names get a hash of the real pair so that two pairs never collide.
-    digest = hashlib.sha1(f"{server}\0{tool}".encode()).hexdigest()[:8]
-    return f"{name[: MAX_NAME_CHARS - 9]}_{digest}"
 
 
 class McpTools:

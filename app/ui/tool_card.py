@@ -5,6 +5,7 @@ from __future__ import annotations
 import html
 import json
 
+from app.mcp.names import split_public_name
 from app.qt import Qt, QtWidgets, Signal, Slot
 from app.ui.conversation import ToolState
 from app.ui.safe_text import button_text, plain_label
@@ -34,7 +35,10 @@ class ToolCallCard(QtWidgets.QFrame):
         self.setFrameShape(QtWidgets.QFrame.Shape.StyledPanel)
 
         # The name is the model's: escaped, so a name like <img src=...> is shown, not loaded.
-        title = QtWidgets.QLabel(f"Tool call: <b>{html.escape(call.name)}</b>", self)
+        mcp = split_public_name(call.name)  # an MCP server's tool: say which server it belongs to
+        shown_name = f"<b>{html.escape(mcp[1])}</b> from the MCP server <b>{html.escape(mcp[0])}</b>" if mcp \
+            else f"<b>{html.escape(call.name)}</b>"
+        title = QtWidgets.QLabel(f"Tool call: {shown_name}", self)
         title.setTextFormat(Qt.TextFormat.RichText)
         title.setObjectName("toolTitle")
         self.state_label = plain_label(QtWidgets.QLabel(self))
@@ -55,7 +59,8 @@ class ToolCallCard(QtWidgets.QFrame):
 
         self.approve_button = QtWidgets.QPushButton("Approve", self)
         self.approve_button.setObjectName("approveButton")
-        self.always_button = QtWidgets.QPushButton(button_text(f"Always allow {call.name}"), self)
+        always = f"Always allow {mcp[1]} from {mcp[0]}" if mcp else f"Always allow {call.name}"
+        self.always_button = QtWidgets.QPushButton(button_text(always), self)
         self.deny_button = QtWidgets.QPushButton("Deny", self)
         self.approve_button.clicked.connect(self._on_approve)
         self.always_button.clicked.connect(self._on_always)

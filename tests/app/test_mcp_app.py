@@ -80,6 +80,9 @@ def test_mcp_tool_round_trip_with_approval_always_and_stop(qtbot, make_app) -> N
     assert "read_file" not in offered  # nothing dropped: the file tools are not offered
     card = cards(app)[-1]
     assert card.state() == "awaiting" and '"a": 2' in card.arguments_view.toPlainText()
+    title = card.findChild(QtWidgets.QLabel, "toolTitle").text()
+    assert title == "Tool call: <b>add</b> from the MCP server <b>tools</b>"
+    assert card.always_button.text() == "Always allow add from tools"
     card.always_button.click()
     qtbot.waitUntil(lambda: not controller.is_busy(), timeout=20_000)
     assert card.state() == "done" and card.result_text() == "5"
