@@ -308,6 +308,7 @@ _DELEGATED = (
     ("selfcheck", "diagnostics.selfcheck", "check this machine (exactness, slots, disk, memory); a report for bug reports"),
     ("cache-sim", "diagnostics.cache_sim", "replay a routing trace: hit rates of a cache policy, LRU and the optimum"),
     ("synth-trace", "diagnostics.synthetic_traces", "write a synthetic routing trace calibrated to published statistics"),
+    ("bench-ranks", "diagnostics.ranks_bench", "communication cost of expert parallelism, on loopback ranks"),
 )
 
 

@@ -1,0 +1,126 @@
+"""``moebar-engine bench-ranks``: the communication cost of expert parallelism, measured on loopback.
+
+Starts ``--ranks`` processes of this module on 127.0.0.1 (mlx.distributed's ring backend, a
+hostfile of free ports) and times, on every rank, the collectives one token costs: one
+``all_sum`` of the per-slot outputs ``[K, hidden]`` per MoE layer and one of the sampled token.
+It also times the prefill's combination for a pass of ``--prefill-tokens``. Rank 0 prints the
+medians as a table or JSON. The ranks share one machine (and one disk) here, so this measures the
+communication only; the speed-up of reading on several machines is projected from it and the disk
+rate (BENCHMARKS.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Arguments of ``moebar-engine bench-ranks``."""
+    p = argparse.ArgumentParser(prog="moebar-engine bench-ranks", description=__doc__.splitlines()[0])
+    p.add_argument("--ranks", type=int, default=2, help="processes to start on 127.0.0.1 (default 2)")
+    p.add_argument("--hidden", type=int, default=4096, help="hidden size (default 4096: Qwen3.5-397B)")
+    p.add_argument("--k", type=int, default=10, help="experts per token (default 10)")
+    p.add_argument("--layers", type=int, default=60, help="MoE layers per token (default 60)")
+    p.add_argument("--prefill-tokens", type=int, default=512, help="tokens of one prefill pass (default 512)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16", help="activation dtype")
+    p.add_argument("--repeats", type=int, default=200, help="timed collectives per shape (default 200)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    return p
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def _time_all_sum(shape: tuple[int, ...], dtype: Any, repeats: int, group: Any) -> float:
+    """Median seconds of one all_sum of ``shape`` (evaluated), after a warm-up."""
+    import mlx.core as mx
+
+    x = mx.ones(shape, dtype=dtype)
+    for _ in range(5):
+        mx.eval(mx.distributed.all_sum(x, group=group))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        mx.eval(mx.distributed.all_sum(x, group=group))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _rank_main(args: argparse.Namespace) -> dict[str, Any]:
+    import mlx.core as mx
+
+    group = mx.distributed.init(strict=True, backend="ring")
+    dtype = getattr(mx, args.dtype)
+    layer_s = _time_all_sum((1, args.k, args.hidden), dtype, args.repeats, group)
+    token_s = _time_all_sum((1,), mx.int32, args.repeats, group)
+    prefill_s = _time_all_sum((args.prefill_tokens * args.k, args.hidden), dtype, max(5, args.repeats // 20), group)
+    return {
+        "rank": group.rank(),
+        "ranks": group.size(),
+        "hidden": args.hidden,
+        "k": args.k,
+        "dtype": args.dtype,
+        "layer_all_sum_ms": layer_s * 1e3,
+        "token_agree_ms": token_s * 1e3,
+        "per_token_ms": (layer_s * args.layers + token_s) * 1e3,
+        "layers": args.layers,
+        "prefill_pass_tokens": args.prefill_tokens,
+        "prefill_layer_all_sum_ms": prefill_s * 1e3,
+        "payload_bytes_per_layer": args.k * args.hidden * (2 if args.dtype == "bfloat16" else 4),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Start the ranks on loopback (or, inside a rank, measure) and print rank 0's figures."""
+    args = build_parser().parse_args(argv)
+    if os.environ.get("MOEBAR_BENCH_RANK_OUT"):
+        result = _rank_main(args)
+        Path(os.environ["MOEBAR_BENCH_RANK_OUT"]).write_text(json.dumps(result))
+        return 0
+    if args.ranks < 2:
+        print("error: --ranks must be at least 2", file=sys.stderr)
+        return 2
+    with tempfile.TemporaryDirectory(prefix="moebar-ranks-") as tmp:
+        hostfile = Path(tmp) / "hosts.json"
+        hostfile.write_text(json.dumps([[f"127.0.0.1:{p}"] for p in _free_ports(args.ranks)]))
+        procs = []
+        for r in range(args.ranks):
+            env = dict(os.environ, MLX_RANK=str(r), MLX_HOSTFILE=str(hostfile),
+                       MOEBAR_BENCH_RANK_OUT=str(Path(tmp) / f"rank{r}.json"))
+            cmd = [sys.executable, "-m", "engine.diagnostics.ranks_bench", *(argv if argv is not None else sys.argv[1:])]
+            procs.append(subprocess.Popen(cmd, env=env))
+        codes = [p.wait(timeout=600) for p in procs]
+        if any(codes):
+            print(f"error: a rank failed (exit codes {codes})", file=sys.stderr)
+            return 1
+        results = [json.loads((Path(tmp) / f"rank{r}.json").read_text()) for r in range(args.ranks)]
+    r0 = results[0]
+    if args.json:
+        print(json.dumps({**r0, "per_rank_layer_all_sum_ms": [r["layer_all_sum_ms"] for r in results]}))
+        return 0
+    print(f"{args.ranks} ranks on 127.0.0.1, hidden {args.hidden}, K {args.k}, {args.dtype}")
+    print(f"  per MoE layer (decode): all_sum of {r0['payload_bytes_per_layer']:,} bytes  {r0['layer_all_sum_ms']:.3f} ms")
+    print(f"  per token: {args.layers} layers + token agreement              {r0['per_token_ms']:.2f} ms")
+    print(f"  per layer of a {args.prefill_tokens}-token prefill pass                {r0['prefill_layer_all_sum_ms']:.2f} ms")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
