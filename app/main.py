@@ -35,6 +35,7 @@ from engine.cli import moebar_version
 from engine.serving.protocol import LoadedEvent
 
 log = logging.getLogger(__name__)
+DEMO_ANSWER_TOKENS = 120  # the demo model's longest answer (unless Settings asks for less)
 
 
 class MoeBarApp(QtCore.QObject):
@@ -174,6 +175,9 @@ class MoeBarApp(QtCore.QObject):
         demo_dir = self.models.demo_dir
         demo = demo_dir is not None and Path(event.model_dir).resolve() == demo_dir.resolve()
         self.window.model_panel.set_note("Demo model: random weights, so the answers are gibberish." if demo else "")
+        cap = DEMO_ANSWER_TOKENS if demo else None  # gibberish is not worth thousands of tokens
+        self.controller.answer_token_cap = cap
+        self.quick_ask.answer_token_cap = cap
 
     @Slot(str)
     def _on_setting_changed(self, name: str) -> None:

@@ -78,6 +78,7 @@ class ChatController(QObject):
         self._active: ActiveRequest | None = None
         self._awaiting: ChatEntry | None = None  # assistant entry whose tool calls wait for results
         self._queued = False  # a message waits for the model to be ready (sent then, never failed)
+        self.answer_token_cap: int | None = None  # a shorter longest answer (the demo model's gibberish)
         self._tool_ops: dict[str, BackgroundOp[str]] = {}
         self._save_throttle = Throttle(self._save_streaming, STREAM_SAVE_MS, self)
         bridge.token.connect(self._on_token)
@@ -385,7 +386,8 @@ class ChatController(QObject):
 
     def _sampling(self) -> SamplingParams:
         s = self.settings.settings
-        return SamplingParams(temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_tokens)
+        limit = min(s.max_tokens, self.answer_token_cap) if self.answer_token_cap else s.max_tokens
+        return SamplingParams(temperature=s.temperature, top_p=s.top_p, max_tokens=limit)
 
     # ------------------------------------------------------------ tools
 

@@ -128,6 +128,19 @@ class PressureLevel(QtWidgets.QWidget):
         painter.end()
 
 
+# What each gauge measures (its tooltip).
+GAUGE_TIPS = {
+    "decode": "Tokens generated per second by the answer being written (the line: its recent history).",
+    "prompt": "How fast the prompt was read (tokens per second), and the wait until the first token.",
+    "ssd": "Bytes per second the engine reads from the model's files, and the disk's own read rate "
+           "(other programs included).",
+    "pressure": "How hard the system is pressed for memory (normal, warning, critical), as the OS reports it.",
+    "cache": "Share of expert reads served from the in-memory expert cache instead of the disk, and the "
+             "bytes those hits spared.",
+    "memory": "Memory of the engine process, and the part of it the expert cache holds.",
+}
+
+
 class GaugesPanel(QtWidgets.QFrame):
     """The live figures of the engine; feed it with `set_figures`, it repaints on a timer."""
 
@@ -163,6 +176,8 @@ class GaugesPanel(QtWidgets.QFrame):
             value.setAlignment(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
             value.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
             self._labels[key] = value
+            name.setToolTip(GAUGE_TIPS[key])
+            value.setToolTip(GAUGE_TIPS[key])
             grid.addWidget(name, row * 2, 0)
             grid.addWidget(value, row * 2, 1)
             if key == "decode":
@@ -214,7 +229,7 @@ class GaugesPanel(QtWidgets.QFrame):
         self._labels["ssd"].setText(human_rate(figures.engine_read_bps) + disk)
         level = figures.pressure_level
         self._labels["pressure"].setText(PRESSURE_TEXT.get(level, level))
-        self._labels["pressure"].setToolTip(figures.pressure_raw or "no reading on this system")
+        self._labels["pressure"].setToolTip(f"{GAUGE_TIPS['pressure']}\nNow: {figures.pressure_raw or 'no reading on this system'}")
         self._labels["pressure"].setStyleSheet(f"color: {pressure_colour(level, self._theme)};")
         self.pressure_bar.set_level(level)
         saved = f" · {human_bytes(figures.cache_saved_bytes)} saved" if figures.cache_saved_bytes else ""

@@ -90,6 +90,8 @@ class MainWindow(QtWidgets.QMainWindow):
         self.splitter.setStretchFactor(1, 1)
         self.splitter.setSizes([230, 660, 290])
         self.splitter.setChildrenCollapsible(False)
+        # An explicit minimum replaces the panel's size hint, so changing figures never move the splitter.
+        self.model_panel.setMinimumWidth(260)
         self.setCentralWidget(self.splitter)
         self.overlay = DropOverlay(self, theme)
         self._build_toolbar()

@@ -63,6 +63,8 @@ class MessageWidget(QtWidgets.QFrame):
         self.role_label.setObjectName("roleLabel")
         self.status_label = plain_label(QtWidgets.QLabel(self))  # notes can quote engine and tool errors
         self.status_label.setObjectName("statusLabel")
+        self.status_label.setWordWrap(True)  # a long note wraps instead of widening the message
+        self.status_label.setSizePolicy(QtWidgets.QSizePolicy.Policy.Ignored, QtWidgets.QSizePolicy.Policy.Preferred)
         header = QtWidgets.QHBoxLayout()
         header.setSpacing(8)
         header.addWidget(self.role_label)

@@ -44,6 +44,7 @@ class QuickAskWindow(QtWidgets.QWidget):
         self.conversation_id = 0
         self._request_id = ""
         self._answer: ChatEntry | None = None
+        self.answer_token_cap: int | None = None  # a shorter longest answer (the demo model's gibberish)
         self.input = QtWidgets.QLineEdit(self)
         self.input.setObjectName("quickAskInput")
         self.input.setPlaceholderText("Ask one question…")
@@ -118,7 +119,8 @@ class QuickAskWindow(QtWidgets.QWidget):
         self.bridge.chat(ChatRequest(
             id=self._request_id,
             messages=request_messages(s.system_prompt, [user]),
-            sampling=SamplingParams(temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_tokens),
+            sampling=SamplingParams(temperature=s.temperature, top_p=s.top_p,
+                                    max_tokens=min(s.max_tokens, self.answer_token_cap or s.max_tokens)),
         ))
         self.status.setText("Answering…")
         self.open_button.hide()
