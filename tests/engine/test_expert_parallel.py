@@ -182,3 +182,16 @@ def test_a_good_hostfile_lists_each_rank(tmp_path: Path) -> None:
     path = tmp_path / "hosts.json"
     path.write_text(json.dumps([["10.0.0.1:5000", "10.0.1.1:5000"], "mac2.local:5001"]))
     assert hosts_from_file(path) == ["10.0.0.1:5000", "mac2.local:5001"]
+
+
+def test_bench_ranks_reports_the_collectives_of_a_token(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "engine.cli", "bench-ranks", "--ranks", "2", "--hidden", "64", "--k", "4",
+         "--layers", "3", "--prefill-tokens", "8", "--repeats", "5", "--json"],
+        env=_env(None, None), capture_output=True, text=True, timeout=300, cwd=HERE.parents[1],
+    )
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["ranks"] == 2 and report["payload_bytes_per_layer"] == 4 * 64 * 2
+    assert len(report["per_rank_layer_all_sum_ms"]) == 2
+    assert report["per_token_ms"] == pytest.approx(report["layer_all_sum_ms"] * 3 + report["token_agree_ms"])
