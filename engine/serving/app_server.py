@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from engine.serving.http_guard import allowed_host_names
 from engine.serving.http_server import create_app, is_loopback
 from engine.serving.protocol import ServeRequest, ServerEvent
 from engine.serving.service import EngineService
@@ -33,9 +34,11 @@ CHAT_PATH = "/v1/chat/completions"
 class _ModelFollowingApp:
     """The HTTP app for whatever model the service has loaded now (rebuilt when the model changes)."""
 
-    def __init__(self, service: EngineService, api_key: str | None, on_request: Callable[[int], None]) -> None:
+    def __init__(self, service: EngineService, api_key: str | None, on_request: Callable[[int], None],
+                 allowed_hosts: tuple[str, ...] = ()) -> None:
         self.service = service
         self.api_key = api_key
+        self.allowed_hosts = allowed_hosts  # Host names besides loopback ones (http_guard)
         self._on_request = on_request
         self._model_id: str | None = None
         self._app: Any = None
@@ -44,7 +47,8 @@ class _ModelFollowingApp:
         loaded = self.service.loaded
         model_id = loaded.name if loaded is not None else "no-model-loaded"
         if self._app is None or model_id != self._model_id:
-            self._app, self._model_id = create_app(self.service, model_id, self.api_key), model_id
+            self._app = create_app(self.service, model_id, self.api_key, allowed_hosts=self.allowed_hosts)
+            self._model_id = model_id
         counted = scope.get("type") == "http" and scope.get("path") == CHAT_PATH
         if counted:
             self._on_request(+1)
@@ -117,7 +121,8 @@ class LocalApiServer:
             return self.state(error=f"could not listen on {request.host}:{request.port}: {why}")
         except (socket.gaierror, UnicodeError) as exc:
             return self.state(error=f"could not listen on {request.host}:{request.port}: {exc}")
-        app = _ModelFollowingApp(self.service, request.api_key or None, self._count)
+        app = _ModelFollowingApp(self.service, request.api_key or None, self._count,
+                                 tuple(allowed_host_names(request.host)))
         config = uvicorn.Config(app, log_level="warning", lifespan="off")
         server = uvicorn.Server(config)
 

@@ -196,6 +196,8 @@ def test_the_configured_and_allowed_hosts_are_served() -> None:
     assert allowed_host_names("192.168.1.4") >= {"192.168.1.4"}
     assert "mybox.lan" in allowed_host_names("127.0.0.1", ["MyBox.lan:8000"])
     assert "evil.example" not in allowed_host_names("0.0.0.0")
+    own = {a.address for addrs in psutil.net_if_addrs().values() for a in addrs if a.family == socket.AF_INET}
+    assert own <= allowed_host_names("0.0.0.0")  # a wildcard bind (the app's "other computers too") serves the LAN
     assert host_of("[::1]:80") == "::1" and host_of("Example.COM.:8000") == "example.com" and host_of("::1") == "::1"
     server = ScriptedServer(api_key=None, allowed_hosts=("mybox.lan",))
     try:
