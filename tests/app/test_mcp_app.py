@@ -116,7 +116,7 @@ def test_settings_section_restart_disable_and_tool_switches(qtbot, make_app) -> 
     dialog = app.build_settings_dialog()
     panel = dialog.findChild(McpServersPanel)
     row = panel.rows["tools"]
-    assert row.state_label.text() == "ready with 7 tools"
+    assert row.state_label.text() == "ready with 8 tools"
     checks = {row.tools.item(i).text(): row.tools.item(i).checkState() for i in range(row.tools.count())}
     assert checks["long_text"].name == "Unchecked" and checks["add"].name == "Checked"
     row.disable_button.click()
@@ -128,7 +128,7 @@ def test_settings_section_restart_disable_and_tool_switches(qtbot, make_app) -> 
     assert saved["mcpServers"]["tools"]["myNote"] == "kept" and saved["unknownTopLevel"] == [1, 2]
     row.restart_button.click()  # enables it again
     wait_ready(qtbot, app)
-    qtbot.waitUntil(lambda: row.state_label.text() == "ready with 7 tools", timeout=5000)
+    qtbot.waitUntil(lambda: row.state_label.text() == "ready with 8 tools", timeout=5000)
     item = next(row.tools.item(i) for i in range(row.tools.count()) if row.tools.item(i).text() == "add")
     item.setCheckState(item.checkState().Unchecked)
     assert "mcp__tools__add" not in app.mcp.tools.offered()

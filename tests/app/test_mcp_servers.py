@@ -111,8 +111,8 @@ def test_good_servers_are_ready_with_their_tools(running: Hub) -> None:
     states = running.hub.states()
     for name in ("tools", "quick", "remote"):
         assert states[name].status == "ready", states[name]
-        assert {t.name for t in states[name].tools} == {"add", "echo_env", "long_text", "picture", "sleep", "pid", "fail"}
-    assert states["tools"].summary() == "ready with 7 tools"
+        assert {t.name for t in states[name].tools} == {"add", "echo_env", "long_text", "picture", "sleep", "pid", "http_header", "fail"}
+    assert states["tools"].summary() == "ready with 8 tools"
     assert states["off"].status == "disabled"
     starting = [s.name for s in running.reported if s.status == "starting"]
     assert "tools" in starting and "off" not in starting
@@ -161,6 +161,8 @@ def test_only_enabled_tools_of_ready_servers_are_offered(running: Hub) -> None:
 def test_calls_over_stdio_and_http(running: Hub) -> None:
     assert running.tools.run(public_name("tools", "add"), {"a": 2, "b": 3}) == "5"
     assert running.tools.run(public_name("remote", "add"), {"a": 40, "b": 2}) == "42"
+    assert running.tools.run(public_name("remote", "http_header"), {"name": "X-Test"}) == "1"  # mcp.json's headers
+    assert running.tools.run(public_name("tools", "http_header"), {"name": "X-Test"}) == "(none)"
 
 
 def test_non_text_results_are_described_and_long_ones_cut(running: Hub) -> None:
@@ -242,5 +244,5 @@ def test_check_command_text_and_success(tmp_path: Path, capsys: pytest.CaptureFi
     path.write_text(json.dumps({"mcpServers": {"tools": {"command": sys.executable, "args": [TOOL_SERVER]}}}))
     assert check_main(["check", "--config", str(path)]) == 0
     out = capsys.readouterr().out
-    assert "tools: ok, 7 tools" in out and "  add: Add two whole numbers." in out
+    assert "tools: ok, 8 tools" in out and "  add: Add two whole numbers." in out
     assert check_main(["check", "--config", str(tmp_path / "none.json")]) == 2

@@ -11,7 +11,7 @@ import os
 import sys
 
 import anyio
-from mcp.server.mcpserver import MCPServer
+from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp.types import ImageContent
 
@@ -48,6 +48,13 @@ async def sleep(seconds: float) -> str:
     """Sleep, then say so."""
     await anyio.sleep(seconds)
     return f"slept {seconds}"
+
+
+@server.tool()
+def http_header(name: str, ctx: Context) -> str:
+    """The value of a header of the HTTP request that carried this call ('(none)' over stdio)."""
+    request = getattr(ctx.request_context, "request", None)
+    return request.headers.get(name, "(unset)") if request is not None else "(none)"
 
 
 @server.tool()
