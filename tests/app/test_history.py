@@ -179,15 +179,24 @@ def test_search_follows_streaming_updates(history: HistoryStore) -> None:
     assert [h.message_id for h in history.search("oranges")] == [answer]
 
 
-@pytest.mark.parametrize("query", [
-    "", "   ", '"', '"unbalanced', "AND", "OR NOT", "a AND (b", "NEAR(a b)", "*", "col:value", "-x", "^start",
-    "'; DROP TABLE messages; --", "\x00", "\u202e", "😀", "a" * 5000,
-])
-def test_search_never_fails_on_odd_input(history: HistoryStore, query: str) -> None:
+# (query, whether it matches "and or not near col value start drop table"): FTS5 operators and
+# punctuation are plain words or separators, so a query matches exactly when all its words appear.
+ODD_QUERIES = [
+    ("", False), ("   ", False), ('"', False), ('"unbalanced', False), ("AND", True), ("OR NOT", True),
+    ("a AND (b", False), ("NEAR(a b)", False), ("*", False), ("col:value", True), ("-x", False),
+    ("^start", True), ("'; DROP TABLE messages; --", False), ("'; DROP TABLE --", True), ("\x00", False),
+    ("\u202e", False), ("😀", False), ("a" * 5000, False), ("TABLE drop", True),
+]
+
+
+@pytest.mark.parametrize("query,matches", ODD_QUERIES, ids=[repr(q[:20]) for q, _ in ODD_QUERIES])
+def test_search_treats_odd_input_as_plain_words(history: HistoryStore, query: str, matches: bool) -> None:
     conversation = history.create_conversation()
-    history.append_message(conversation, "user", "and or not near col value start drop table")
-    assert isinstance(history.search(query), list)
+    message = history.append_message(conversation, "user", "and or not near col value start drop table")
+    hits = history.search(query)
+    assert [h.message_id for h in hits] == ([message] if matches else [])
     assert history.list_conversations()  # tables still there
+    assert history.get_message(message).content == "and or not near col value start drop table"
 
 
 def test_search_limit_and_ranking(history: HistoryStore) -> None:

@@ -304,7 +304,31 @@ def test_reasoning_is_separate_from_content() -> None:
 
 
 def test_concurrent_requests_are_served_one_after_the_other() -> None:
-    server, engine = scripted_server("qwen3", [f"reply {i}" for i in range(4)], delay_s=0.005)
+    """Four requests in flight at once: the engine runs one generation at a time, never two."""
+    engine = ScriptedEngine(load_tokenizer("qwen3"), [f"reply {i}" for i in range(4)], delay_s=0.005)
+    svc = EngineService(loader=scripted_loader(engine))
+    svc.load(LoadRequest(model_dir="/scripted"), lambda ev: None)
+    server = Server(svc)
+    gate = threading.Event()
+    lock = threading.Lock()
+    running, peak, started = [0], [0], [0]
+    real_generate = engine.generate
+
+    def generate(*args: Any, **kwargs: Any) -> Iterator[Any]:
+        with lock:
+            running[0] += 1
+            started[0] += 1
+            peak[0] = max(peak[0], running[0])
+            first = started[0] == 1
+        try:
+            if first:
+                assert gate.wait(60), "the other requests never arrived"
+            yield from real_generate(*args, **kwargs)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    engine.generate = generate  # type: ignore[method-assign]
     try:
         client = server.client()
         results: list[str] = []
@@ -316,9 +340,17 @@ def test_concurrent_requests_are_served_one_after_the_other() -> None:
         threads = [threading.Thread(target=ask) for _ in range(4)]
         for t in threads:
             t.start()
+        # the first generation holds the engine thread until the other three wait behind it
+        deadline = time.monotonic() + 60
+        while svc._thread._calls.qsize() < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert svc._thread._calls.qsize() == 3 and started[0] == 1
+        gate.set()
         for t in threads:
             t.join(timeout=60)
         assert sorted(results) == [f"reply {i}" for i in range(4)]
         assert engine.finish_reasons == ["stop"] * 4
+        assert started[0] == 4 and peak[0] == 1  # never two generations at once
     finally:
+        gate.set()
         server.stop()

@@ -133,10 +133,18 @@ def test_byte_bound_evicts_least_recently_stored() -> None:
     assert pc.fetch([3, 3, 3, 0]) is not None
 
 
-def test_too_big_entry_is_not_kept_and_zero_bound_keeps_nothing() -> None:
+def test_too_big_entry_is_not_kept() -> None:
     pc = PromptCache(max_bytes=10)
     assert not pc.store([1, 2, 3], kv_cache(3))
     assert len(pc) == 0 and pc.nbytes == 0
+
+
+def test_zero_bound_keeps_nothing() -> None:
+    pc = PromptCache(max_bytes=0)
+    for n in (1, 3):
+        assert not pc.store(list(range(n)), kv_cache(n))
+    assert len(pc) == 0 and pc.nbytes == 0
+    assert pc.fetch([0, 1, 2, 3]) is None
 
 
 def test_entry_count_bound() -> None:
