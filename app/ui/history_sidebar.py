@@ -69,6 +69,7 @@ class HistorySidebar(QtWidgets.QFrame):
         self.list.customContextMenuRequested.connect(self._on_context_menu)
         self.list.itemClicked.connect(self._on_item_clicked)
         self.list.itemActivated.connect(self._on_item_clicked)
+        self.list.viewport().installEventFilter(self)  # search hits are re-fitted when the width changes
         self.empty_label = QtWidgets.QLabel(self)
         self.empty_label.setObjectName("historyEmpty")
         self.empty_label.setWordWrap(True)
@@ -172,10 +173,26 @@ class HistorySidebar(QtWidgets.QFrame):
             label.setTextFormat(Qt.TextFormat.RichText)
             label.setContentsMargins(6, 4, 6, 4)
             label.setAttribute(Qt.WidgetAttribute.WA_TransparentForMouseEvents)
-            width = max(120, self.list.viewport().width() - 8)
-            item.setSizeHint(QtCore.QSize(width, label.heightForWidth(width) + 4))
             self.list.addItem(item)
             self.list.setItemWidget(item, label)
+        self._fit_hits()
+
+    def _fit_hits(self) -> None:
+        """Make each search hit's row as tall as its wrapped text at the list's current width."""
+        width = max(120, self.list.viewport().width() - 2 * self.list.spacing() - 4)
+        for row in range(self.list.count()):
+            item = self.list.item(row)
+            label = self.list.itemWidget(item) if item is not None else None
+            if item is None or not isinstance(label, QtWidgets.QLabel):
+                continue
+            label.ensurePolished()  # the style sheet's font and padding count in the height
+            item.setSizeHint(QtCore.QSize(width, label.heightForWidth(width) + 6))
+
+    def eventFilter(self, watched: QtCore.QObject, event: QtCore.QEvent) -> bool:  # noqa: N802 (Qt override)
+        """Re-fit search hits when the list's width changes."""
+        if watched is self.list.viewport() and event.type() == QtCore.QEvent.Type.Resize:
+            self._fit_hits()
+        return super().eventFilter(watched, event)
 
     def set_current(self, conversation_id: int) -> None:
         """Mark the conversation shown in the chat (0 for a new, unsaved chat)."""

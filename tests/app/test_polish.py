@@ -109,3 +109,31 @@ def test_demo_answers_stop_at_a_short_length(qtbot, isolated_moebar_home: Path, 
     finally:
         app.shutdown()
         app.qt_app.setQuitOnLastWindowClosed(False)
+
+
+def test_search_snippets_are_not_clipped_at_any_width(qtbot, tmp_path: Path) -> None:
+    from app.history import HistoryStore
+    from app.ui.history_sidebar import HistorySidebar
+
+    store = HistoryStore(tmp_path / "h.sqlite3")
+    try:
+        conversation = store.create_conversation("Trip planning with a rather long title for the sidebar")
+        store.append_message(conversation, "user", "We should pack the umbrella because the forecast in the "
+                          "mountains says rain every afternoon, and the umbrella is light enough to carry.")
+        sidebar = HistorySidebar(store)
+        qtbot.addWidget(sidebar)
+        sidebar.resize(230, 600)
+        sidebar.show()
+        sidebar.search_box.setText("umbrella")
+        sidebar.refresh()
+        for width in (230, 170, 320):
+            sidebar.resize(width, 600)
+            qtbot.wait(30)
+            assert sidebar.list.count() == 1
+            item = sidebar.list.item(0)
+            label = sidebar.list.itemWidget(item)
+            shown = sidebar.list.visualItemRect(item)
+            assert shown.right() < sidebar.list.viewport().width(), width  # no text cut off at the right
+            assert label.heightForWidth(label.width()) <= shown.height(), width  # nor at the bottom
+    finally:
+        store.close()
