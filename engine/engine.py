@@ -1,0 +1,266 @@
+"""Engine: the one object both front-ends use — load a model, generate, report figures."""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import mlx.core as mx
+import numpy as np
+
+from engine.storage.expert_layout import LayerExperts
+from engine.storage.expert_store import ExpertStore
+from engine.errors import RequestError
+from engine.model.expert_parallel import attach_expert_parallel
+from engine.model.generate import generate_tokens
+from engine.model.layer_prefill import context_length, pass_shape, pass_tokens, prefill_memory_bytes, supports_layer_major
+from engine.model.prefill_progress import ProgressFn
+from engine.platform_info import memory_info
+from engine.model.loader import ProgressFn, StreamedModel, load_streamed_model
+from engine.model.plan import MemoryPlan, make_plan
+from engine.types import EngineOptions, SamplingParams, TokenEvent
+from engine.diagnostics.traces import TraceHeader, TraceRecorder
+from engine.model.hot_set import HotSetWarmer, hot_set_path, read_hot_set, save_hot_set
+
+log = logging.getLogger(__name__)
+
+
+def measure_expert_read_speed(
+    layers: Sequence[LayerExperts], *, io_threads: int = 4, samples: int = 32, seed: int = 0
+) -> float:
+    """Read ``samples`` random experts cold, in parallel, through the store; return bytes/s."""
+    rng = random.Random(seed)
+    picks = [(rng.randrange(len(layers)), 0) for _ in range(samples)]
+    picks = [(l, rng.randrange(layers[l].num_experts)) for l, _ in picks]
+    store = ExpertStore(layers, io_threads=io_threads, cold=True)
+    try:
+        store.drop_page_cache()
+        buffers = [[np.empty(p.nbytes, dtype=np.uint8) for p in layers[l].params] for l, _ in picks]
+        t0 = time.perf_counter()
+        futures = [store.submit(l, e, bufs) for (l, e), bufs in zip(picks, buffers)]
+        total = sum(f.result() for f in futures)
+        elapsed = time.perf_counter() - t0
+    finally:
+        store.close()
+    return total / elapsed if elapsed > 0 else 0.0
+
+
+class Engine:
+    """A streamed MoE model ready to generate: tokenizer, KV caches, expert figures and plan."""
+
+    def __init__(self, loaded: StreamedModel, model_dir: Path, options: EngineOptions, plan: MemoryPlan) -> None:
+        self._loaded = loaded
+        self.model = loaded.model
+        self.tokenizer = loaded.tokenizer
+        self.config = loaded.config
+        self.model_type: str = loaded.config["model_type"]
+        self.model_dir = model_dir
+        self.options = options
+        self.plan = plan
+        self._trace_runs = 0  # generations recorded into options.trace_dir
+        self._hot_set_saved_at = time.monotonic()
+        self.warmer: HotSetWarmer | None = None
+        if options.hot_set_dir:
+            keys = read_hot_set(hot_set_path(options.hot_set_dir, model_dir), loaded.streamer)
+            if keys:  # read in the background into free slots; never in a request's way (hot_set)
+                self.warmer = HotSetWarmer(loaded.streamer, keys, options.io_threads).start()
+        self.context_length = context_length(loaded.config)  # 0 when config.json does not say
+        self.layer_major_prefill = supports_layer_major(loaded.model)
+        self.prefill_pass_tokens = self._pass_tokens()
+        self.parallel = attach_expert_parallel(
+            loaded.streamer,
+            model_dir,
+            {"k": loaded.k, "device": options.device, "prefill_matmul": options.prefill_matmul,
+             "prefill_chunk": options.prefill_chunk, "layer_major": self.layer_major_prefill},
+        )
+        if self.parallel is not None and self.prefill_pass_tokens:
+            # every rank must cut the prompt at the same places (same collectives, same sums)
+            agreed = mx.distributed.all_min(mx.array(self.prefill_pass_tokens), group=self.parallel.group)
+            self.prefill_pass_tokens = int(agreed.item())  # type: ignore[arg-type]
+
+    def _pass_tokens(self) -> int:
+        """Tokens per layer-major prefill pass (0 where the family is prefilled chunk by chunk)."""
+        if not self.layer_major_prefill:
+            return 0
+        if self.options.prefill_pass_tokens > 0:
+            return self.options.prefill_pass_tokens
+        on_cpu = self._loaded.activation_dtype == "float32"
+        shape = pass_shape(self.config, self._loaded.k, 4 if on_cpu else 2)
+        budget = prefill_memory_bytes(self.options.prefill_memory_mb, memory_info().total_bytes)
+        # MLX's CPU attention materialises the scores; its GPU kernels do not.
+        return pass_tokens(shape, budget, self.context_length or 32768, on_cpu, max(1, self.options.prefill_chunk))
+
+    @classmethod
+    def load(
+        cls,
+        model_dir: str | Path,
+        options: EngineOptions | None = None,
+        progress: ProgressFn | None = None,
+        *,
+        measure_disk: bool = True,
+    ) -> "Engine":
+        """Load ``model_dir`` with its experts streamed; raises ModelError subclasses on bad input."""
+        options = options or EngineOptions()
+        path = Path(model_dir).expanduser().resolve()
+        loaded = load_streamed_model(path, options, progress)
+        disk = None
+        if measure_disk:
+            disk = measure_expert_read_speed(loaded.layers, io_threads=options.io_threads, samples=16)
+        plan = make_plan(
+            model_type=loaded.config["model_type"],
+            moe_layers=len(loaded.layers),
+            experts_per_layer=loaded.layers[0].num_experts,
+            k=loaded.k,
+            trained_k=loaded.trained_k,
+            dense_bytes=loaded.dense_bytes,
+            expert_bytes_total=loaded.expert_bytes_total,
+            expert_bytes=loaded.layers[0].expert_bytes,
+            budget=loaded.budget,
+            disk_read_bytes_per_s=disk,
+            layout=loaded.store.layout,
+        )
+        return cls(loaded, path, options, plan)
+
+    @property
+    def experts_per_token(self) -> int:
+        """K in use (the trained value unless overridden)."""
+        return self._loaded.k
+
+    @property
+    def eos_token_ids(self) -> set[int]:
+        """Token ids that end an answer."""
+        return set(self.tokenizer.eos_token_ids)
+
+    def make_kv_cache(self) -> list[Any]:
+        """A fresh KV (and linear-attention) cache for this model."""
+        from mlx_lm.models.cache import make_prompt_cache
+
+        return make_prompt_cache(self.model)
+
+    def generate(
+        self, prompt_tokens: Sequence[int], sampling: SamplingParams, *args: Any, **kwargs: Any
+    ) -> Iterator[TokenEvent]:
+        """Generate (see ``_generate`` for the arguments); records a routing trace per generation
+        when ``options.trace_dir`` is set, and keeps the hot set of ``options.hot_set_dir`` fresh."""
+        return self._observed(self._generate(prompt_tokens, sampling, *args, **kwargs))
+
+    def _observed(self, events: Iterator[TokenEvent]) -> Iterator[TokenEvent]:
+        started = None
+        if self.options.trace_dir and self._loaded.streamer.trace is None:
+            self._trace_runs += 1
+            name = f"trace-{time.strftime('%Y%m%d-%H%M%S')}-{self._trace_runs}.jsonl"
+            started = self.start_trace(Path(self.options.trace_dir).expanduser() / name)
+        try:
+            yield from events
+        finally:
+            if started is not None:
+                self.stop_trace()
+            if self.options.hot_set_dir and time.monotonic() - self._hot_set_saved_at > 60:
+                self.save_hot_set()
+
+    def start_trace(self, path: str | Path) -> TraceRecorder:
+        """Record the routing of every layer call to ``path`` (JSON lines, diagnostics.traces).
+
+        While recording, fully resident layers route on the host (the ids are needed there).
+        """
+        loaded = self._loaded
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        header = TraceHeader(
+            self.model_type, len(loaded.layers), loaded.layers[0].num_experts, loaded.k, loaded.layers[0].expert_bytes
+        )
+        self.stop_trace()
+        loaded.streamer.trace = TraceRecorder(path, header)
+        return loaded.streamer.trace
+
+    def stop_trace(self) -> None:
+        """Finish the routing trace being recorded, if any."""
+        recorder, self._loaded.streamer.trace = self._loaded.streamer.trace, None
+        if recorder is not None:
+            recorder.close()
+
+    def save_hot_set(self) -> int:
+        """Write the ids of the cached experts to ``options.hot_set_dir``; return how many."""
+        self._hot_set_saved_at = time.monotonic()
+        if not self.options.hot_set_dir:
+            return 0
+        path = hot_set_path(self.options.hot_set_dir, self.model_dir)
+        return save_hot_set(self._loaded.streamer, path, self.options.cache_policy)
+
+    def _generate(
+        self,
+        prompt_tokens: Sequence[int],
+        sampling: SamplingParams,
+        stop: Callable[[], bool] | None = None,
+        kv_cache: list[Any] | None = None,
+        reused_tokens: int = 0,
+        on_prefill: ProgressFn | None = None,
+    ) -> Iterator[TokenEvent]:
+        """Prefill ``prompt_tokens`` (after what ``kv_cache`` holds) and yield generated tokens.
+
+        ``on_prefill(PrefillProgress)`` is called after every layer of the prefill (see
+        engine.model.prefill_progress); ``stop()`` is polled there too, and a stopped prefill
+        leaves ``kv_cache`` holding whole passes only. A prompt that does not fit the model's
+        context is refused (RequestError) before anything is read.
+        """
+        if self.context_length and reused_tokens + len(prompt_tokens) >= self.context_length:
+            raise RequestError(
+                f"the prompt has {reused_tokens + len(prompt_tokens)} tokens ({reused_tokens} reused); the model's context is "
+                f"{self.context_length} tokens, with room needed for at least one new token"
+            )
+        cache = kv_cache if kv_cache is not None else self.make_kv_cache()
+        return generate_tokens(
+            self.model,
+            self._loaded.streamer,
+            cache,
+            prompt_tokens,
+            sampling,
+            eos_token_ids=self.eos_token_ids,
+            stop=stop,
+            reused_tokens=reused_tokens,
+            prefill_chunk=self.options.prefill_chunk,
+            pass_tokens=self.prefill_pass_tokens,
+            on_prefill=on_prefill,
+            context_length=self.context_length,
+        )
+
+    def preload_experts(self) -> int:
+        """Read now every expert of the cache pools that can hold all of theirs; return bytes read.
+
+        With a cache budget as large as the experts, this makes every layer resident at once, and
+        such layers then route on the device with no host sync per layer.
+        """
+        return self._loaded.streamer.preload()
+
+    def set_device_routing(self, enabled: bool) -> None:
+        """Let fully resident layers route on the device (default), or force the host sync path."""
+        self._loaded.streamer.device_routing = enabled
+
+    def expert_counters(self) -> dict[str, int]:
+        """Cumulative expert figures since load: bytes read, cache hits and misses, resident bytes."""
+        s = self._loaded.streamer
+        return {
+            "bytes_read": self._loaded.store.bytes_read,
+            "cache_hits": s.hits,
+            "cache_misses": s.misses,
+            "cache_saved_bytes": s.saved_bytes,
+            "prefetched_hits": s.prefetched_hits,
+            "device_routed_calls": s.device_routed_calls,
+            "resident_bytes": s.resident_bytes + self._loaded.dense_bytes,
+            "expert_cache_bytes": s.resident_bytes,
+        }
+
+    def close(self) -> None:
+        """Release the I/O threads and files (after saving the hot set, when kept)."""
+        if self.warmer is not None:
+            self.warmer.stop()
+        self.stop_trace()
+        if self.options.hot_set_dir:
+            try:
+                self.save_hot_set()
+            except OSError as e:  # a warm start is an optimisation: closing must not fail for it
+                log.warning("hot set not saved: %s", e)
+        self._loaded.streamer.drain_prefetch()
+        self._loaded.store.close()
