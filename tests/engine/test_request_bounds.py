@@ -10,6 +10,7 @@ checked directly at the end).
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -48,8 +49,14 @@ class Served:
 
 
 @pytest.fixture(scope="module")
-def served(tiny_model: Any) -> Iterator[Served]:
-    s = Served(tiny_model("qwen3_moe", max_position_embeddings=CONTEXT))
+def served(tiny_model: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    # The session's shared tiny model (no second build) with a 64-token context in its config.
+    model = tmp_path_factory.mktemp("bounded") / "tiny"
+    shutil.copytree(tiny_model("qwen3_moe"), model)
+    config = json.loads((model / "config.json").read_text())
+    config["max_position_embeddings"] = CONTEXT
+    (model / "config.json").write_text(json.dumps(config))
+    s = Served(model)
     yield s
     s.server.stop()
     s.service.close()
