@@ -138,7 +138,7 @@ def check_slot_reuse(root: Path) -> CheckResult:
         return checked
 
     for cache in streamer.caches:
-        cache.assign = watch(cache)
+        setattr(cache, "assign", watch(cache))  # this engine's caches only; closed below
     try:
         list(engine.generate(_prompt(), SamplingParams(max_tokens=GENERATED_TOKENS)))
     finally:
@@ -247,12 +247,21 @@ def run_selfcheck(work_dir: Path, disk_dir: Path, model_dir: Path | None, skip: 
         if name.split()[0] in skip or name in skip:
             results.append(CheckResult(name, "SKIP", "skipped on request"))
             continue
+        print(f"selfcheck: {name} ...", file=sys.stderr, flush=True)
         t0 = time.perf_counter()
         r = _guard(name, fn)
         r.detail += f" [{time.perf_counter() - t0:.1f} s]"
         results.append(r)
-        print(r.line(), file=sys.stderr, flush=True)
     return results
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "?"
 
 
 def header() -> list[str]:
@@ -263,16 +272,10 @@ def header() -> list[str]:
     from engine.platform_info import memory_info
 
     ram = memory_info()
-    try:
-        import mlx_lm
-
-        mlx_lm_version = mlx_lm.__version__
-    except Exception:
-        mlx_lm_version = "?"
     return [
         f"MoeBar selfcheck, {moebar_version()}",
         f"{platform.platform()}, {platform.machine()}, Python {platform.python_version()}",
-        f"MLX {mx.__version__}, mlx-lm {mlx_lm_version}, default device {mx.default_device()}",
+        f"MLX {_version('mlx')}, mlx-lm {_version('mlx-lm')}, default device {mx.default_device()}",
         f"RAM {ram.total_bytes / 2**30:.1f} GiB total, {ram.available_bytes / 2**30:.1f} GiB available",
     ]
 
