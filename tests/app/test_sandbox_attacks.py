@@ -449,9 +449,58 @@ def test_drop_is_rejected_with_reason(world: World, case: str, make_path: Callab
     assert rejected == [(Path(path), reason)]
 
 
-@pytest.mark.skipif(sys.platform != "linux" or os.geteuid() == 0, reason="root can read anything")
-def test_unreadable_file_is_rejected_at_drop(world: World) -> None:
-    locked = world.root / "locked.txt"
-    locked.write_text("x")
-    locked.chmod(0)
-    assert classify_drop([locked], LIMITS) == ([], [(locked, REASON_UNREADABLE)])
+def _as_unprivileged_user(check: Callable[[], bool]) -> bool:
+    """``check()`` in a forked child that gave up root for ``nobody`` (65534); its answer.
+
+    Root reads any file whatever its mode, so a permission test run as root (CI) checks nothing;
+    as an ordinary user it runs in-process.
+    """
+    if os.geteuid() != 0:
+        return check()
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: drop every privilege, answer one byte, never return into pytest
+        status = 1
+        try:
+            os.close(read_end)
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            os.write(write_end, b"1" if check() else b"0")
+            status = 0
+        finally:
+            os._exit(status)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as answer_pipe:
+        answer = answer_pipe.read()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0 and answer in (b"0", b"1"), (status, answer)
+    return answer == b"1"
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX file modes")
+def test_unreadable_file_is_rejected_at_drop() -> None:
+    import tempfile
+
+    # a folder any user can enter (pytest's own temp folders are private to their owner)
+    folder = Path(tempfile.mkdtemp(prefix="moebar-unreadable-", dir="/tmp"))
+    try:
+        folder.chmod(0o755)
+        locked, readable = folder / "locked.txt", folder / "readable.txt"
+        locked.write_text("x")
+        locked.chmod(0)
+        readable.write_text("x")
+        readable.chmod(0o644)
+
+        def refused_for_want_of_permission() -> bool:
+            if os.access(locked, os.R_OK):  # still privileged: the check would prove nothing
+                return False
+            locked_result = classify_drop([locked], LIMITS)
+            readable_result = classify_drop([readable], LIMITS)
+            return locked_result == ([], [(locked, REASON_UNREADABLE)]) and len(readable_result[0]) == 1
+
+        assert _as_unprivileged_user(refused_for_want_of_permission)
+    finally:
+        for child in folder.iterdir():
+            child.unlink()
+        folder.rmdir()
