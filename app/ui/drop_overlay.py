@@ -7,6 +7,7 @@ from pathlib import Path
 
 from app.qt import Qt, QtCore, QtGui, QtWidgets
 from app.tools import DEFAULT_LIMITS, human_size
+from app.ui.safe_text import plain_label
 from app.ui.theme import LIGHT, Theme
 
 
@@ -40,7 +41,7 @@ class DropOverlay(QtWidgets.QWidget):
         self.rules.setObjectName("dropRules")
         self.rules.setAlignment(Qt.AlignmentFlag.AlignCenter)
         self.rules.setWordWrap(True)
-        self.files = QtWidgets.QLabel(self)
+        self.files = plain_label(QtWidgets.QLabel(self))  # file names may look like HTML
         self.files.setObjectName("dropFiles")
         self.files.setAlignment(Qt.AlignmentFlag.AlignCenter)
         self.files.setWordWrap(True)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from app.history import ConversationSummary, HistoryError, HistoryStore, SearchHit
 from app.qt import Qt, QTimer, QtCore, QtWidgets, Signal, Slot
-from app.ui.safe_text import escaped_tooltip
+from app.ui.safe_text import escaped_tooltip, plain_label
 from app.ui.theme import LIGHT, Theme, icon
 
 SEARCH_DELAY_MS = 200  # search once typing pauses, not per key
@@ -70,7 +70,7 @@ class HistorySidebar(QtWidgets.QFrame):
         self.list.itemClicked.connect(self._on_item_clicked)
         self.list.itemActivated.connect(self._on_item_clicked)
         self.list.viewport().installEventFilter(self)  # search hits are re-fitted when the width changes
-        self.empty_label = QtWidgets.QLabel(self)
+        self.empty_label = plain_label(QtWidgets.QLabel(self))  # quotes the search text
         self.empty_label.setObjectName("historyEmpty")
         self.empty_label.setWordWrap(True)
         self.empty_label.setAlignment(Qt.AlignmentFlag.AlignCenter)
