@@ -210,6 +210,8 @@ class Engine:
                 f"the prompt has {reused_tokens + len(prompt_tokens)} tokens ({reused_tokens} reused); the model's context is "
                 f"{self.context_length} tokens, with room needed for at least one new token"
             )
+        if self.parallel is not None:
+            stop = self.parallel.agreed_stop(stop)  # every rank stops where rank 0 does
         cache = kv_cache if kv_cache is not None else self.make_kv_cache()
         return generate_tokens(
             self.model,

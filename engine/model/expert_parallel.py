@@ -113,6 +113,9 @@ class _Watchdog:
         os._exit(EXIT_PEER_LOST)
 
 
+_JOINED: list["ExpertParallel"] = []  # this process's group, once joined
+
+
 @dataclass
 class ExpertParallel:
     """This process's share of the experts and the group it combines results with."""
@@ -131,6 +134,8 @@ class ExpertParallel:
         e.g. a Thunderbolt bridge); ``MOEBAR_DISTRIBUTED_BACKEND`` picks another of mlx's
         backends (``jaccl`` for RDMA over Thunderbolt 5, ``mpi``).
         """
+        if _JOINED:  # the process joins its ranks once; later engines share the group
+            return _JOINED[0]
         hostfile = os.environ.get("MLX_HOSTFILE") or os.environ.get("MLX_JACCL_DEVICES")
         if os.environ.get("MLX_RANK") is None or not hostfile:
             return None
@@ -154,17 +159,21 @@ class ExpertParallel:
             raise DistributedSetupError(f"mlx.distributed ({backend}) could not connect the ranks ({peers}): {e}") from None
         if group.size() < 2:
             return None
-        return cls(group=group, rank=group.rank(), size=group.size(), timeout_s=timeout_s)
+        _JOINED.append(cls(group=group, rank=group.rank(), size=group.size(), timeout_s=timeout_s))
+        return _JOINED[0]
 
     def owns(self, experts: np.ndarray) -> np.ndarray:
         """Which of ``experts`` (ids) this rank reads and computes."""
         return (np.asarray(experts) % self.size) == self.rank
 
-    def all_sum(self, x: mx.array, what: str) -> mx.array:
-        """Sum ``x`` over the ranks and wait for it, under the collective watchdog."""
+    def all_sum(self, x: mx.array, what: str, *, watched: bool = True) -> mx.array:
+        """Sum ``x`` over the ranks and wait for it, under the collective watchdog unless not ``watched``."""
         self.collectives += 1
         y = mx.distributed.all_sum(x, group=self.group)
         try:
+            if not watched:  # (a follower waiting for rank 0's next request may wait for hours)
+                mx.eval(y)
+                return y
             with _Watchdog(self.timeout_s, lambda: f"rank {self.rank}/{self.size}: {what}"):
                 mx.eval(y)
         except RuntimeError as e:  # the ring backend: "connection to a peer was lost"
@@ -198,6 +207,19 @@ class ExpertParallel:
         """Rank 0's sampled token on every rank (one small collective per token)."""
         mine = token.astype(mx.int32) if self.rank == 0 else mx.zeros(token.shape, dtype=mx.int32)
         return self.all_sum(mine, "agreeing on the sampled token").astype(token.dtype)
+
+    def agree_flag(self, flag: bool, what: str) -> bool:
+        """Rank 0's ``flag`` on every rank (the others' own values are ignored)."""
+        mine = mx.array([1 if (flag and self.rank == 0) else 0], dtype=mx.int32)
+        return bool(self.all_sum(mine, what).item())
+
+    def agreed_stop(self, stop: Callable[[], bool] | None) -> Callable[[], bool]:
+        """A stop check that asks rank 0's ``stop`` and tells every rank its answer (a collective per call).
+
+        Every rank polls at the same points of the same code, so the ranks stop at the same step.
+        """
+        local = stop or (lambda: False)
+        return lambda: self.agree_flag(local() if self.rank == 0 else False, "agreeing on stop")
 
     def check_same_setup(self, fingerprint: str) -> None:
         """Refuse ranks started on different models or options (every rank compares with rank 0's).

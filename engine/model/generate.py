@@ -135,7 +135,9 @@ def generate_tokens(
             reporter.pass_index, reporter.pass_tokens = index, len(piece)
             checkpoint = CacheCheckpoint.of(kv_cache)
             # Stop mid-pass (between expert groups) only where the pass can be rolled back.
-            streamer.abort_check = check_stop if checkpoint is not None else None
+            # (not on several machines: the number of expert groups differs between ranks, and every
+            # stop check there is a collective that all ranks must make at the same points)
+            streamer.abort_check = check_stop if checkpoint is not None and streamer.parallel is None else None
             try:
                 check_stop()
                 reporter.report(0)

@@ -312,7 +312,11 @@ def run_server(
     path = Path(model_dir).expanduser()
     if not path.is_dir():
         raise ModelError(f"{path}: not a model directory")
-    service = EngineService()
+    from engine.serving.replicated import service_for_this_rank
+
+    service, follower = service_for_this_rank()
+    if follower is not None:  # another machine's rank: it follows rank 0, which serves HTTP
+        return follower()
     loaded = service.load(
         LoadRequest(model_dir=str(path), options=options or EngineOptions(), prompt_cache_mb=prompt_cache_mb),
         lambda ev: log.info("loading: %s", getattr(ev, "stage", ev)),

@@ -250,9 +250,14 @@ def run_stdio(args: Any = None) -> int:
     )
     if stats_interval <= 0:
         raise SystemExit("--stats-interval must be > 0")
+    from engine.serving.replicated import service_for_this_rank
+
+    service, follower = service_for_this_rank()
+    if follower is not None:  # another machine's rank: replay rank 0's requests, no protocol here
+        return follower()
     stdout = _protocol_stdout()
     stdin = open(sys.stdin.fileno(), encoding="utf-8", errors="replace", closefd=False)  # bad bytes become U+FFFD
-    server = StdioServer(EngineService(), stdin, stdout, stats_interval, idle_interval)
+    server = StdioServer(service, stdin, stdout, stats_interval, idle_interval)
     return server.run()
 
 

@@ -171,8 +171,8 @@ class InProcess:
 class Subprocess:
     """`python -m engine.serving.stdio_server` with pipes; a thread decodes stdout."""
 
-    def __init__(self, *args: str) -> None:
-        env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
+        env = dict(os.environ if env is None else env, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "engine.serving.stdio_server", "--idle-stats-interval", "0", *args],
             stdin=subprocess.PIPE,

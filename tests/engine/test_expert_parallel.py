@@ -195,3 +195,64 @@ def test_bench_ranks_reports_the_collectives_of_a_token(tmp_path: Path) -> None:
     assert report["ranks"] == 2 and report["payload_bytes_per_layer"] == 4 * 64 * 2
     assert len(report["per_rank_layer_all_sum_ms"]) == 2
     assert report["per_token_ms"] == pytest.approx(report["layer_all_sum_ms"] * 3 + report["token_agree_ms"])
+
+
+def _turns(proc: Any, model: Path) -> list[str]:
+    """Load, two turns of one conversation (the second reuses the prompt cache), a stopped turn, a repeat."""
+    from stdio_harness import Subprocess  # noqa: F401  (the caller's process)
+
+    from engine.serving.protocol import DoneEvent, ErrorEvent, LoadedEvent, TokenTextEvent
+
+    def chat(rid: str, messages: list[dict[str, str]], max_tokens: int = 12) -> tuple[str, str]:
+        proc.send({"type": "chat", "id": rid, "messages": messages,
+                   "sampling": {"temperature": 0.0, "max_tokens": max_tokens}})
+        events = proc.events.until(lambda e: isinstance(e, DoneEvent) and e.id == rid, timeout=300)
+        text = "".join(e.text for e in events if isinstance(e, TokenTextEvent) and e.id == rid)
+        return text, events[-1].finish_reason
+
+    proc.events.next(timeout=120)  # hello
+    proc.send({"type": "load", "model_dir": str(model), "options": {"cache_mb": 0}})
+    loading = proc.events.until(lambda e: isinstance(e, (LoadedEvent, ErrorEvent)), timeout=300)
+    assert isinstance(loading[-1], LoadedEvent), loading[-1]
+    first = [{"role": "user", "content": "Tell me about the sea and the ships"}]
+    a1, _ = chat("t1", first)
+    a2, _ = chat("t2", [*first, {"role": "assistant", "content": a1}, {"role": "user", "content": "And then?"}])
+    proc.send({"type": "chat", "id": "t3", "messages": [{"role": "user", "content": "Count to a thousand"}],
+               "sampling": {"temperature": 0.0, "max_tokens": 400}})
+    proc.events.until(lambda e: isinstance(e, TokenTextEvent) and e.id == "t3", timeout=300)
+    proc.send({"type": "cancel", "id": "t3"})
+    done3 = proc.events.until(lambda e: isinstance(e, DoneEvent) and e.id == "t3", timeout=300)[-1]
+    a4, _ = chat("t4", first)
+    return [a1, a2, done3.finish_reason, a4]
+
+
+def test_the_app_engine_serves_from_two_ranks(tiny_model: Any, tmp_path: Path) -> None:
+    """`moebar-engine stdio` as rank 0 with a follower rank: the same answers as one process, stop included."""
+    from stdio_harness import ROOT, Subprocess
+
+    model = tiny_model("qwen3_next", 4)  # linear attention: the prompt cache keeps state snapshots
+    alone = Subprocess(env=_env(None, None))
+    try:
+        expected = _turns(alone, model)
+    finally:
+        alone.proc.stdin.close()
+        alone.proc.wait(timeout=120)
+    assert expected[2] == "cancelled" and expected[0] and expected[0] == expected[3]
+
+    hostfile = _hostfile(tmp_path, 2)
+    log = open(tmp_path / "rank1.log", "w")
+    follower = subprocess.Popen([sys.executable, "-m", "engine.serving.stdio_server"], env=dict(_env(1, hostfile),
+                                PYTHONPATH=str(ROOT)), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                cwd=str(ROOT))
+    leader = Subprocess(env=_env(0, hostfile))
+    try:
+        got = _turns(leader, model)
+        leader.proc.stdin.close()  # end of input: rank 0 unloads, then tells rank 1 to stop
+        assert leader.proc.wait(timeout=120) == 0
+        assert follower.wait(timeout=120) == 0
+    finally:
+        for p in (leader.proc, follower):
+            if p.poll() is None:
+                p.kill()
+        log.close()
+    assert got == expected, (tmp_path / "rank1.log").read_text()[-3000:] + "".join(leader.stderr)[-3000:]
