@@ -77,6 +77,7 @@ class PeerLostError(MoeBarError):
     """A collective failed: another rank died or the link to it broke (names the rank and the step)."""
 
     code = "peer_lost"
+    usable = False  # the ranks' group is broken: the engine must be restarted with every rank
 
 
 class _Watchdog:

@@ -34,6 +34,7 @@ from engine.serving.protocol import (
     LoadedEvent,
     LoadRequest,
     MessageFigures,
+    PrefillEvent,
     ProgressEvent,
     StatsEvent,
     TokenTextEvent,
@@ -236,12 +237,15 @@ class EngineService:
         split, snapshot_end = (None, False) if cache_is_trimmable(kv) else self._snapshot_points(req, prompt)
         held = reused
         if split is not None and split >= reused:
-            held = self._prefill_and_snapshot(engine, prompt, split, kv, reused, cancelled, turn)
+            held = self._prefill_and_snapshot(engine, prompt, split, kv, reused, cancelled, turn, emit)
             if held < 0:
                 return self._finish(engine, req, turn, "cancelled", reused, bytes_before)
         generated: list[int] = []
         reason = "stop"
-        for ev in engine.generate(prompt[held:], req.sampling, stop=cancelled, kv_cache=kv, reused_tokens=reused):
+        on_prefill = _prefill_reporter(req.id, emit)
+        for ev in engine.generate(
+            prompt[held:], req.sampling, stop=cancelled, kv_cache=kv, reused_tokens=reused, on_prefill=on_prefill
+        ):
             if not turn.stats or turn.stats[-1] is not ev.stats:
                 turn.stats.append(ev.stats)
             if ev.token != NO_TOKEN:
@@ -292,12 +296,18 @@ class EngineService:
         reused: int,
         cancelled: Callable[[], bool],
         turn: _Turn,
+        emit: Emit,
     ) -> int:
         """Prefill the prompt up to `split`, store a copy of the cache there; return split, or -1 if cancelled."""
         if split > reused:
             # Prefill only: the first event comes right after the prefill, before its token is fed.
             gen = engine.generate(
-                prompt[reused:split], SamplingParams(max_tokens=1), stop=cancelled, kv_cache=kv, reused_tokens=reused
+                prompt[reused:split],
+                SamplingParams(max_tokens=1),
+                stop=cancelled,
+                kv_cache=kv,
+                reused_tokens=reused,
+                on_prefill=_prefill_reporter(turn.request_id, emit),
             )
             try:
                 first = next(gen)
@@ -340,6 +350,42 @@ class EngineService:
         figures.reused_tokens = reused
         figures.bytes_read = engine.expert_counters()["bytes_read"] - bytes_before
         return DoneEvent(id=req.id, finish_reason=reason, figures=figures)  # type: ignore[arg-type]
+
+
+PREFILL_EVENT_INTERVAL_S = 0.25  # prefill events at most four times a second (plus the first and the last)
+
+
+def _prefill_reporter(request_id: str, emit: Emit) -> Callable[[Any], None]:
+    """An ``on_prefill`` callback that emits PrefillEvents for ``request_id``, throttled.
+
+    Called on the engine thread after every layer of the prefill; the first report, the end of
+    each pass and the end of the prefill always go out, the rest at most every 0.25 s.
+    """
+    last = [-1.0]
+
+    def report(progress: Any) -> None:
+        now = time.perf_counter()
+        boundary = progress.layers_done in (0, progress.layers_total)
+        if not boundary and now - last[0] < PREFILL_EVENT_INTERVAL_S:
+            return
+        last[0] = now
+        emit(
+            PrefillEvent(
+                id=request_id,
+                tokens_total=int(progress.tokens_total),
+                tokens_done=int(progress.tokens_done),
+                layers_total=int(progress.layers_total),
+                layers_done=int(progress.layers_done),
+                passes_total=int(progress.passes_total),
+                pass_index=int(progress.pass_index),
+                fraction=float(progress.fraction),
+                bytes_read=int(progress.bytes_read),
+                elapsed_s=float(progress.elapsed_s),
+                seconds_left=None if progress.seconds_left is None else float(progress.seconds_left),
+            )
+        )
+
+    return report
 
 
 def bounded_sampling(sampling: SamplingParams, vocab: int, prompt_tokens: int, context: int) -> SamplingParams:
@@ -418,7 +464,8 @@ def _loaded_event(engine: "Engine", fmt: ChatFormat, load_s: float) -> LoadedEve
 def error_event(exc: BaseException, request_id: str | None = None) -> ErrorEvent:
     """Turn an exception into an error event; only memory exhaustion marks the engine unusable."""
     if isinstance(exc, MoeBarError):
-        return ErrorEvent(code=exc.code, message=str(exc), usable=True, id=request_id, field=getattr(exc, "field", None))
+        usable = bool(getattr(exc, "usable", True))  # e.g. a lost peer rank leaves the engine unusable
+        return ErrorEvent(code=exc.code, message=str(exc), usable=usable, id=request_id, field=getattr(exc, "field", None))
     if is_out_of_memory(exc):  # MemoryError, or Metal/CUDA exhaustion arriving as a RuntimeError
         return ErrorEvent(code="out_of_memory", message=out_of_memory_message(exc), usable=False, id=request_id)
     return ErrorEvent(code="internal_error", message=f"{type(exc).__name__}: {exc}", usable=True, id=request_id)

@@ -256,3 +256,34 @@ def test_the_app_engine_serves_from_two_ranks(tiny_model: Any, tmp_path: Path) -
                 p.kill()
         log.close()
     assert got == expected, (tmp_path / "rank1.log").read_text()[-3000:] + "".join(leader.stderr)[-3000:]
+
+
+def test_a_follower_lost_mid_answer_is_a_named_error_from_the_app_engine(tiny_model: Any, tmp_path: Path) -> None:
+    from stdio_harness import ROOT, Subprocess
+
+    from engine.serving.protocol import DoneEvent, ErrorEvent, LoadedEvent, TokenTextEvent
+
+    model = tiny_model("qwen3_moe", 4)
+    hostfile = _hostfile(tmp_path, 2)
+    follower = subprocess.Popen([sys.executable, "-m", "engine.serving.stdio_server"],
+                                env=dict(_env(1, hostfile), PYTHONPATH=str(ROOT)), stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=str(ROOT))
+    leader = Subprocess(env=_env(0, hostfile, MOEBAR_COLLECTIVE_TIMEOUT_S="60"))
+    try:
+        leader.events.next(timeout=120)
+        leader.send({"type": "load", "model_dir": str(model), "options": {"cache_mb": 0}})
+        assert isinstance(leader.events.until(lambda e: isinstance(e, (LoadedEvent, ErrorEvent)), timeout=300)[-1],
+                          LoadedEvent)
+        leader.send({"type": "chat", "id": "x", "messages": [{"role": "user", "content": "Count to a thousand"}],
+                     "sampling": {"temperature": 0.0, "max_tokens": 400}})
+        leader.events.until(lambda e: isinstance(e, TokenTextEvent) and e.id == "x", timeout=300)
+        follower.kill()
+        events = leader.events.until(lambda e: isinstance(e, DoneEvent) and e.id == "x", timeout=200)
+        errors = [e for e in events if isinstance(e, ErrorEvent)]
+        assert errors and errors[0].code == "peer_lost" and not errors[0].usable, events[-5:]
+        assert "rank 0 of 2" in errors[0].message and "another rank stopped" in errors[0].message
+        assert events[-1].finish_reason == "error"
+    finally:
+        for p in (leader.proc, follower):
+            if p.poll() is None:
+                p.kill()
