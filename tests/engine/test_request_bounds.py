@@ -144,3 +144,17 @@ def test_the_app_path_is_bounded_the_same_way(served: Served) -> None:
     with pytest.raises(ProtocolError, match="top_k"):
         served.service.chat(ChatRequest(id="app-2", messages=request.messages,
                                         sampling=SamplingParams(top_k=served.vocab + 1)), events.append, lambda: False)
+
+
+def test_logit_bias_crosses_the_stdio_protocol_and_bad_ids_are_named() -> None:
+    from engine.serving import protocol
+
+    request = ChatRequest(id="r", messages=[ChatMessage(role="user", content="x")],
+                          sampling=SamplingParams(logit_bias={5: 1.5, 7: -100.0}))
+    decoded = protocol.decode_request(protocol.encode(request))
+    assert isinstance(decoded, ChatRequest) and decoded.sampling.logit_bias == {5: 1.5, 7: -100.0}
+    for bad in ('{"-1": 1}', '{"x": 1}', '{"5": 1000}'):
+        line = protocol.encode(request).replace('{"5": 1.5, "7": -100.0}', bad)
+        assert bad in line
+        with pytest.raises(ProtocolError, match="chat.sampling.logit_bias"):
+            protocol.decode_request(line)
