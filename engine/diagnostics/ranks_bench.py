@@ -35,7 +35,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16", help="activation dtype")
     p.add_argument("--repeats", type=int, default=200, help="timed collectives per shape (default 200)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--project", action="store_true",
+                   help="print the projected decode speed on 1, 2 and 4 machines instead of measuring")
+    p.add_argument("--experts", type=int, default=512, help="experts per layer, for --project (default 512)")
+    p.add_argument("--expert-bytes", type=int, default=7_077_888, help="bytes of one expert, for --project")
+    p.add_argument("--disk-gbps", type=float, default=5.5, help="each machine's SSD read rate in GB/s, for --project")
+    p.add_argument("--link-ms", type=float, default=0.15,
+                   help="one collective of a layer over the link in ms, for --project (default 0.15)")
     return p
+
+
+def busiest_rank_experts(ranks: int, experts: int, k: int, samples: int = 20000, seed: int = 0) -> float:
+    """Mean over layers of the routed experts the busiest rank reads (owner ``e % ranks``, uniform routing)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    picks = np.argsort(rng.random((samples, experts)), axis=1)[:, :k]  # k distinct experts per layer
+    owners = picks % ranks
+    counts = np.stack([(owners == r).sum(axis=1) for r in range(ranks)], axis=1)
+    return float(counts.max(axis=1).mean())
+
+
+def project_decode(ranks: int, *, experts: int, k: int, layers: int, expert_bytes: int, disk_bytes_per_s: float,
+                   hit_rate: float, link_ms_per_layer: float, compute_ms_per_token: float = 0.0) -> dict[str, float]:
+    """Projected decode time per token on ``ranks`` machines, each reading its own experts from its own SSD.
+
+    Each layer waits for its busiest rank's misses (reads are not overlapped across layers, as in
+    the engine's serial bound); the collective of each layer adds ``link_ms_per_layer``.
+    """
+    busiest = busiest_rank_experts(ranks, experts, k) if ranks > 1 else float(k)
+    read_s = layers * busiest * (1 - hit_rate) * expert_bytes / disk_bytes_per_s
+    link_s = (layers + 1) * link_ms_per_layer / 1e3 if ranks > 1 else 0.0
+    per_token = read_s + link_s + compute_ms_per_token / 1e3
+    return {"ranks": ranks, "busiest_rank_experts": busiest, "read_s": read_s, "link_s": link_s,
+            "s_per_token": per_token, "tok_per_s": 1 / per_token}
 
 
 def _free_ports(n: int) -> list[int]:
@@ -90,6 +123,20 @@ def _rank_main(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     """Start the ranks on loopback (or, inside a rank, measure) and print rank 0's figures."""
     args = build_parser().parse_args(argv)
+    if args.project:
+        rows = [project_decode(r, experts=args.experts, k=args.k, layers=args.layers, expert_bytes=args.expert_bytes,
+                               disk_bytes_per_s=args.disk_gbps * 1e9, hit_rate=h, link_ms_per_layer=args.link_ms)
+                | {"hit_rate": h} for h in (0.0, 0.3, 0.6) for r in (1, 2, 4)]
+        if args.json:
+            print(json.dumps(rows))
+            return 0
+        print(f"projected decode, {args.layers} layers x K {args.k} of {args.experts} experts, "
+              f"{args.expert_bytes:,} B each, {args.disk_gbps} GB/s per machine, {args.link_ms} ms per collective")
+        for row in rows:
+            print(f"  hit rate {row['hit_rate']:.0%}  {row['ranks']} machine(s): busiest reads "
+                  f"{row['busiest_rank_experts']:.2f} experts/layer, {row['s_per_token'] * 1e3:.0f} ms/token, "
+                  f"{row['tok_per_s']:.2f} tok/s")
+        return 0
     if os.environ.get("MOEBAR_BENCH_RANK_OUT"):
         result = _rank_main(args)
         Path(os.environ["MOEBAR_BENCH_RANK_OUT"]).write_text(json.dumps(result))

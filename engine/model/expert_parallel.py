@@ -132,20 +132,22 @@ class ExpertParallel:
         """The group of this process when it was started as one of several ranks, else None.
 
         Started by ``mlx.launch`` or with ``MLX_RANK`` + ``MLX_HOSTFILE`` (ring backend over TCP,
-        e.g. a Thunderbolt bridge); ``MOEBAR_DISTRIBUTED_BACKEND`` picks another of mlx's
-        backends (``jaccl`` for RDMA over Thunderbolt 5, ``mpi``).
+        e.g. a Thunderbolt bridge) or + ``MLX_IBV_DEVICES`` (JACCL: RDMA over Thunderbolt 5, with
+        the variables ``mlx.launch --backend jaccl`` sets); ``MOEBAR_DISTRIBUTED_BACKEND`` names
+        a backend explicitly.
         """
         if _JOINED:  # the process joins its ranks once; later engines share the group
             return _JOINED[0]
-        hostfile = os.environ.get("MLX_HOSTFILE") or os.environ.get("MLX_JACCL_DEVICES")
-        if os.environ.get("MLX_RANK") is None or not hostfile:
+        rdma_devices = os.environ.get("JACCL_IBV_DEVICES") or os.environ.get("MLX_IBV_DEVICES")
+        hostfile = os.environ.get("MLX_HOSTFILE") or rdma_devices
+        if (os.environ.get("MLX_RANK") is None and os.environ.get("JACCL_RANK") is None) or not hostfile:
             return None
         hosts: list[str] = []
         if os.environ.get("MLX_HOSTFILE"):
             hosts = hosts_from_file(os.environ["MLX_HOSTFILE"])
             if len(hosts) < 2:
                 return None
-        backend = os.environ.get("MOEBAR_DISTRIBUTED_BACKEND", "ring")
+        backend = os.environ.get("MOEBAR_DISTRIBUTED_BACKEND") or ("ring" if os.environ.get("MLX_HOSTFILE") else "jaccl")
         timeout_s = float(os.environ.get("MOEBAR_COLLECTIVE_TIMEOUT_S", timeout_s))
         peers = ", ".join(hosts) if os.environ.get("MLX_HOSTFILE") else hostfile
         rank = os.environ.get("MLX_RANK")
