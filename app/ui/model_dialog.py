@@ -4,6 +4,7 @@ is loaded, and a folder whose plan fails is never loaded."""
 
 from __future__ import annotations
 
+import html
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from app.ui.format import human_bytes
 from app.ui.model_download import DownloadError, download_dir_for, pack_downloaded_model
 from app.ui.model_manager import ModelManager, plan_op
 from app.ui.model_panel import plan_lines
+from engine.model.family_support import folder_support
 from engine.storage.packed_layout import PACKED_DIRNAME
 
 
@@ -128,7 +130,10 @@ class ModelDialog(QtWidgets.QDialog):
         """Measure and show the plan of `folder` (in the background)."""
         if self._plan_op is not None:
             self._plan_op.cancel()
-        self.plan_view.setText(f"Reading the plan of {folder.name} (measures the disk)…")
+        # From config.json alone, before anything loads: whether this folder's family streams.
+        family = html.escape(folder_support(folder))
+        self.plan_view.setText(f"Model family: <b>{family}</b><br>Reading the plan of {html.escape(folder.name)} "
+                               "(measures the disk)…")
         self._plan_op = plan_op(self, folder, self.manager.engine_options(),
                                 lambda plan: self._show_plan(folder, plan), self._plan_failed)
 

@@ -1,8 +1,8 @@
 """Open an mlx-lm model directory with its experts streamed: lazy load, swap, evaluate the rest.
 
 The model is built by mlx-lm's own classes (``mlx_lm.utils.load_model(lazy=True)``): nothing
-is read yet. Every module that owns stacked expert linears (``SwitchGLU``, ``SwitchMLP`` or any
-module whose children are ``SwitchLinear``/``QuantizedSwitchLinear``) is replaced by a
+is read yet. Every routed expert bank (a module that owns stacked expert linears and that its
+MoE block calls with routing indices; found by ``engine.model.discovery``) is replaced by a
 ``StreamedSwitch`` before anything is evaluated, so only the dense weights are ever loaded.
 """
 
@@ -19,9 +19,9 @@ from typing import Any, Callable
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
-from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 
 from engine.model.cpu_parallel import cpu_streams, split_output_projection
+from engine.model.discovery import ExpertBank, k_fields, k_override, probe_banks
 from engine.model.cpu_prefill import install_prefill_matmul
 from engine.errors import CorruptModelError, MissingFileError, ModelError, RequestError, TokenizerError, UnsupportedModelError
 from engine.storage.expert_layout import LayerExperts, layer_experts_from_index
@@ -37,8 +37,6 @@ from engine.types import EngineOptions
 
 log = logging.getLogger("moebar.engine")
 
-# config keys that hold the number of routed experts per token, by model family.
-_K_KEYS = ("num_experts_per_tok", "experts_per_token", "num_experts_per_token", "moe_top_k")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
 
 ProgressFn = Callable[[str, float], None]
@@ -79,37 +77,6 @@ def read_config(model_dir: Path) -> dict[str, Any]:
     return config
 
 
-def _k_sources(config: dict[str, Any]) -> list[dict[str, Any]]:
-    sources = [config]
-    if isinstance(config.get("text_config"), dict):
-        sources.append(config["text_config"])
-    return sources
-
-
-def trained_experts_per_token(config: dict[str, Any]) -> int | None:
-    """The model's trained number of routed experts per token from config.json (None if absent)."""
-    for src in reversed(_k_sources(config)):
-        for key in _K_KEYS:
-            if isinstance(src.get(key), int):
-                return int(src[key])
-    return None
-
-
-def _k_override(config: dict[str, Any], k: int) -> dict[str, Any]:
-    """Config overrides that set experts-per-token to ``k`` wherever the model reads it."""
-    out: dict[str, Any] = {}
-    for key in _K_KEYS:
-        if key in config:
-            out[key] = k
-    if isinstance(config.get("text_config"), dict):
-        text = dict(config["text_config"])
-        for key in _K_KEYS:
-            if key in text:
-                text[key] = k
-        out["text_config"] = text
-    return out
-
-
 def _resolve_model_class(config: dict[str, Any], model_dir: Path) -> None:
     from mlx_lm.utils import _get_classes
 
@@ -121,28 +88,11 @@ def _resolve_model_class(config: dict[str, Any], model_dir: Path) -> None:
         ) from e
 
 
-def _find_switch_modules(model: nn.Module) -> list[tuple[str, nn.Module, list[str]]]:
-    """(path, module, streamed parameter keys) of every module that owns stacked expert linears."""
-    found = []
-    for path, module in model.named_modules():
-        if isinstance(module, (SwitchLinear, QuantizedSwitchLinear)):
-            continue
-        linears = {
-            name: child
-            for name, child in module.children().items()
-            if isinstance(child, (SwitchLinear, QuantizedSwitchLinear))
-        }
-        if not linears:
-            continue
-        keys = []
-        for name, lin in linears.items():
-            if getattr(lin, "global_scale", None) is not None:
-                raise UnsupportedModelError(f"{path}.{name}: experts with a global scale (nvfp4) cannot stream yet")
-            for item in tree_flatten(lin.parameters()):
-                keys.append(f"{name}.{item[0]}")
-        found.append((path, module, sorted(keys)))
-    found.sort(key=lambda item: _natural_key(item[0]))
-    return found
+def _found(banks: list[ExpertBank]) -> list[tuple[str, nn.Module, list[str]]]:
+    """(path, module, streamed parameter keys) of each bank, in module-path order (the layer
+    numbering of packed layouts)."""
+    found = [(bank.path, bank.module, bank.param_keys) for bank in banks]
+    return sorted(found, key=lambda item: _natural_key(item[0]))
 
 
 def _natural_key(path: str) -> list[Any]:
@@ -286,39 +236,60 @@ class ModelExperts:
 
 
 def inspect_experts(model_dir: Path, experts_per_token: int | None = None) -> ModelExperts:
-    """Build the model lazily with mlx-lm's classes and locate every expert tensor on disk."""
-    from mlx_lm.utils import load_model
+    """Build the model lazily with mlx-lm's classes and locate every expert tensor on disk.
 
+    The routed expert banks and K come from tracing one token through the model (see
+    ``engine.model.discovery``); a K override sets the config fields found to change it, or
+    warns and keeps the trained K where none does.
+    """
     config = read_config(model_dir)
     _resolve_model_class(config, model_dir)
     index = read_model_index(model_dir)
-    trained_k = trained_experts_per_token(config) or 0
-    k = experts_per_token or trained_k
     if experts_per_token is not None and experts_per_token < 1:
         raise ModelError(f"--experts-per-token must be at least 1, got {experts_per_token}")
-    overrides = _k_override(config, k) if trained_k and k != trained_k else None
+    raw_config = config
+    model, config = _load_lazily(model_dir, config, index, None)
+    banks = probe_banks(model, str(model_dir))
+    if not banks:
+        raise UnsupportedModelError(
+            f"{model_dir}: model_type {config['model_type']!r} has no MoE layers with stacked experts to stream"
+        )
+    trained_k = max(bank.k for bank in banks)
+    k = experts_per_token or trained_k
+    if k != trained_k:
+        fields = k_fields(raw_config, trained_k, k)
+        if fields:
+            model, config = _load_lazily(model_dir, raw_config, index, k_override(raw_config, fields, k))
+            banks = probe_banks(model, str(model_dir))
+        if not fields or any(bank.k != k for bank in banks):
+            print(
+                f"warning: --experts-per-token {k} ignored: model_type {raw_config['model_type']!r} has no "
+                f"config field that changes its experts per token (fixed at {trained_k})",
+                file=sys.stderr,
+            )
+            k = trained_k
+    found = _found(banks)
+    layers = [layer_experts_from_index(i, path, keys, index) for i, (path, _, keys) in enumerate(found)]
+    _check_shapes(found, layers)
+    expert_names = {s.name for layer in layers for s in layer.sources}
+    dense = sum(loc.nbytes for name, loc in index.items() if name not in expert_names)
+    return ModelExperts(model, config, found, layers, dense, trained_k, k)
+
+
+def _load_lazily(
+    model_dir: Path, config: dict[str, Any], index: dict[str, TensorLocation], overrides: dict[str, Any] | None
+) -> tuple[nn.Module, dict[str, Any]]:
+    """mlx-lm's model for ``model_dir`` with its weights attached lazily (nothing read)."""
+    from mlx_lm.utils import load_model
+
     try:
-        model, config = load_model(model_dir, lazy=True, model_config=overrides)
+        return load_model(model_dir, lazy=True, model_config=overrides)
     except ValueError as e:
         raise CorruptModelError(_weights_mismatch(model_dir, config, index, e)) from e
     except KeyError as e:
         raise CorruptModelError(f"{model_dir / 'config.json'}: missing field {e}") from e
     except TypeError as e:
         raise CorruptModelError(f"{model_dir / 'config.json'}: bad or missing field ({e})") from e
-    found = _find_switch_modules(model)
-    if not found:
-        raise UnsupportedModelError(
-            f"{model_dir}: model_type {config['model_type']!r} has no MoE layers with stacked experts to stream"
-        )
-    if not trained_k:
-        raise UnsupportedModelError(
-            f"{model_dir / 'config.json'}: no experts-per-token field (one of {', '.join(_K_KEYS)})"
-        )
-    layers = [layer_experts_from_index(i, path, keys, index) for i, (path, _, keys) in enumerate(found)]
-    _check_shapes(found, layers)
-    expert_names = {s.name for layer in layers for s in layer.sources}
-    dense = sum(loc.nbytes for name, loc in index.items() if name not in expert_names)
-    return ModelExperts(model, config, found, layers, dense, trained_k, k)
 
 
 def _weights_mismatch(

@@ -200,6 +200,8 @@ class _ChatResponse(Response):
         started = False
         n_calls = 0
         async for ev in events:
+            if not isinstance(ev, (TokenTextEvent, ToolCallEvent, ErrorEvent, DoneEvent)):
+                continue  # progress (prefill) and stats: nothing an OpenAI stream carries
             if isinstance(ev, ErrorEvent) and ev.code == "bad_tool_call":
                 continue
             if isinstance(ev, ErrorEvent) and not started:  # nothing sent yet: answer with a status
