@@ -287,3 +287,18 @@ def test_a_follower_lost_mid_answer_is_a_named_error_from_the_app_engine(tiny_mo
         for p in (leader.proc, follower):
             if p.poll() is None:
                 p.kill()
+
+
+def test_projection_uses_the_busiest_rank_and_the_link() -> None:
+    from engine.diagnostics.ranks_bench import busiest_rank_experts, project_decode
+
+    assert busiest_rank_experts(1, 512, 10) == 10.0
+    two, four = busiest_rank_experts(2, 512, 10), busiest_rank_experts(4, 512, 10)
+    assert 6.0 < two < 6.5 and 4.0 < four < 4.4  # DESIGN.md: the busiest of two reads ~6.2 of 10
+    one = project_decode(1, experts=512, k=10, layers=60, expert_bytes=7_077_888, disk_bytes_per_s=5.5e9,
+                         hit_rate=0.0, link_ms_per_layer=0.15)
+    assert one["read_s"] == pytest.approx(60 * 10 * 7_077_888 / 5.5e9) and one["link_s"] == 0.0
+    pair = project_decode(2, experts=512, k=10, layers=60, expert_bytes=7_077_888, disk_bytes_per_s=5.5e9,
+                          hit_rate=0.3, link_ms_per_layer=0.15)
+    assert pair["read_s"] == pytest.approx(60 * two * 0.7 * 7_077_888 / 5.5e9)
+    assert pair["link_s"] == pytest.approx(61 * 0.15e-3)
