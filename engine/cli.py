@@ -72,7 +72,8 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--io-threads", type=int, default=4, help="parallel expert reads")
     p.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens routed together")
     p.add_argument("--prefetch", action="store_true", help="predict and read the next layer's experts")
-    p.add_argument("--cache-policy", default="lrfu", help="expert cache policy: lrfu (default), lru, lfu, lrfu:HALF_LIFE")
+    p.add_argument("--cache-policy", default="lru-layer",
+                   help="expert cache policy: lru-layer (default), lru, lrfu, lfu, lrfu:HALF_LIFE")
     p.add_argument("--hot-set-dir", default="", help="keep the cached experts' ids here and read them back after a load")
     p.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto",
                    help="where the model computes (auto: the GPU when MLX has one)")

@@ -21,10 +21,9 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from engine.diagnostics.traces import Trace, TraceError, read_trace
-from engine.model.cache_policies import BeladyPolicy, ReplacementPolicy, make_policy
+from engine.model.cache_policies import DEFAULT_POLICY, BeladyPolicy, ReplacementPolicy, make_policy
 from engine.model.expert_cache import ExpertCache, SlotPool
 
-DEFAULT_POLICY = "lrfu"  # the engine's default (see engine/model/cache_policies.POLICIES)
 
 
 @dataclass
@@ -73,7 +72,7 @@ def replay(trace: Trace, cache_experts: int, policy: str, per_layer: bool = Fals
     policies: list[ReplacementPolicy] = []
     for layers in groups:
         slots = min(cache_experts, h.experts_per_layer) * len(layers)
-        chosen: ReplacementPolicy = BeladyPolicy(slots) if belady else make_policy(policy, slots)
+        chosen: ReplacementPolicy = BeladyPolicy(slots) if belady else make_policy(policy, slots, len(layers))
         policies.append(chosen)
         caches.append(ExpertCache(SlotPool([], slots), chosen, layer_experts={l: h.experts_per_layer for l in layers}))
     cache_of = [caches[l if per_layer else 0] for l in range(h.moe_layers)]
@@ -202,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("trace", help="routing trace file to replay (from the app's routing-traces/ or synth-trace)")
     p.add_argument("--cache-experts", required=True, action="append",
                    help="slots per layer: a count, or a percentage of a layer's experts (e.g. 5%%); repeat for a curve")
-    p.add_argument("--policy", default=DEFAULT_POLICY, help="lru, lrfu, lfu, lrfu:HALF_LIFE (default: the engine's)")
+    p.add_argument("--policy", default=DEFAULT_POLICY, help="lru-layer, lru, lrfu, lfu, lrfu:HALF_LIFE (default: the engine's)")
     p.add_argument("--model", help="model directory the trace must belong to (refused otherwise)")
     p.add_argument("--json", action="store_true", help="one JSON object per size")
     p.add_argument("--compare", metavar="POLICIES", help="comma-separated policies: print one Markdown table of all sizes")

@@ -7,6 +7,8 @@ and answers ``victim``: the key to evict, never one of the keys the caller exclu
 by pending compute).
 
 * ``lru``: least recently used.
+* ``lru-layer``: least recently used within each layer, every layer held to an equal share of the
+  pool once it is full (a layer whose experts churn cannot flush the others' reusable ones).
 * ``lrfu``: least recently/frequently used. Each key scores the sum of ``2**(-age/half_life)``
   over all its past uses, whether resident or not, with ``age`` counted in lookups of the cache
   and the half-life a multiple of the cache's slot count (so one setting fits every size). A long
@@ -78,6 +80,64 @@ class LRUPolicy:
     def ranking(self) -> list[Key]:
         """Resident keys, most recently used first (for saving the hot set)."""
         return list(reversed(self._order))
+
+
+class LayerLRUPolicy:
+    """LRU per layer; a full pool evicts from the incoming key's layer when that layer holds its
+    share (slots / layers) or more, else from the layer furthest over its share."""
+
+    def __init__(self, n_slots: int, layers: int = 1) -> None:
+        self.share = max(1, n_slots // max(1, layers))
+        self._order: dict[int, OrderedDict[Key, None]] = {}
+        self._incoming: Key | None = None  # the key of the last miss (about to be placed)
+
+    def touch(self, key: Key) -> None:
+        """Mark ``key`` most recently used in its layer."""
+        self._order[key[0]].move_to_end(key)
+
+    def miss(self, key: Key) -> None:
+        """Remember whose slot is being sought."""
+        self._incoming = key
+
+    def insert(self, key: Key) -> None:
+        """Add ``key`` as its layer's most recently used."""
+        self._order.setdefault(key[0], OrderedDict())[key] = None
+        if key == self._incoming:
+            self._incoming = None
+
+    def remove(self, key: Key) -> None:
+        """Forget ``key``."""
+        order = self._order.get(key[0])
+        if order is not None:
+            order.pop(key, None)
+
+    @staticmethod
+    def _oldest(order: OrderedDict[Key, None], exclude: set[Key]) -> Key | None:
+        for key in order:
+            if key not in exclude:
+                return key
+        return None
+
+    def victim(self, exclude: set[Key]) -> Key | None:
+        """The incoming layer's LRU key if it holds its share, else the LRU key of the layer
+        furthest over its share (never one in ``exclude``)."""
+        incoming = self._incoming
+        if incoming is not None:
+            own = self._order.get(incoming[0])
+            if own is not None and len(own) >= self.share:
+                found = self._oldest(own, exclude)
+                if found is not None:
+                    return found
+        for order in sorted(self._order.values(), key=len, reverse=True):
+            found = self._oldest(order, exclude)
+            if found is not None:
+                return found
+        return None
+
+    def ranking(self) -> list[Key]:
+        """Resident keys, most recently used first within each layer, layers interleaved."""
+        lists = [list(reversed(order)) for order in self._order.values()]
+        return [lst[i] for i in range(max(map(len, lists), default=0)) for lst in lists if i < len(lst)]
 
 
 class _LazyMinHeap:
@@ -206,19 +266,21 @@ class BeladyPolicy:
         return self._heap.lowest(exclude)
 
 
-PolicyFactory = Callable[[int], ReplacementPolicy]
+PolicyFactory = Callable[[int, int], ReplacementPolicy]  # (slots, layers sharing them)
 
 # Engine policies by name; each takes the cache's slot count. "lrfu" is the default: chosen by
 # replaying traces with ``moebar-engine cache-sim`` (see BENCHMARKS.md, "Expert cache policy").
 POLICIES: dict[str, PolicyFactory] = {
-    "lru": LRUPolicy,
-    "lrfu": lambda n: LRFUPolicy(n, half_life=4.0),
-    "lfu": lambda n: LRFUPolicy(n, half_life=math.inf),
+    "lru": lambda n, layers: LRUPolicy(n),
+    "lru-layer": LayerLRUPolicy,
+    "lrfu": lambda n, layers: LRFUPolicy(n, half_life=1.0),
+    "lfu": lambda n, layers: LRFUPolicy(n, half_life=math.inf),
 }
 
 
-def make_policy(name: str, n_slots: int) -> ReplacementPolicy:
-    """The policy called ``name`` for a cache of ``n_slots``; ``lrfu:H`` sets the half-life H."""
+def make_policy(name: str, n_slots: int, layers: int = 1) -> ReplacementPolicy:
+    """The policy called ``name`` for a cache of ``n_slots`` shared by ``layers`` layers;
+    ``lrfu:H`` sets LRFU's half-life H (in multiples of ``n_slots`` lookups)."""
     base, _, arg = name.partition(":")
     if base == "lrfu" and arg:
         try:
@@ -228,9 +290,9 @@ def make_policy(name: str, n_slots: int) -> ReplacementPolicy:
         return LRFUPolicy(n_slots, half_life=half_life)
     if base not in POLICIES or arg:
         raise ValueError(f"unknown cache policy {name!r}; known: {', '.join(POLICIES)}, lrfu:HALF_LIFE")
-    return POLICIES[base](n_slots)
+    return POLICIES[base](n_slots, layers)
 
-DEFAULT_POLICY = "lrfu"  # the engine's policy, chosen with cache-sim (BENCHMARKS.md, "Expert cache policy")
+DEFAULT_POLICY = "lru-layer"  # the engine's policy, chosen with cache-sim (BENCHMARKS.md, "Expert cache policy")
 
 
 def is_policy_name(name: str) -> bool:

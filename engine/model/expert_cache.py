@@ -129,7 +129,8 @@ class ExpertCache:
     ) -> None:
         self.pool = pool
         # a name (see cache_policies.make_policy), or a policy object (the replay tool's Belady)
-        self.policy: ReplacementPolicy = make_policy(policy, pool.n_slots) if isinstance(policy, str) else policy
+        layers = max(1, len(layer_experts or {}))
+        self.policy: ReplacementPolicy = make_policy(policy, pool.n_slots, layers) if isinstance(policy, str) else policy
         self._slot_of: dict[Key, int] = {}
         self._key_of: dict[int, Key] = {}
         self._free = list(range(pool.n_slots - 1, -1, -1))

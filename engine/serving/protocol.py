@@ -157,7 +157,7 @@ class LoadRequest:
         _require(
             is_policy_name(o.cache_policy),
             "load.options.cache_policy",
-            f"must be lrfu, lru, lfu or lrfu:HALF_LIFE, got {o.cache_policy!r}",
+            f"must be lru-layer, lru, lrfu, lfu or lrfu:HALF_LIFE, got {o.cache_policy!r}",
         )
 
 

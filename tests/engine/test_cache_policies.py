@@ -22,8 +22,8 @@ from engine.model.expert_cache import ExpertCache, SlotPool
 import numpy as np
 
 
-def _cache(slots: int, policy: str = "lru") -> ExpertCache:
-    return ExpertCache(SlotPool([], slots), policy, layer_experts={0: 64})
+def _cache(slots: int, policy: str = "lru", layers: int = 1) -> ExpertCache:
+    return ExpertCache(SlotPool([], slots), policy, layer_experts={l: 64 for l in range(layers)})
 
 
 def _run(cache: ExpertCache, seq: list[int]) -> int:
@@ -69,8 +69,40 @@ def test_lrfu_keeps_history_of_evicted_keys() -> None:
     assert policy.ranking()[:2] == [(0, 7), (0, 8)]
 
 
+def test_layer_lru_holds_each_layer_to_its_share() -> None:
+    cache = _cache(4, "lru-layer", layers=2)  # a share of 2 slots per layer
+    for e in (1, 2):
+        cache.lookup((0, e))
+        cache.assign((0, e), {(0, e)})
+    hits = 0
+    for e in range(10, 30):  # layer 1 churns through new experts
+        assert cache.lookup((1, e)) is None
+        cache.assign((1, e), {(1, e)})
+    for e in (1, 2):  # layer 0's experts survived the churn (plain LRU would have lost them)
+        hits += cache.lookup((0, e)) is not None
+    assert hits == 2
+    lru = _cache(4, "lru", layers=2)
+    _run(lru, [1, 2])
+    for e in range(10, 30):
+        lru.lookup((1, e))
+        lru.assign((1, e), {(1, e)})
+    assert (0, 1) not in lru and (0, 2) not in lru
+    # a layer at its share replaces its own least recent expert
+    cache.lookup((0, 3))
+    cache.assign((0, 3), {(0, 3)})
+    assert sorted(k for k in cache.resident() if k[0] == 0) == [(0, 2), (0, 3)]
+    # a layer under its share takes a slot from the layer furthest over it
+    fresh = _cache(4, "lru-layer", layers=2)
+    for e in range(4):
+        fresh.lookup((1, e))
+        fresh.assign((1, e), {(1, e)})
+    fresh.lookup((0, 9))
+    fresh.assign((0, 9), {(0, 9)})
+    assert (0, 9) in fresh and (1, 0) not in fresh
+
+
 def test_victim_respects_exclusions() -> None:
-    for name in ("lru", "lrfu", "lfu"):
+    for name in ("lru", "lru-layer", "lrfu", "lfu"):
         policy = make_policy(name, 3)
         for key in [(0, 1), (0, 2)]:
             policy.miss(key)
@@ -81,7 +113,7 @@ def test_victim_respects_exclusions() -> None:
 
 
 def test_policy_names() -> None:
-    assert is_policy_name("lrfu") and is_policy_name("lru") and is_policy_name("lrfu:2.5")
+    assert all(is_policy_name(n) for n in ("lru-layer", "lrfu", "lru", "lfu", "lrfu:2.5"))
     for bad in ("arc", "lrfu:x", "lrfu:0", "lrfu:-1", "lrfu:nan", "lru:3"):
         assert not is_policy_name(bad), bad
     with pytest.raises(ValueError, match="unknown cache policy 'arc'"):
@@ -120,7 +152,7 @@ def test_belady_matches_exhaustive_optimum(tmp_path: Path) -> None:
         trace = read_trace(_trace_of(seq, tmp_path / f"t{case}.jsonl"))
         got = replay(trace, size, "belady")
         assert round(got.hit_rate * len(seq)) == _optimal_hits(seq, size), seq
-        for name in ("lru", "lrfu"):
+        for name in ("lru", "lru-layer", "lrfu"):
             assert replay(trace, size, name).hit_rate <= got.hit_rate + 1e-12
 
 
@@ -205,7 +237,7 @@ def test_cache_sim_cli_json_and_errors(tmp_path: Path, capsys: pytest.CaptureFix
     path = write_trace(tmp_path / "s.jsonl", RoutingModel(moe_layers=3, experts_per_layer=32, experts_per_token=4), 60, 5)
     assert cli_main(["cache-sim", str(path), "--cache-experts", "8", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["policy"] == "lrfu" and out["cache_experts"] == 8
+    assert out["policy"] == "lru-layer" and out["cache_experts"] == 8
     assert 0 <= out["lru_hit_rate"] <= out["optimal_hit_rate"] <= 1
     assert 0 <= out["hit_rate"] <= out["optimal_hit_rate"]
     assert cli_main(["cache-sim", str(path), "--cache-experts", "25%", "--policy", "lru"]) == 0
