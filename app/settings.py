@@ -350,6 +350,7 @@ def delete_secret(name: str) -> bool:
 
 
 def _keyring_message(action: str, name: str, exc: Exception) -> str:
-    return (f"Could not {action} '{name}' in the system keychain ({exc}). On Linux, install and unlock "
-            "a Secret Service keyring (e.g. GNOME Keyring) or install keyrings.alt; on macOS, allow "
-            "MoeBar to use the login keychain.")
+    """One short sentence for people; keyring's own (long) text goes to the log."""
+    log.warning("keychain: could not %s %s: %s", action, name, exc)
+    return (f"The system keychain could not {action} '{name}': on Linux start a Secret Service keyring "
+            "such as GNOME Keyring, on macOS allow MoeBar to use the login keychain.")

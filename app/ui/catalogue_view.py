@@ -3,17 +3,59 @@ whether it is already downloaded (all offline)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+import os
+import tempfile
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import psutil
 
 from app.catalogue import CatalogueError, CatalogueModel, Verdict, download_state, load_catalogue, verdict
+from app.ops import BackgroundOp, OpContext
 from app.qt import Qt, QtWidgets, Signal, Slot
 from app.ui.format import human_bytes
 from app.ui.model_download import download_dir_for, free_bytes
 
+log = logging.getLogger(__name__)
+
 STATE_TEXT = {"downloaded": "downloaded", "partial": "partly downloaded", "none": ""}
+DISK_PROBE_BYTES = 256 * 2**20  # written once per session and read back cold, in 4 MiB blocks
+_session_disk_rate: float | None = None  # the last measurement, kept while the app runs
+
+
+def session_disk_rate() -> float | None:
+    """The disk read rate measured earlier in this session (None before the first measurement)."""
+    return _session_disk_rate
+
+
+def measure_disk_rate(folder: Path, size: int = DISK_PROBE_BYTES) -> float:
+    """Write a scratch file of `size` bytes in `folder` and read it back bypassing the page cache (bytes/s).
+
+    Expert reads of the catalogue's models are 1.7-10.6 MB each, so the rate is measured with
+    4 MiB blocks (a small model's own expert reads would understate the disk).
+    """
+    from engine.platform_info import measure_cold_read_speed
+
+    global _session_disk_rate
+    folder.mkdir(parents=True, exist_ok=True)
+    chunk = os.urandom(4 * 2**20)
+    with tempfile.NamedTemporaryFile(dir=folder, prefix=".disk-probe-", delete=False) as handle:
+        probe = Path(handle.name)
+        try:
+            for _ in range(max(1, size // len(chunk))):
+                handle.write(chunk)
+            handle.flush()
+            os.fsync(handle.fileno())
+        except OSError:
+            probe.unlink(missing_ok=True)
+            raise
+    try:
+        rate = measure_cold_read_speed(probe, block_bytes=4 * 2**20, threads=4, total_bytes=size)
+    finally:
+        probe.unlink(missing_ok=True)
+    _session_disk_rate = rate
+    return rate
 
 
 @dataclass(frozen=True)
@@ -74,6 +116,7 @@ class CatalogueView(QtWidgets.QWidget):
         layout.setContentsMargins(0, 0, 0, 0)
         layout.addWidget(self.table)
         layout.addLayout(row)
+        layout.addStretch(1)
         self.refresh()
 
     def refresh(self) -> None:
@@ -93,11 +136,35 @@ class CatalogueView(QtWidgets.QWidget):
             self.table.addTopLevelItem(item)
             if selected is not None and selected.repo == model.repo:
                 item.setSelected(True)
-        for column, width in ((0, 170), (1, 80), (2, 230)):
-            self.table.setColumnWidth(column, width)
+        header = self.table.header()
+        header.setStretchLastSection(False)
+        header.setSectionResizeMode(0, QtWidgets.QHeaderView.ResizeMode.ResizeToContents)
+        header.setSectionResizeMode(1, QtWidgets.QHeaderView.ResizeMode.ResizeToContents)
+        header.setSectionResizeMode(2, QtWidgets.QHeaderView.ResizeMode.Stretch)
+        header.setSectionResizeMode(3, QtWidgets.QHeaderView.ResizeMode.ResizeToContents)
+        rows = max(1, self.table.topLevelItemCount())
+        row_height = self.table.sizeHintForRow(0) if self.table.topLevelItemCount() else 20
+        self.table.setMaximumHeight(header.sizeHint().height() + rows * max(18, row_height) + 8)
         if self.problem:
             self.detail.setText(self.problem)
         self._on_selection()
+
+    def measure_disk_if_unknown(self, folder: Path) -> None:
+        """Measure the disk in the background when no rate is known yet, then redraw the verdicts."""
+        if self.facts.disk_read_bytes_per_s is not None or self.facts.free_disk < 2 * DISK_PROBE_BYTES:
+            return
+
+        def work(ctx: OpContext) -> float:
+            return measure_disk_rate(folder)
+
+        def measured(rate: float) -> None:
+            self.facts = replace(self.facts, disk_read_bytes_per_s=rate)
+            self.refresh()
+
+        def failed(error: BaseException) -> None:
+            log.warning("could not measure the disk for the catalogue: %s", error)
+
+        BackgroundOp(self, work, measured, failed).run()
 
     def selected(self) -> CatalogueModel | None:
         """The model chosen in the table."""

@@ -80,11 +80,12 @@ class DownloadPanel(QtWidgets.QGroupBox):
         token_row.addWidget(self.save_token_box)
         token_row.addWidget(self.forget_token_button)
         layout = QtWidgets.QVBoxLayout(self)
-        layout.addWidget(self.catalogue, 1)
+        layout.addWidget(self.catalogue)
         layout.addLayout(repo_row)
         layout.addLayout(token_row)
         layout.addWidget(self.note)
         layout.addWidget(self.progress)
+        layout.addStretch(1)
 
     def is_busy(self) -> bool:
         """Whether a download runs."""

@@ -12,7 +12,7 @@ from app.catalogue import CatalogueModel, packing_pays
 from app.ops import BackgroundOp, OpContext
 from app.qt import QtGui, QtWidgets, Slot
 from app.settings import SettingsStore
-from app.ui.catalogue_view import machine_facts
+from app.ui.catalogue_view import machine_facts, session_disk_rate
 from app.ui.download_panel import DownloadPanel
 from app.ui.format import human_bytes
 from app.ui.model_download import DownloadError, download_dir_for, pack_downloaded_model
@@ -49,9 +49,9 @@ class ModelDialog(QtWidgets.QDialog):
         self.demo_radio.toggled.connect(self._on_choice_changed)
         self.folder_edit.editingFinished.connect(self._on_choice_changed)
 
-        loaded = manager.bridge.model
-        disk_rate = loaded.plan.get("disk_read_bytes_per_s") if loaded is not None else None
-        self.downloads = DownloadPanel(settings, machine_facts(download_dir_for("x/x").parent, disk_rate), self)
+        download_root = download_dir_for("x/x").parent
+        self.downloads = DownloadPanel(settings, machine_facts(download_root, session_disk_rate()), self)
+        self.downloads.catalogue.measure_disk_if_unknown(download_root)
         self.downloads.downloaded.connect(self._on_downloaded)
         self.downloads.failed.connect(self.error_label_text)
         self.downloads.busy_changed.connect(self._on_download_busy)
@@ -77,10 +77,11 @@ class ModelDialog(QtWidgets.QDialog):
         layout.addWidget(self.demo_radio)
         layout.addWidget(self.folder_radio)
         layout.addLayout(folder_row)
-        layout.addWidget(self.downloads, 1)
+        layout.addWidget(self.downloads)
         layout.addWidget(self.plan_title)
         layout.addWidget(self.plan_view)
         layout.addWidget(self.error_label)
+        layout.addStretch(1)
         layout.addWidget(buttons)
         for button in self.findChildren(QtWidgets.QPushButton):
             button.setAutoDefault(False)  # Enter in a text field never presses Load

@@ -191,3 +191,20 @@ def test_no_keychain_public_downloads_and_a_token_used_once(qtbot, moebar: MoeBa
     dialog.error_label_text("x" * 3000 + " " + "a very long message " * 200)
     QtWidgets.QApplication.processEvents()
     assert dialog.width() <= screen
+
+
+def test_the_disk_is_measured_with_a_scratch_file_that_is_removed(tmp_path: Path) -> None:
+    from app.ui import catalogue_view
+
+    rate = catalogue_view.measure_disk_rate(tmp_path, size=8 * 2**20)
+    assert rate > 0 and catalogue_view.session_disk_rate() == rate
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_keychain_errors_are_one_short_sentence(broken_keyring: type[BrokenKeyring]) -> None:
+    from app.settings import SecretStoreError, get_secret
+
+    with pytest.raises(SecretStoreError) as failed:
+        get_secret("huggingface_token")
+    text = str(failed.value)
+    assert len(text) < 200 and text.count(". ") == 0 and "No recommended backend" not in text

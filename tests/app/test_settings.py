@@ -261,7 +261,7 @@ def test_missing_keyring_gives_actionable_error() -> None:
     try:
         with pytest.raises(SecretStoreError, match="Secret Service keyring"):
             set_secret(HF_TOKEN_SECRET, "hf_x")
-        with pytest.raises(SecretStoreError, match="Could not read"):
+        with pytest.raises(SecretStoreError, match="could not read"):
             get_secret(HF_TOKEN_SECRET)
     finally:
         keyring.set_keyring(previous)

@@ -18,8 +18,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from app.bridge import READY  # noqa: E402
 from app.main import MoeBarApp  # noqa: E402
 from app.qt import QtCore, QtGui, QtWidgets  # noqa: E402
+from app.ui.model_dialog import ModelDialog  # noqa: E402
 
 MESSAGE = "Here are my notes. Summarise them, then write a Python function that counts words."
+QUESTION = "What is a mixture of experts?"
 NOTES = "# Trip notes\n\n- Day 1: arrived late, rain.\n- Day 2: museum, long walk by the river.\n"
 
 
@@ -60,6 +62,30 @@ def open_tray_menu(app: QtWidgets.QApplication, moebar: MoeBarApp) -> QtCore.QRe
     return geometry
 
 
+def quick_ask_by_shortcut(app: QtWidgets.QApplication, moebar: MoeBarApp, path: Path) -> None:
+    """Open Quick Ask with its global shortcut (a real key press), ask, and save it answered."""
+    subprocess.Popen(["xdotool", "key", "ctrl+shift+space"])
+    wait_until(app, moebar.quick_ask.isVisible, 10, "Quick Ask to open on Ctrl+Shift+Space")
+    moebar.quick_ask.input.setText(QUESTION)
+    moebar.quick_ask.ask()
+    wait_until(app, lambda: not moebar.quick_ask.is_answering() and moebar.quick_ask.status.text() != "",
+               120, "the Quick Ask answer")
+    settle(app, 0.5)
+    moebar.quick_ask.grab().save(str(path))
+    moebar.quick_ask.close()
+
+
+def model_dialog(app: QtWidgets.QApplication, moebar: MoeBarApp, path: Path) -> None:
+    """Open the Model dialog (catalogue and the loaded model's plan) and save it."""
+    dialog = ModelDialog(moebar.settings, moebar.models, moebar.window)
+    dialog.show()
+    wait_until(app, lambda: "Resident" in dialog.plan_view.text(), 120, "the demo model's memory plan")
+    dialog.downloads.catalogue.select("mlx-community/Qwen3.5-397B-A17B-4bit")
+    settle(app, 0.5)
+    dialog.grab().save(str(path))
+    dialog.reject()
+
+
 def main() -> int:
     """Take the screenshots into --out."""
     parser = argparse.ArgumentParser()
@@ -91,6 +117,8 @@ def main() -> int:
     wait_until(app, lambda: not moebar.controller.is_busy(), 300, "the answer to finish")
     settle(app, 1.0)
     moebar.window.grab().save(str(out / "chat-window.png"))
+    quick_ask_by_shortcut(app, moebar, out / "quick-ask.png")
+    model_dialog(app, moebar, out / "model-dialog.png")
 
     icon_rect = open_tray_menu(app, moebar)
     assert moebar.tray is not None
@@ -105,6 +133,7 @@ def main() -> int:
     moebar.settings.set("theme", "dark")
     settle(app, 1.0)
     moebar.window.grab().save(str(out / "chat-window-dark.png"))
+    model_dialog(app, moebar, out / "model-dialog-dark.png")
     icon_rect = open_tray_menu(app, moebar)
     menu_rect = moebar.tray.menu.geometry()
     grab_screen(icon_rect.united(menu_rect).adjusted(-220, -4, 8, 8).intersected(screen.geometry()),

@@ -17,7 +17,7 @@ from app.qt import QtGui
 
 SCRIPT = Path(__file__).with_name("run_screenshots.sh")
 EXPECTED = ("chat-window.png", "chat-window-streaming.png", "chat-window-dark.png", "tray-menu.png",
-            "tray-menu-dark.png")
+            "tray-menu-dark.png", "quick-ask.png", "model-dialog.png", "model-dialog-dark.png")
 
 
 @pytest.mark.xvfb
