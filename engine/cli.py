@@ -187,10 +187,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
     """Print the memory plan of a model directory without loading its weights."""
     from engine.engine import measure_expert_read_speed
     from engine.model.loader import inspect_experts, memory_budget_for, pick_device
+    from engine.model.family_support import folder_support
     from engine.storage.packed_layout import open_packed_layout
     from engine.model.plan import make_plan
 
     model_dir = Path(args.model).expanduser().resolve()
+    family = folder_support(model_dir)
+    if not args.json:  # before anything is built: whether this folder's family streams at all
+        print(f"family: {family}", flush=True)
     device = pick_device(args.device)
     inspected = inspect_experts(model_dir, args.experts_per_token)
     layers = inspected.layers
@@ -212,7 +216,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         disk_read_bytes_per_s=disk,
         layout="packed" if packed else "safetensors",
     )
-    print(json.dumps(plan.to_dict(), indent=2) if args.json else plan.describe())
+    print(json.dumps({**plan.to_dict(), "family_support": family}, indent=2) if args.json else plan.describe())
     return 0
 
 

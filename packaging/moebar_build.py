@@ -41,6 +41,7 @@ DATA_FILES: tuple[tuple[str, str], ...] = (
     ("resources/qss/*.qss", "resources/qss"),
     ("resources/catalogue/*.json", "resources/catalogue"),
     ("engine/templates/*.jinja", "engine/templates"),
+    ("engine/model/family_support.json", "engine/model"),
 )
 
 # Distributions whose metadata the code asks for at run time (importlib.metadata.version).

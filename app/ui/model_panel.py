@@ -38,6 +38,8 @@ def plan_lines(plan: dict[str, Any]) -> list[tuple[str, str]]:
         rows.append(("Quality warning", f"K={k} is below the trained {trained}: answers may degrade"))
     if plan.get("fits_in_ram"):
         rows.append(("Note", "the whole model fits in RAM; streaming is optional"))
+    if plan.get("family_support"):
+        rows.append(("Model family", str(plan["family_support"])))
     return rows
 
 
