@@ -35,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16", help="activation dtype")
     p.add_argument("--repeats", type=int, default=200, help="timed collectives per shape (default 200)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--model", default="", help="also decode this model on the ranks and in one process, side by side")
+    p.add_argument("--decode-tokens", type=int, default=16, help="tokens to decode with --model (default 16)")
     p.add_argument("--project", action="store_true",
                    help="print the projected decode speed on 1, 2 and 4 machines instead of measuring")
     p.add_argument("--experts", type=int, default=512, help="experts per layer, for --project (default 512)")
@@ -96,10 +98,36 @@ def _time_all_sum(shape: tuple[int, ...], dtype: Any, repeats: int, group: Any) 
     return statistics.median(times)
 
 
+def decode_run(model: str, tokens: int) -> dict[str, Any]:
+    """Greedy decode of ``tokens`` after a short prompt: decode seconds per token, collectives, tokens."""
+    from engine.engine import Engine
+    from engine.types import EngineOptions, SamplingParams
+
+    engine = Engine.load(model, EngineOptions(cache_mb=0), measure_disk=False)
+    try:
+        prompt = [(i * 7919) % 5000 + 100 for i in range(16)]
+        before = engine.parallel.collectives if engine.parallel else 0
+        out, stats = [], None
+        for ev in engine.generate(prompt, SamplingParams(temperature=0.0, max_tokens=tokens)):
+            out.append(ev.token)
+            stats = ev.stats
+        assert stats is not None
+        decoded = max(1, stats.generated_tokens - 1)
+        return {
+            "tokens": out,
+            "decode_s_per_token": stats.decode_s / decoded,
+            "collectives_per_token": ((engine.parallel.collectives - before) / len(out)) if engine.parallel else 0.0,
+            "bytes_read_per_token": engine.expert_counters()["bytes_read"] / max(1, len(out)),
+        }
+    finally:
+        engine.close()
+
+
 def _rank_main(args: argparse.Namespace) -> dict[str, Any]:
     import mlx.core as mx
 
     group = mx.distributed.init(strict=True, backend="ring")
+    decode = decode_run(args.model, args.decode_tokens) if args.model else None
     dtype = getattr(mx, args.dtype)
     layer_s = _time_all_sum((1, args.k, args.hidden), dtype, args.repeats, group)
     token_s = _time_all_sum((1,), mx.int32, args.repeats, group)
@@ -117,6 +145,7 @@ def _rank_main(args: argparse.Namespace) -> dict[str, Any]:
         "prefill_pass_tokens": args.prefill_tokens,
         "prefill_layer_all_sum_ms": prefill_s * 1e3,
         "payload_bytes_per_layer": args.k * args.hidden * (2 if args.dtype == "bfloat16" else 4),
+        "decode": decode,
     }
 
 
@@ -144,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.ranks < 2:
         print("error: --ranks must be at least 2", file=sys.stderr)
         return 2
+    single = decode_run(args.model, args.decode_tokens) if args.model else None
     with tempfile.TemporaryDirectory(prefix="moebar-ranks-") as tmp:
         hostfile = Path(tmp) / "hosts.json"
         hostfile.write_text(json.dumps([[f"127.0.0.1:{p}"] for p in _free_ports(args.ranks)]))
@@ -159,13 +189,22 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         results = [json.loads((Path(tmp) / f"rank{r}.json").read_text()) for r in range(args.ranks)]
     r0 = results[0]
+    if single is not None:
+        r0["single_process_decode"] = single
+        r0["same_tokens"] = all(r["decode"]["tokens"] == single["tokens"] for r in results)
     if args.json:
         print(json.dumps({**r0, "per_rank_layer_all_sum_ms": [r["layer_all_sum_ms"] for r in results]}))
-        return 0
+        return 0 if r0.get("same_tokens", True) else 1
     print(f"{args.ranks} ranks on 127.0.0.1, hidden {args.hidden}, K {args.k}, {args.dtype}")
     print(f"  per MoE layer (decode): all_sum of {r0['payload_bytes_per_layer']:,} bytes  {r0['layer_all_sum_ms']:.3f} ms")
     print(f"  per token: {args.layers} layers + token agreement              {r0['per_token_ms']:.2f} ms")
     print(f"  per layer of a {args.prefill_tokens}-token prefill pass                {r0['prefill_layer_all_sum_ms']:.2f} ms")
+    if single is not None:
+        d = r0["decode"]
+        print(f"  decode of {args.model}: one process {single['decode_s_per_token'] * 1e3:.1f} ms/token, "
+              f"{args.ranks} ranks {d['decode_s_per_token'] * 1e3:.1f} ms/token "
+              f"({d['collectives_per_token']:.1f} collectives/token), same tokens: {r0['same_tokens']}")
+        return 0 if r0["same_tokens"] else 1
     return 0
 
 

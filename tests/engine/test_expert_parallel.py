@@ -184,10 +184,12 @@ def test_a_good_hostfile_lists_each_rank(tmp_path: Path) -> None:
     assert hosts_from_file(path) == ["10.0.0.1:5000", "mac2.local:5001"]
 
 
-def test_bench_ranks_reports_the_collectives_of_a_token(tmp_path: Path) -> None:
+def test_bench_ranks_reports_the_collectives_of_a_token(tiny_model: Any, tmp_path: Path) -> None:
+    model = tiny_model("qwen3_moe", 4)
     proc = subprocess.run(
         [sys.executable, "-m", "engine.cli", "bench-ranks", "--ranks", "2", "--hidden", "64", "--k", "4",
-         "--layers", "3", "--prefill-tokens", "8", "--repeats", "5", "--json"],
+         "--layers", "3", "--prefill-tokens", "8", "--repeats", "5", "--json", "--model", str(model),
+         "--decode-tokens", "4"],
         env=_env(None, None), capture_output=True, text=True, timeout=300, cwd=HERE.parents[1],
     )
     assert proc.returncode == 0, proc.stderr
@@ -195,6 +197,8 @@ def test_bench_ranks_reports_the_collectives_of_a_token(tmp_path: Path) -> None:
     assert report["ranks"] == 2 and report["payload_bytes_per_layer"] == 4 * 64 * 2
     assert len(report["per_rank_layer_all_sum_ms"]) == 2
     assert report["per_token_ms"] == pytest.approx(report["layer_all_sum_ms"] * 3 + report["token_agree_ms"])
+    assert report["same_tokens"] is True  # the side-by-side decode: ranks and one process agree
+    assert report["decode"]["collectives_per_token"] > 1 and report["single_process_decode"]["collectives_per_token"] == 0
 
 
 def _turns(proc: Any, model: Path) -> list[str]:
