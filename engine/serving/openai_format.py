@@ -115,7 +115,7 @@ def _logit_bias(body: dict[str, Any]) -> dict[int, float] | None:
     _need(isinstance(bias, dict), "logit_bias", "must be an object mapping token ids to biases")
     checked: dict[int, float] = {}
     for key, value in bias.items():
-        _need(key.strip().isdigit() and len(key.strip()) <= 12, "logit_bias", f"keys must be token ids, got {key[:40]!r}")
+        _need(key.strip().isascii() and key.strip().isdigit() and len(key.strip()) <= 12, "logit_bias", f"keys must be token ids, got {key[:40]!r}")
         ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
         _need(ok and -100 <= value <= 100, "logit_bias", f"[{key.strip()}] must be a number in [-100, 100]")
         checked[int(key)] = float(value)

@@ -448,7 +448,7 @@ def _checked_logit_bias(bias: dict[Any, Any]) -> dict[int, float]:
     checked: dict[int, float] = {}
     for key, value in bias.items():
         token = key if isinstance(key, int) and not isinstance(key, bool) else None
-        if isinstance(key, str) and key.strip().isdigit():
+        if isinstance(key, str) and key.strip().isascii() and key.strip().isdigit() and len(key.strip()) <= 12:
             token = int(key)
         _require(token is not None and token >= 0, "chat.sampling.logit_bias",
                  f"keys must be token ids (integers >= 0), got {_short(key)}")

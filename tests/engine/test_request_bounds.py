@@ -77,7 +77,7 @@ def test_top_k_is_checked_against_the_vocabulary(served: Served) -> None:
 def test_logit_bias_ids_are_checked_and_the_bias_applies(served: Served) -> None:
     error = _error(served.post(logit_bias={str(served.vocab): 5}, max_tokens=2))
     assert "logit_bias" in error["message"] and str(served.vocab) in error["message"]
-    for bad in ({"-3": 1}, {"x": 1}, {"7": 101}, {"7": "high"}, ["7"]):
+    for bad in ({"-3": 1}, {"x": 1}, {"\u00b2": 1}, {"\u0663": 1}, {"7": 101}, {"7": "high"}, ["7"]):
         assert "logit_bias" in _error(served.post(logit_bias=bad, max_tokens=2))["message"], bad
     token = 1000
     tokenizer = served.service.engine.tokenizer  # type: ignore[union-attr]
@@ -153,7 +153,7 @@ def test_logit_bias_crosses_the_stdio_protocol_and_bad_ids_are_named() -> None:
                           sampling=SamplingParams(logit_bias={5: 1.5, 7: -100.0}))
     decoded = protocol.decode_request(protocol.encode(request))
     assert isinstance(decoded, ChatRequest) and decoded.sampling.logit_bias == {5: 1.5, 7: -100.0}
-    for bad in ('{"-1": 1}', '{"x": 1}', '{"5": 1000}'):
+    for bad in ('{"-1": 1}', '{"x": 1}', '{"\\u00b2": 1}', '{"5": 1000}'):
         line = protocol.encode(request).replace('{"5": 1.5, "7": -100.0}', bad)
         assert bad in line
         with pytest.raises(ProtocolError, match="chat.sampling.logit_bias"):
