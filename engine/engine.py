@@ -17,7 +17,7 @@ from engine.errors import RequestError
 from engine.model.expert_parallel import attach_expert_parallel
 from engine.model.generate import generate_tokens
 from engine.model.layer_prefill import context_length, pass_shape, pass_tokens, prefill_memory_bytes, supports_layer_major
-from engine.model.prefill_progress import ProgressFn
+from engine.model.prefill_progress import ProgressFn as PrefillProgressFn
 from engine.platform_info import memory_info
 from engine.model.loader import ProgressFn, StreamedModel, load_streamed_model
 from engine.model.plan import MemoryPlan, make_plan
@@ -196,7 +196,7 @@ class Engine:
         stop: Callable[[], bool] | None = None,
         kv_cache: list[Any] | None = None,
         reused_tokens: int = 0,
-        on_prefill: ProgressFn | None = None,
+        on_prefill: PrefillProgressFn | None = None,
     ) -> Iterator[TokenEvent]:
         """Prefill ``prompt_tokens`` (after what ``kv_cache`` holds) and yield generated tokens.
 

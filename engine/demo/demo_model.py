@@ -74,15 +74,23 @@ PRESETS: dict[str, ModelShape] = {
     "small": ModelShape(1024, 8, 16, 4, 64, 32, 4, 512, 2048, 512, 4, 8, 64),
     # Qwen3-30B-A3B's shapes (48 layers, 128 experts, top-8); ~16 GB at 4 bits
     "qwen3-30b-shape": ModelShape(2048, 48, 32, 4, 128, 128, 8, 768, 6144, 512, 16, 32, 128),
+    # Qwen3.5-397B-A17B's expert shapes (60 layers of 3 Gated DeltaNet + 1 full attention, 512
+    # experts, top-10 + 1 shared, hidden 4096, expert intermediate 1024: one expert 7,077,888
+    # bytes at 4 bits with bf16 scales, 3.6 GB a layer). Build it qwen3_5_moe with a few layers.
+    # The attention and linear-attention head counts are the public config's as far as known here
+    # (they size the dense part only); the router gate is 4-bit here, 8-bit in mlx-community's.
+    "qwen3.5-397b-shape": ModelShape(4096, 60, 32, 2, 256, 512, 10, 1024, 4096, 1024, 16, 64, 128),
 }
+# The architecture each large preset is built as (the bench builds presets as this model_type).
+PRESET_MODEL_TYPES = {"qwen3.5-397b-shape": "qwen3_5_moe"}
 # Expert (switch_mlp) scales/biases dtype per preset. float32 keeps every CPU kernel on its fast
 # path; the 30B shape stores them as bfloat16, like real mlx-community 4-bit Qwen models, so
 # that one expert is 2,654,208 bytes as there (mixed fp32 activations x bf16 scales stay fast).
 EXPERT_SCALES_DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16}
-PRESET_EXPERT_SCALES = {"qwen3-30b-shape": "bfloat16"}
+PRESET_EXPERT_SCALES = {"qwen3-30b-shape": "bfloat16", "qwen3.5-397b-shape": "bfloat16"}
 # Presets whose experts are drawn directly as random quantized codes (see _draw_fast_experts):
 # at the 30B shape, drawing fp32 weights and quantizing them takes ~25 s per layer on 2 cores.
-PRESET_FAST_EXPERTS = frozenset({"qwen3-30b-shape"})
+PRESET_FAST_EXPERTS = frozenset({"qwen3-30b-shape", "qwen3.5-397b-shape"})
 
 
 def preset_shape(preset: str) -> ModelShape:

@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from engine.demo.demo_model import PRESET_MODEL_TYPES
+from engine.diagnostics.bench_long_prompt import format_long_prompt, run_long_prompt
 from engine.diagnostics.bench_report import format_table, targets
 from engine.diagnostics.cache_sweep import format_sweep, parse_fractions, run_cache_sweep
 
@@ -36,7 +38,8 @@ def _model_dir(args: argparse.Namespace) -> Path:
     if not (out / "config.json").is_file():
         code = (
             "import sys; from engine.demo.demo_model import build_random_moe_model as b; "
-            f"b({str(out)!r}, 'qwen3_moe', 4, preset={args.preset!r}, num_layers={args.layers!r}, overwrite=True)"
+            f"b({str(out)!r}, {PRESET_MODEL_TYPES.get(args.preset, 'qwen3_moe')!r}, 4, preset={args.preset!r}, "
+            f"num_layers={args.layers!r}, overwrite=True)"
         )
         print(f"building synthetic model {args.preset} in {out} ...", file=sys.stderr)
         subprocess.run([sys.executable, "-c", code], check=True)
@@ -82,7 +85,7 @@ def _engine(model: Path, args: argparse.Namespace, **opts: Any) -> Any:
 
     options = EngineOptions(
         io_threads=args.io_threads, device=args.device, use_packed=args.layout == "packed",
-        prefill_matmul=args.prefill_matmul, cache_policy=args.cache_policy, **opts,
+        prefill_matmul=args.prefill_matmul, **opts,
     )  # fmt: skip
     return Engine.load(model, options, measure_disk=False)
 
@@ -128,22 +131,30 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         )
 
     disk_samples = [sample_disk()]
+    if args.long_prompt:  # the long-prompt mode: TTFT against the one-pass bound, nothing else
+        _say(f"2/2 long prompt of {args.long_prompt} tokens")
+        out["long_prompt"] = run_long_prompt(
+            args.long_prompt, args.prefill_chunk, lambda **o: _engine(model, args, **o), sample_disk, expert_total,
+            compute=args.long_prompt_compute,
+        )
+        out["disk"] = {"raw_parallel_read_bytes_per_s": out["long_prompt"]["raw_disk_bytes_per_s"]}
+        return out
 
     # 2. streamed phases alone (their peak RSS is checked): cold decode, then prefill both ways
     _say("2/4 cold decode and prefill")
     cold = _engine(model, args, cache_mb=0, cold=True)
     plan = cold.plan
-    if args.trace:
-        cold.start_trace(args.trace)  # the routing of the cold decode run (diagnostics.traces)
     _decode(cold, prompt, args.decode_tokens)
-    cold.stop_trace()
     long_prompt = [rng.randrange(1000, 100_000) for _ in range(args.prompt_tokens)]
     prefill: dict[str, Any] = {"prompt_tokens": args.prompt_tokens}
     for name, chunk in (("chunked", args.prefill_chunk), ("token_by_token", 1)):
         cold.options.prefill_chunk = chunk
+        if cold.layer_major_prefill:  # passes over the experts of this many tokens
+            cold.prefill_pass_tokens = chunk
         r = _decode(cold, long_prompt, 1)
         prefill[name] = {"prompt_tps": r["prompt_tps"], "prompt_s": r["prompt_s"], "bytes_read": r["prefill_bytes"]}
     cold.options.prefill_chunk = args.prefill_chunk
+    cold.prefill_pass_tokens = cold._pass_tokens()
     out["prefill"] = prefill
     kv_bytes = 4 * 2**20 * len(layers)  # generous for these prompts (fp32 KV)
     out["memory"] = {
@@ -269,7 +280,7 @@ def _has_gpu() -> bool:
 def build_parser() -> argparse.ArgumentParser:
     """Arguments of ``moebar-engine bench``."""
     p = argparse.ArgumentParser(prog="moebar-engine bench", description=__doc__.splitlines()[0])
-    p.add_argument("--preset", default="mini", choices=["mini", "small", "qwen3-30b-shape", "tiny"],
+    p.add_argument("--preset", default="mini", choices=["mini", "small", "qwen3-30b-shape", "qwen3.5-397b-shape", "tiny"],
                    help="shape of the random-weight model built for the run (default mini)")
     p.add_argument("--layers", type=int, default=None, help="number of layers (to fit the disk)")
     p.add_argument("--model", default=None, help="benchmark this model directory instead of a preset")
@@ -288,8 +299,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefill-matmul", choices=["auto", "on", "off"], default="auto",
                    help="CPU prefill chunks as dequantize + dense GEMM (auto: where MLX has a fast BLAS)")
     p.add_argument("--json", default=None, help="write the results here")
-    p.add_argument("--cache-policy", default="lru-layer", help="expert cache policy (lru-layer, lru, lrfu, lfu, lrfu:HALF_LIFE)")
-    p.add_argument("--trace", default=None, metavar="FILE", help="record the cold decode run's routing here")
+    p.add_argument("--long-prompt", type=int, default=0, metavar="TOKENS",
+                   help="instead of the phases: time to first token of a prompt this long, cold, cache 0, in one "
+                        "pass and in passes of --prefill-chunk tokens, against the one-pass bound")
+    p.add_argument("--long-prompt-compute", choices=["warm", "none"], default="warm",
+                   help="the bound's compute: the same prompt with every expert resident (warm), or none")
     p.add_argument("--cache-sweep", type=parse_fractions, default=None, metavar="FRACTIONS",
                    help="instead of the phases: decode at these expert-cache sizes (fractions of all "
                         "experts, e.g. 0,0.125,0.5,1), page cache warm and cold (see cache_sweep)")
@@ -307,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
         table = format_sweep(results)
     else:
         results = run_bench(args)
-        table = format_table(results)
+        table = format_long_prompt(results["long_prompt"]) if "long_prompt" in results else format_table(results)
     results["bench_seconds"] = time.perf_counter() - t0
     results["command"] = "moebar-engine bench " + " ".join(argv if argv is not None else sys.argv[1:])
     print(table)

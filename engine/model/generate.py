@@ -127,6 +127,10 @@ def generate_tokens(
         if should_stop():
             raise PrefillCancelled("stopped during the prefill")
 
+    def after_layer(i: int) -> None:
+        reporter.report(i + 1)
+        check_stop()
+
     if not layer_major and streamer.last_layer_is_final_block:
         streamer.skip_layer = len(streamer.layers) - 1
     try:
@@ -145,7 +149,7 @@ def generate_tokens(
                     syncs_before_last = streamer.host_syncs
                     logits = run_pass(
                         model, kv_cache, piece, last=start + step >= len(todo), attention_chunk=max(1, prefill_chunk),
-                        between_layers=lambda i: (reporter.report(i + 1), check_stop()),
+                        between_layers=after_layer,
                     )
                 else:
                     model(mx.array(piece)[None], cache=kv_cache)

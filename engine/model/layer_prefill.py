@@ -102,7 +102,9 @@ def _arrays_in(value: Any) -> list[mx.array]:
 
 def _head_owner(model: nn.Module) -> nn.Module:
     """The module with the output head (``lm_head`` or tied embeddings) and ``args``."""
-    return getattr(model, "language_model", model)
+    owner = getattr(model, "language_model", model)
+    assert isinstance(owner, nn.Module)
+    return owner
 
 
 def logits_of(model: nn.Module, h: mx.array) -> mx.array:

@@ -88,6 +88,7 @@ class ExpertStreamer:
         # Called between the expert groups of a layer; raises to stop (generate sets it during a
         # prefill whose cache it can roll back; see prefill_progress).
         self.abort_check: Callable[[], None] | None = None
+        self.touched: set[Key] | None = None  # when a set: every (layer, expert) routed to (bench)
         self._pinned: set[Key] = set()
         self._inflight: dict[Key, tuple[ExpertCache, "Future[int]"]] = {}
         self._prefetched: set[Key] = set()  # resident because of a prediction, not yet used
@@ -179,6 +180,8 @@ class ExpertStreamer:
         waits: list[tuple[Key, Future[int]]] = []
         filled: list[int] = []
         keys = [(layer, int(e)) for e in experts]
+        if self.touched is not None:
+            self.touched.update(keys)
         self._pinned.update(keys)
         self.drain_prefetch()  # predicted experts become ordinary resident ones
         for i, key in enumerate(keys):
