@@ -203,7 +203,7 @@ def _number(
         return default
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
     if integer:
-        ok = ok and float(value).is_integer()
+        ok = ok and (isinstance(value, int) or float(value).is_integer())  # no float() of a huge int (OverflowError)
     ok = ok and (low < value if low_open else low <= value) and value <= high
     bound = f"({low}, {high}]" if low_open else f"[{low}, {high}]"
     _need(ok, key, f"must be {'an integer' if integer else 'a number'} in {bound}")

@@ -158,3 +158,10 @@ def test_logit_bias_crosses_the_stdio_protocol_and_bad_ids_are_named() -> None:
         assert bad in line
         with pytest.raises(ProtocolError, match="chat.sampling.logit_bias"):
             protocol.decode_request(line)
+
+
+@pytest.mark.parametrize("field", ["top_k", "max_tokens", "seed", "temperature"])
+def test_a_huge_integer_is_a_400_naming_the_field(served: Served, field: str) -> None:
+    body = json.dumps({"messages": MESSAGES})[:-1] + f', "{field}": 1{"0" * 400}}}'
+    r = httpx.post(served.server.url + "/v1/chat/completions", content=body, headers={"Content-Type": "application/json"})
+    assert field in _error(r)["message"]
