@@ -294,3 +294,17 @@ def test_lru_ranking_and_hot_keys() -> None:
     policy = LRUPolicy()
     policy.insert((0, 1))
     assert policy.ranking() == [(0, 1)]
+
+
+def test_load_request_carries_the_cache_options() -> None:
+    from engine.serving import protocol as p
+
+    line = json.dumps({"v": 1, "type": "load", "model_dir": "/m", "options": {
+        "cache_policy": "lru", "hot_set_dir": "/h", "trace_dir": "/t"}})
+    req = p.decode_request(line)
+    assert isinstance(req, p.LoadRequest)
+    assert (req.options.cache_policy, req.options.hot_set_dir, req.options.trace_dir) == ("lru", "/h", "/t")
+    assert p.decode_request(json.dumps({"v": 1, "type": "load", "model_dir": "/m"})).options.cache_policy == "lru-layer"
+    bad = json.dumps({"v": 1, "type": "load", "model_dir": "/m", "options": {"cache_policy": "arc"}})
+    with pytest.raises(p.ProtocolError, match="load.options.cache_policy"):
+        p.decode_request(bad)
