@@ -159,14 +159,21 @@ class ExpertCache:
         self.version += 1
 
     def lookup(self, key: Key) -> int | None:
-        """The slot holding ``key`` (marked as used), or None (the policy notes the miss)."""
-        with self._lock:
-            slot = self._slot_of.get(key)
-            if slot is not None:
-                self.policy.touch(key)
-            else:
-                self.policy.miss(key)
-            return slot
+        """The slot holding ``key`` (marked as used), or None (the policy notes the miss).
+
+        A key whose warm-start read is still running is waited for first (never a slot that is
+        being filled); a failed one is then a miss.
+        """
+        while True:
+            with self._lock:
+                if key not in self.pending:
+                    slot = self._slot_of.get(key)
+                    if slot is not None:
+                        self.policy.touch(key)
+                    else:
+                        self.policy.miss(key)
+                    return slot
+            self.settle(key)
 
     def assign(self, key: Key, pinned: set[Key]) -> int:
         """Give ``key`` a slot (free, or evicted from an unpinned key); the caller fills it."""

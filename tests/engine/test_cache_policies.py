@@ -308,3 +308,16 @@ def test_load_request_carries_the_cache_options() -> None:
     bad = json.dumps({"v": 1, "type": "load", "model_dir": "/m", "options": {"cache_policy": "arc"}})
     with pytest.raises(p.ProtocolError, match="load.options.cache_policy"):
         p.decode_request(bad)
+
+
+def test_lookup_of_a_key_being_warmed_waits_for_its_read() -> None:
+    cache = _cache(2)
+    future: Future[int] = Future()
+    assert cache.claim_free((0, 5), lambda slot: future)
+    threading.Timer(0.05, lambda: future.set_result(10)).start()
+    assert cache.lookup((0, 5)) is not None  # returned only once the read had ended
+    assert future.done() and not cache.pending
+    failed: Future[int] = Future()
+    assert cache.claim_free((0, 6), lambda slot: failed)
+    threading.Timer(0.05, lambda: failed.set_exception(OSError("boom"))).start()
+    assert cache.lookup((0, 6)) is None  # the failed read freed the slot: a miss
