@@ -6,8 +6,8 @@ read) is run once on one token while every module that owns stacked expert linea
 own) records how its MoE block calls it. Only arrays' shapes are built; nothing is evaluated, so
 no weight is read. A module called with routing indices (an integer array after the input) that
 it hands on to every one of its expert linears is a routed expert bank, and the indices' last
-axis is K; a module that owns a ``SwitchLinear`` but is not called that way (a grouped attention
-projection indexed by a fixed group table, for one) stays a dense module.
+axis is K; a module that owns a ``SwitchLinear`` but is not called that way, or that indexes it
+with a table it keeps (a grouped attention projection, for one), stays a dense module.
 
 The config field that sets K is found the same way: every integer field of config.json (nested
 dicts included) equal to the trained K is changed alone on a lazily built model, and the fields
@@ -47,6 +47,7 @@ class ExpertBank:
 class _Call:
     order: int
     shape: tuple[int, ...]  # the routing indices' shape
+    indices: mx.array  # the indices themselves (to tell computed routing from a stored table)
 
 
 def expert_linear_owners(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -86,7 +87,7 @@ def _recording(owners: list[nn.Module]) -> Iterator[dict[int, _Call]]:
             if id(self) in wanted and id(self) not in calls:
                 indices = _indices_of(args, kwargs)
                 if indices is not None:
-                    calls[id(self)] = _Call(len(calls), tuple(indices.shape))
+                    calls[id(self)] = _Call(len(calls), tuple(indices.shape), indices)
             return _original(self, *args, **kwargs)
 
         cls.__call__ = recorder  # type: ignore[method-assign]
@@ -98,6 +99,14 @@ def _recording(owners: list[nn.Module]) -> Iterator[dict[int, _Call]]:
                 del cls.__call__
             else:
                 cls.__call__ = original  # type: ignore[method-assign]
+
+
+def _is_stored(array: mx.array, module: nn.Module) -> bool:
+    """Whether ``array`` is one of the arrays ``module`` (or a submodule) keeps as an attribute."""
+    for _, sub in module.named_modules():
+        if any(value is array for value in sub.values()):
+            return True
+    return False
 
 
 def _run_one_token(model: nn.Module) -> None:
@@ -142,6 +151,8 @@ def probe_banks(model: nn.Module, where: str = "model") -> list[ExpertBank]:
             continue  # owns expert linears but is not called with routing indices: dense
         if any(id(c) not in calls or calls[id(c)].shape != call.shape for c in linears.values()):
             continue  # its expert linears are indexed by something else than its routing input
+        if any(_is_stored(calls[id(c)].indices, module) for c in linears.values()):
+            continue  # indexed by a table the module keeps (fixed groups), not by routing
         keys: list[str] = []
         for name, child in linears.items():
             flat: list[tuple[str, Any]] = tree_flatten(child.parameters())  # type: ignore[assignment]

@@ -110,3 +110,51 @@ def test_folder_support_names_the_family(family_model: Any) -> None:
     support = family_support("kimi_k2")  # mlx-lm maps kimi_k2 to deepseek_v3
     assert support is not None and support.family == "deepseek_v3"
     assert family_support("llama") is None
+
+
+def test_discovery_follows_the_routing_not_the_names() -> None:
+    """A made-up family: odd names, K in an attribute of its own, and a SwitchLinear in attention
+    indexed by a fixed group table. Only the routed bank is found, with the block's K."""
+    import mlx.core as mx
+    import mlx.nn as nn
+    from mlx_lm.models.switch_layers import SwitchGLU, SwitchLinear
+
+    from engine.model.discovery import probe_banks
+
+    class GroupedAttention(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.grouped = SwitchLinear(8, 8, 2)
+            self.groups = mx.array([[0, 1]])
+
+        def __call__(self, x: mx.array, positions: mx.array) -> mx.array:
+            return self.grouped(x[..., None, :], self.groups).sum(axis=-2) + positions[..., None]
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attention = GroupedAttention()
+            self.chooser = nn.Linear(8, 6)
+            self.pool = SwitchGLU(8, 4, 6)
+            self.picks = 3
+
+        def __call__(self, x: mx.array) -> mx.array:
+            x = self.attention(x, mx.zeros(x.shape[:-1], dtype=mx.int32))
+            chosen = mx.argpartition(self.chooser(x), kth=-self.picks, axis=-1)[..., -self.picks :]
+            return x + self.pool(x, chosen).sum(axis=-2)
+
+    class Toy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(16, 8)
+            self.blocks = [Block(), Block()]
+
+        def __call__(self, tokens: mx.array, cache: object = None) -> mx.array:
+            x = self.embed(tokens)
+            for block in self.blocks:
+                x = block(x)
+            return x
+
+    banks = probe_banks(Toy(), "toy")
+    assert [(b.path, b.k) for b in banks] == [("blocks.0.pool", 3), ("blocks.1.pool", 3)]
+    assert banks[0].param_keys == ["down_proj.weight", "gate_proj.weight", "up_proj.weight"]
