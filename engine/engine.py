@@ -23,6 +23,7 @@ from engine.model.loader import ProgressFn, StreamedModel, load_streamed_model
 from engine.model.plan import MemoryPlan, make_plan
 from engine.types import EngineOptions, SamplingParams, TokenEvent
 from engine.diagnostics.traces import TraceHeader, TraceRecorder
+from engine.errors import MoeBarError
 from engine.model.hot_set import HotSetWarmer, hot_set_path, read_hot_set, save_hot_set
 
 log = logging.getLogger(__name__)
@@ -152,14 +153,20 @@ class Engine:
         if self.options.trace_dir and self._loaded.streamer.trace is None:
             self._trace_runs += 1
             name = f"trace-{time.strftime('%Y%m%d-%H%M%S')}-{self._trace_runs}.jsonl"
-            started = self.start_trace(Path(self.options.trace_dir).expanduser() / name)
+            try:
+                started = self.start_trace(Path(self.options.trace_dir).expanduser() / name)
+            except (OSError, MoeBarError) as e:  # a diagnostic: the answer goes on without it
+                log.warning("routing trace not recorded: %s", e)
         try:
             yield from events
         finally:
             if started is not None:
                 self.stop_trace()
             if self.options.hot_set_dir and time.monotonic() - self._hot_set_saved_at > 60:
-                self.save_hot_set()
+                try:
+                    self.save_hot_set()
+                except OSError as e:  # a warm start is an optimisation: never fail an answer for it
+                    log.warning("hot set not saved: %s", e)
 
     def start_trace(self, path: str | Path) -> TraceRecorder:
         """Record the routing of every layer call to ``path`` (JSON lines, diagnostics.traces).

@@ -145,10 +145,16 @@ def test_warm_start_reads_the_hot_set_back_and_stays_exact(model: Path, referenc
 def test_hot_set_of_another_model_is_ignored(model: Path, tmp_path: Path, caplog) -> None:
     path = hot_set_path(tmp_path, model)
     path.write_text(json.dumps({"hot_set": 1, "moe_layers": 60, "experts_per_layer": [512] * 60, "layers": {}}))
-    options = EngineOptions(cache_mb=cache_mb(model, "partial"), hot_set_dir=str(tmp_path))
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    # the trace folder cannot be made: the answer goes on without a trace
+    options = EngineOptions(cache_mb=cache_mb(model, "partial"), hot_set_dir=str(tmp_path), trace_dir=str(blocker / "x"))
     engine = Engine.load(model, options, measure_disk=False)
     try:
         assert engine.warmer is None
+        tokens = [ev.token for ev in engine.generate([5, 6, 7], SamplingParams(max_tokens=2))]
     finally:
         engine.close()
+    assert len(tokens) == 2
     assert "hot set ignored: it is from another model" in caplog.text
+    assert "routing trace not recorded" in caplog.text
