@@ -321,3 +321,12 @@ def test_lookup_of_a_key_being_warmed_waits_for_its_read() -> None:
     assert cache.claim_free((0, 6), lambda slot: failed)
     threading.Timer(0.05, lambda: failed.set_exception(OSError("boom"))).start()
     assert cache.lookup((0, 6)) is None  # the failed read freed the slot: a miss
+
+
+def test_recorded_engine_trace_replays() -> None:
+    path = Path(__file__).resolve().parents[2] / "bench" / "traces" / "mini-preset-engine.jsonl"
+    trace = read_trace(path)
+    assert trace.has_header and trace.header.moe_layers == 8 and trace.decode_tokens == 299
+    best = replay(trace, 4, "belady").hit_rate
+    for name in ("lru", "lru-layer", "lrfu"):
+        assert 0 < replay(trace, 4, name).hit_rate <= best
