@@ -177,6 +177,7 @@ class GaugesPanel(QtWidgets.QFrame):
             value.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
             self._labels[key] = value
             name.setToolTip(GAUGE_TIPS[key])
+            name.setWordWrap(True)  # a long name takes two lines rather than being cut off by its figure
             value.setToolTip(GAUGE_TIPS[key])
             grid.addWidget(name, row * 2, 0)
             grid.addWidget(value, row * 2, 1)

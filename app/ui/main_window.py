@@ -88,10 +88,10 @@ class MainWindow(QtWidgets.QMainWindow):
         self.splitter.addWidget(center)
         self.splitter.addWidget(self.model_panel)
         self.splitter.setStretchFactor(1, 1)
-        self.splitter.setSizes([230, 660, 290])
+        self.splitter.setSizes([230, 630, 320])
         self.splitter.setChildrenCollapsible(False)
         # An explicit minimum replaces the panel's size hint, so changing figures never move the splitter.
-        self.model_panel.setMinimumWidth(260)
+        self.model_panel.setMinimumWidth(320)  # room for the longest live figures
         self.setCentralWidget(self.splitter)
         self.overlay = DropOverlay(self, theme)
         self._build_toolbar()
