@@ -16,11 +16,13 @@ import os
 import signal
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from app.frozen import engine_command
 from app.qt import QObject, Qt, QThread, QTimer, QtCore, Signal, Slot
+from app.several_macs import EXIT_PEER_LOST, PEER_LOST
 from engine.serving import protocol
 from engine.serving.protocol import (
     CancelRequest,
@@ -109,11 +111,15 @@ class EngineProcessWorker(QObject):
     gave_up = Signal(str)
     protocol_error = Signal(str)
     server_state = Signal(object)  # ServerEvent: the local HTTP server's state
+    peer_lost = Signal(str)  # another machine's rank stopped answering: the engine's own words
     stopped = Signal()
 
     def __init__(self, command: Sequence[str], log_path: Path | None) -> None:
         super().__init__()
         self._command = list(command)
+        self._environment: dict[str, str] = {}  # added to the engine's environment (e.g. MLX_RANK)
+        # Rewords an error for people (set from the GUI thread before use; called in this thread).
+        self.error_wording: Callable[[ErrorEvent], str] | None = None
         self._log_path = log_path
         self._process: QtCore.QProcess | None = None
         self._buffer = bytearray()
@@ -144,6 +150,8 @@ class EngineProcessWorker(QObject):
         process = QtCore.QProcess(self)
         env = QtCore.QProcessEnvironment.systemEnvironment()
         env.insert("PYTHONUNBUFFERED", "1")
+        for name, value in self._environment.items():
+            env.insert(name, value)
         process.setProcessEnvironment(env)
         process.readyReadStandardOutput.connect(self._read_stdout)
         process.readyReadStandardError.connect(self._read_stderr)
@@ -217,9 +225,31 @@ class EngineProcessWorker(QObject):
         if pid:
             os.kill(pid, signal.SIGKILL)
 
+    @Slot(object)
+    def relaunch(self, environment: dict[str, str]) -> None:
+        """Give the engine `environment` from now on: a running engine is stopped and started again with it.
+
+        The model is loaded again; answers cut off by the restart are reported through `engine_lost`.
+        """
+        self._environment = dict(environment)
+        if self._process is None:
+            if self._state == FAILED:
+                self.restart()
+            return  # a stopped engine, or one about to restart, starts with the new environment
+        lost, self._in_flight = self._in_flight, []
+        self._stop_process()
+        if lost:
+            self.engine_lost.emit("The engine was restarted with the new Several Macs settings.", lost)
+        self.start()
+
     @Slot()
     def shutdown(self) -> None:
         """Stop the engine: ask politely, wait a little, then kill. Emits `stopped`."""
+        self._stop_process()
+        self._set_state(STOPPED)
+        self.stopped.emit()
+
+    def _stop_process(self) -> None:
         self._stopping = True
         process = self._process
         if process is not None:
@@ -229,8 +259,6 @@ class EngineProcessWorker(QObject):
                 process.kill()
                 process.waitForFinished(2000)
         self._process = None
-        self._set_state(STOPPED)
-        self.stopped.emit()
 
     # ------------------------------------------------------------ process I/O
 
@@ -318,6 +346,10 @@ class EngineProcessWorker(QObject):
             self.server_state.emit(event)
 
     def _on_error_event(self, event: ErrorEvent) -> None:
+        if event.code == PEER_LOST:
+            self.peer_lost.emit(event.message)
+        if self.error_wording is not None:
+            event = replace(event, message=self.error_wording(event))
         if event.id is None and self._loads_pending:
             # A load failed; the engine dropped the model it had. If it was the last load sent,
             # that model cannot be loaded: say so and do not load it again after a restart.
@@ -353,6 +385,12 @@ class EngineProcessWorker(QObject):
             return
         crashed = status == QtCore.QProcess.ExitStatus.CrashExit
         reason = describe_exit(exit_code, crashed, list(self._stderr_tail), self._fatal_message)
+        if not crashed and exit_code == EXIT_PEER_LOST and not self._fatal_message:
+            # a collective's watchdog ended the engine: another machine's rank never answered
+            said = next((line.strip() for line in reversed(self._stderr_tail) if line.strip()), reason)
+            self.peer_lost.emit(said)
+            if self.error_wording is not None:
+                reason = self.error_wording(ErrorEvent(code=PEER_LOST, message=said, usable=False))
         log.warning("%s", reason)
         lost, self._in_flight = self._in_flight, []
         if self._serve_request is not None and self._serve_request.enabled:
@@ -405,6 +443,7 @@ class EngineBridge(QObject):
     gave_up = Signal(str)  # reason; call restart() to try again
     protocol_error = Signal(str)
     server_state = Signal(object)  # ServerEvent: the local HTTP server (on/off, address, requests running)
+    peer_lost = Signal(str)  # another machine's rank stopped answering (the engine's words)
 
     _start_requested = Signal()
     _serve_requested = Signal(object)
@@ -415,6 +454,7 @@ class EngineBridge(QObject):
     _restart_requested = Signal()
     _kill_requested = Signal()
     _shutdown_requested = Signal()
+    _relaunch_requested = Signal(object)
 
     def __init__(
         self,
@@ -426,13 +466,14 @@ class EngineBridge(QObject):
         self.command = list(command) if command else engine_command_from_env()
         self.state = STOPPED
         self.model: LoadedEvent | None = None
+        self.environment: dict[str, str] = {}  # what the engine process gets besides this process's environment
         self._thread = QThread()
         self._thread.setObjectName("engine-bridge")
         self._worker = EngineProcessWorker(self.command, log_path)
         self._worker.moveToThread(self._thread)
         self._thread.finished.connect(self._worker.deleteLater)
         for name in ("hello", "progress", "token", "prefill", "tool_call", "stats", "done", "error",
-                     "unloaded", "engine_lost", "restarting", "gave_up", "protocol_error"):
+                     "unloaded", "engine_lost", "restarting", "gave_up", "protocol_error", "peer_lost"):
             getattr(self._worker, name).connect(getattr(self, name))
         self._worker.loaded.connect(self._on_loaded)
         self.server: ServerEvent | None = None  # the local server's last reported state
@@ -447,6 +488,7 @@ class EngineBridge(QObject):
         self._restart_requested.connect(self._worker.restart, queued)
         self._kill_requested.connect(self._worker.kill_for_test, queued)
         self._serve_requested.connect(self._worker.serve, queued)
+        self._relaunch_requested.connect(self._worker.relaunch, queued)
         self._shutdown_requested.connect(self._worker.shutdown, Qt.ConnectionType.BlockingQueuedConnection)
         self._thread.start()
 
@@ -477,6 +519,15 @@ class EngineBridge(QObject):
     def kill_engine(self) -> None:
         """SIGKILL the engine process (to test or demonstrate crash recovery)."""
         self._kill_requested.emit()
+
+    def set_engine_environment(self, environment: dict[str, str]) -> None:
+        """Variables the engine process gets (e.g. MLX_RANK, MLX_HOSTFILE); a running engine restarts with them."""
+        self.environment = dict(environment)
+        self._relaunch_requested.emit(dict(environment))
+
+    def set_error_wording(self, wording: Callable[[ErrorEvent], str] | None) -> None:
+        """Reword the engine's errors for people (e.g. a lost Mac named by its address) before anyone sees them."""
+        self._worker.error_wording = wording
 
     def serve(self, enabled: bool, host: str = "127.0.0.1", port: int = 8080, api_key: str | None = None) -> None:
         """Serve the loaded model over the OpenAI API from the engine (or stop); `server_state` reports back."""

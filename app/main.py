@@ -28,6 +28,7 @@ from app.ui.model_manager import ModelManager
 from app.ui.model_picker import ModelPicker
 from app.ui.quick_ask import QuickAskWindow
 from app.ui.settings_dialog import SettingsDialog
+from app.ui.several_macs_panel import SeveralMacsController, SeveralMacsPanel
 from app.ui.theme import app_icon, apply_theme, resolve_theme
 from app.ui.tray import TrayController, tray_available
 from app.ui.tray_extras import install_tray_extras
@@ -62,6 +63,7 @@ class MoeBarApp(QtCore.QObject):
         self.models = ModelManager(self.bridge, self.settings)
         self.picker = ModelPicker(self.bridge, self.settings, self.models)
         self.local_server = LocalServerController(self.bridge, self.settings)
+        self.several_macs = SeveralMacsController(self.bridge, self.settings)  # before the engine starts
         self.window = MainWindow(self.controller, self.bridge, self.settings, self.history, self.theme)
         self.quick_ask = QuickAskWindow(self.bridge, self.settings, self.history, self.theme)
         self.hotkey = GlobalHotkey(hotkey if hotkey is not None else hotkey_backend(), self)
@@ -86,6 +88,7 @@ class MoeBarApp(QtCore.QObject):
         self.models.failed.connect(lambda text: self.window.show_notice("error", text))
         self.picker.failed.connect(lambda text: self.window.show_notice("error", text))
         self.local_server.failed.connect(lambda text: self.window.show_notice("error", text))
+        self.several_macs.failed.connect(lambda text: self.window.show_notice("error", text))
         for problem in self.mcp.problems:
             self.window.show_notice("warning", f"MCP servers: {problem}")
         self.models.using_demo.connect(self._on_using_demo)
@@ -117,7 +120,7 @@ class MoeBarApp(QtCore.QObject):
             self.local_server.apply()  # sent to the engine with (after) the model's load
 
     def build_settings_dialog(self) -> SettingsDialog:
-        """The settings dialog with the MCP servers' and the local server's sections."""
+        """The settings dialog with the MCP servers', the local server's and the several Macs' sections."""
         trained = 0
         if self.bridge.model is not None:
             trained = int(self.bridge.model.plan.get("trained_experts_per_token", 0) or 0)
@@ -126,6 +129,9 @@ class MoeBarApp(QtCore.QObject):
         server_panel = LocalServerPanel(self.settings, self.local_server, dialog)
         dialog.add_section("Local server", server_panel)
         dialog.accepted.connect(server_panel.save)
+        macs_panel = SeveralMacsPanel(self.settings, self.several_macs, dialog)
+        dialog.add_section("Several Macs", macs_panel, macs_panel.problem)
+        dialog.accepted.connect(macs_panel.save)
         return dialog
 
     @Slot()

@@ -24,6 +24,7 @@ import keyring.errors
 
 from app import paths
 from app.qt import QObject, Signal
+from app.several_macs import HostListError, check_hosts
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +86,10 @@ class Settings:
         "str", "Address the local server listens on; 127.0.0.1 is this computer only.", max_length=255))
     local_server_port: int = field(default=8080, metadata=_describe(
         "int", "TCP port of the local server.", min=1, max=65535))
+    several_macs_enabled: bool = field(default=False, metadata=_describe(
+        "bool", "Run the model on several Macs (expert parallelism), this one as rank 0; needs two hosts."))
+    several_macs_hosts: tuple[str, ...] = field(default=(), metadata=_describe(
+        "host_list", "The Macs that run the model together, as host:port, this Mac first (rank 0)."))
 
 SETTING_NAMES: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Settings))
 _FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
@@ -95,7 +100,7 @@ class SettingInfo:
     """What a preferences screen needs to show one setting."""
 
     name: str
-    kind: str  # "bool", "int", "optional_int", "float", "str", "str_list", "str_set" or "base64"
+    kind: str  # "bool", "int", "optional_int", "float", "str", "str_list", "str_set", "host_list" or "base64"
     default: Any
     description: str
     choices: tuple[str, ...] | None
@@ -153,6 +158,13 @@ def validate_setting(name: str, value: Any) -> Any:
         if not all(isinstance(item, str) and item for item in value):
             raise SettingsError(f"Setting '{name}' must contain only non-empty text.")
         return tuple(value)[: meta.get("max_items", len(value))]
+    if kind == "host_list":
+        if isinstance(value, str) or not isinstance(value, (list, tuple)):
+            raise SettingsError(f"Setting '{name}' must be a list of host:port, not {value!r}.")
+        try:
+            return check_hosts(value)
+        except HostListError as exc:
+            raise SettingsError(f"Setting '{name}': {exc}") from None
     if kind == "str_set":
         if isinstance(value, str) or not isinstance(value, (list, tuple, set, frozenset)):
             raise SettingsError(f"Setting '{name}' must be a list of names, not {value!r}.")

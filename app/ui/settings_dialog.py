@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from app.qt import Qt, QtGui, QtWidgets, Slot
@@ -22,6 +23,7 @@ class SettingsDialog(QtWidgets.QDialog):
         self.setObjectName("settingsDialog")
         self.settings = settings
         self._trained_k = trained_k
+        self._section_checks: list[Callable[[], str | None]] = []
         s = settings.settings
 
         self.system_prompt = QtWidgets.QPlainTextEdit(s.system_prompt, self)
@@ -112,8 +114,15 @@ class SettingsDialog(QtWidgets.QDialog):
         layout.addWidget(buttons, 0, Qt.AlignmentFlag.AlignRight)
         self._update_k_warning()
 
-    def add_section(self, title: str, widget: QtWidgets.QWidget) -> QtWidgets.QGroupBox:
-        """Add a titled section (a feature's own panel, e.g. MCP servers) above the error line and buttons."""
+    def add_section(self, title: str, widget: QtWidgets.QWidget,
+                    check: Callable[[], str | None] | None = None) -> QtWidgets.QGroupBox:
+        """Add a titled section (a feature's own panel, e.g. MCP servers) above the error line and buttons.
+
+        `check`, if given, says why the section's values cannot be saved (None when they can): OK then
+        keeps the dialog open with that reason.
+        """
+        if check is not None:
+            self._section_checks.append(check)
         box = QtWidgets.QGroupBox(title, self)
         QtWidgets.QVBoxLayout(box).addWidget(widget)
         layout = self.layout()
@@ -144,6 +153,11 @@ class SettingsDialog(QtWidgets.QDialog):
     @Slot()
     def accept(self) -> None:
         """Validate and save; stay open with the reason if a value is refused."""
+        problem = next((p for p in (check() for check in self._section_checks) if p), None)
+        if problem is not None:
+            self.error_label.setText(problem)
+            self.error_label.show()
+            return
         try:
             self.settings.update(self.values())
         except (SettingsError, OSError) as exc:

@@ -264,6 +264,7 @@ class LoadedEvent:
     supports_thinking: bool = False
     plan: dict[str, Any] = field(default_factory=dict)
     load_s: float = 0.0
+    ranks: int = 1  # machines running the model together (expert parallelism); 1 when alone
 
 
 @dataclass

@@ -458,6 +458,7 @@ def _loaded_event(engine: "Engine", fmt: ChatFormat, load_s: float) -> LoadedEve
         supports_thinking=fmt.supports_thinking,
         plan=plan,
         load_s=load_s,
+        ranks=engine.parallel.size if engine.parallel is not None else 1,
     )
 
 

@@ -5,12 +5,16 @@ Run as ``python tests/app/fake_engine.py``. The last user message steers it:
   "crash"        -> SIGKILL itself after three answer tokens
   "oom"          -> print a MemoryError traceback after two tokens and exit 1
   "fatal"        -> send an error event with usable=false after two tokens, then wait
+  "peer_lost"    -> as the real engine when another Mac's rank dies mid-answer: error peer_lost
+                    (usable=false), done "error", then wait to be killed
+  "peer_exit"    -> as a rank whose collective's watchdog expired: the stderr line, exit status 75
   "tool:NAME"    -> call tool NAME with {"path": "notes.txt"} ("tool:NAME {...}": with those arguments)
   "slow"         -> 100 tokens, 30 ms apart (to test Stop)
   "attack:TEXT"  -> TEXT as the thinking, as the answer (in 7-character pieces), as a tool call's
                     name and as its argument names and values (a hostile model's output)
 Anything else is echoed back word by word after a short reasoning. After a tool result the
-answer quotes the result. Loading a folder whose name starts with "bad" fails with an error
+answer quotes the result. Started with MLX_RANK and MLX_HOSTFILE (several Macs), its loaded
+event reports a rank per hostfile entry and its plan echoes the two variables. Loading a folder whose name starts with "bad" fails with an error
 event naming a weight file, as the real engine does for a truncated shard.
 """
 
@@ -89,6 +93,18 @@ def answer(request: ChatRequest) -> None:
         stream(rid, ["about ", "to "], delay=0.01, finish=False)
         send(ErrorEvent(code="out_of_memory", message="Out of memory while reading experts.", usable=False, id=rid))
         time.sleep(30)
+    if text == "peer_lost":
+        stream(rid, ["one ", "two "], delay=0.01, finish=False)
+        send(ErrorEvent(code="peer_lost", usable=False, id=rid, message="rank 0 of 2: expert layer 3: [ring] "
+                        "Connection reset by peer; another rank stopped"))
+        send(DoneEvent(id=rid, finish_reason="error", figures=MessageFigures(generated_tokens=2)))
+        time.sleep(30)
+    if text == "peer_exit":
+        stream(rid, ["one "], delay=0.01, finish=False)
+        sys.stderr.write("error: rank 0/2: expert layer 1: no answer within 120 s; a peer rank died or cannot be "
+                         "reached. Stopping this rank.\n")
+        sys.stderr.flush()
+        os._exit(75)
     if text == "longprompt":  # a long prefill: progress, then (unless stopped) the answer
         for layer in range(0, 61, 6):
             if rid in _cancelled:
@@ -138,9 +154,14 @@ def main() -> None:
                             ".safetensors: truncated safetensors file (1000 bytes, no header)"))
         elif isinstance(request, LoadRequest):
             send(ProgressEvent(stage="loading", fraction=0.5))
+            plan: dict[str, object] = {"resident_bytes": 1000, "streamed_bytes": 5000}
+            ranks = 1
+            if os.environ.get("MLX_RANK") is not None and os.environ.get("MLX_HOSTFILE"):
+                ranks = len(json.loads(Path(os.environ["MLX_HOSTFILE"]).read_text()))
+                plan.update(mlx_rank=os.environ["MLX_RANK"], mlx_hostfile=os.environ["MLX_HOSTFILE"])
             send(LoadedEvent(model_dir=request.model_dir, name=Path(request.model_dir).name or "fake",
                              model_type="fake_moe", num_layers=2, num_experts=4, experts_per_token=2,
-                             supports_tools=True, plan={"resident_bytes": 1000, "streamed_bytes": 5000}))
+                             supports_tools=True, plan=plan, ranks=ranks))
         elif isinstance(request, ChatRequest):
             worker = threading.Thread(target=answer, args=(request,), daemon=True)
             worker.start()
