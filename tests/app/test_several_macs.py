@@ -270,3 +270,14 @@ def test_switched_on_with_this_mac_alone_is_refused(qtbot, tmp_path: Path, macs)
     panel.save()
     assert settings.get("several_macs_enabled") is False and settings.get("several_macs_hosts") == HOSTS[:1]
     assert bridge.environment == {}
+
+
+def test_from_an_app_bundle_the_other_macs_run_the_bundles_engine(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from app.ui import several_macs_panel
+
+    monkeypatch.setattr(several_macs_panel, "is_frozen", lambda: True)
+    assert several_macs_panel.other_mac_engine() == (sys.executable, "--engine-stdio")
+    monkeypatch.setattr(several_macs_panel, "is_frozen", lambda: False)
+    assert several_macs_panel.other_mac_engine() == ("moebar-engine", "stdio")
