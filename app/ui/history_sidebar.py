@@ -13,6 +13,7 @@ from app.ui.theme import LIGHT, Theme, icon
 
 SEARCH_DELAY_MS = 200  # search once typing pauses, not per key
 ID_ROLE = Qt.ItemDataRole.UserRole
+ROW_PADDING_PX = 10  # at least the padding of QListWidget#historyList::item in the style sheets (6 px 8 px)
 
 
 def highlighted_snippet(hit: SearchHit) -> str:
@@ -186,7 +187,8 @@ class HistorySidebar(QtWidgets.QFrame):
             if item is None or not isinstance(label, QtWidgets.QLabel):
                 continue
             label.ensurePolished()  # the style sheet's font and padding count in the height
-            item.setSizeHint(QtCore.QSize(width, label.heightForWidth(width) + 6))
+            # The style sheet pads each row (8 px a side), so the label wraps in less than the row's width.
+            item.setSizeHint(QtCore.QSize(width, label.heightForWidth(max(60, width - 2 * ROW_PADDING_PX)) + 16))
 
     def eventFilter(self, watched: QtCore.QObject, event: QtCore.QEvent) -> bool:  # noqa: N802 (Qt override)
         """Re-fit search hits when the list's width changes."""

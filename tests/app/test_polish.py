@@ -120,6 +120,7 @@ def test_search_snippets_are_not_clipped_at_any_width(qtbot, tmp_path: Path) -> 
         conversation = store.create_conversation("Trip planning with a rather long title for the sidebar")
         store.append_message(conversation, "user", "We should pack the umbrella because the forecast in the "
                           "mountains says rain every afternoon, and the umbrella is light enough to carry.")
+        apply_theme(QtWidgets.QApplication.instance(), LIGHT)  # its row padding counts
         sidebar = HistorySidebar(store)
         qtbot.addWidget(sidebar)
         sidebar.resize(230, 600)
@@ -134,6 +135,6 @@ def test_search_snippets_are_not_clipped_at_any_width(qtbot, tmp_path: Path) -> 
             label = sidebar.list.itemWidget(item)
             shown = sidebar.list.visualItemRect(item)
             assert shown.right() < sidebar.list.viewport().width(), width  # no text cut off at the right
-            assert label.heightForWidth(label.width()) <= shown.height(), width  # nor at the bottom
+            assert label.heightForWidth(label.width()) <= label.height(), width  # nor at the bottom
     finally:
         store.close()
