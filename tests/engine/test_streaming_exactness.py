@@ -79,6 +79,21 @@ def test_streamed_tokens_equal_mlx_lm(tiny_model, model_type: str, bits: int, si
 
 
 @pytest.mark.parametrize("model_type", ["qwen3_moe", "qwen3_next", "qwen3_5_moe"])
+def test_prompt_in_several_prefill_passes_equals_mlx_lm(tiny_model, model_type: str) -> None:
+    """The 300-token prompt in three layer-major passes (128 + 128 + 44) with a partial cache."""
+    path = tiny_model(model_type, 4)
+    options = EngineOptions(cache_mb=cache_mb(path, "partial"), prefill_chunk=64, prefill_pass_tokens=128)
+    engine = Engine.load(path, options, measure_disk=False)
+    try:
+        assert engine.layer_major_prefill and engine.prefill_pass_tokens == 128
+        events = list(engine.generate(long_prompt(), SamplingParams(max_tokens=GENERATED_TOKENS)))
+        check_cache_was_exercised(engine, "partial")
+    finally:
+        engine.close()
+    assert [e.token for e in events] == _reference(path)
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "qwen3_next", "qwen3_5_moe"])
 def test_streamed_logits_match_in_memory_logits(tiny_model, model_type: str) -> None:
     path = tiny_model(model_type, 4)
     ref_model, _ = load_model(path)
