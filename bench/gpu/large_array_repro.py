@@ -1,0 +1,176 @@
+"""Does MLX's quantized gather-matmul read the right expert from a stacked array of several GiB?
+
+Seen at Qwen3.5-397B's shape on the lent H200 (MLX 0.32.4, CUDA): with one slot pool of 2,048
+experts (4 GiB per stacked weight array) the engine's logits were 1.02 off mlx-lm's; split into
+pools of at most 1,024 slots (2 GiB) they were exact. This script looks for the cause against
+plain MLX, without the engine:
+
+- a stacked ``[S, 1024, 512]`` uint32 weight (2 MiB a slot, one Qwen3.5-397B expert projection)
+  with bf16 scales and biases, for S giving 1, 2, 3, 4 and 6 GiB (``--sizes``);
+- every slot holds one of 61 distinct patterns (61 is prime, so a read that wraps at a power of
+  two lands on another pattern), and the reference for a slot is computed from its pattern's own
+  small arrays, never from the large one;
+- ``gather_qmm`` on rows routed to slots spread over the whole array (both ends, the middle,
+  the 2 GiB and 4 GiB boundaries), in bf16 and fp32 activations, sorted and unsorted;
+- the same with the array built the engine's way: ``mx.zeros`` then written through a NumPy
+  view (``SlotPool``), its pages moved to the GPU (``slots_to_device``) as for a full cache.
+
+Prints one line per case and writes ``--json``; exits 1 when any case differs from its reference
+by more than ``--atol`` (so the size limit in engine/model/array_limits.py can be set from it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import numpy as np
+
+ROWS, COLS_PACKED, GROUPS = 1024, 512, 64  # one expert projection: 1024 x 4096 at 4 bits, group 64
+PATTERNS = 61
+SLOT_BYTES = ROWS * COLS_PACKED * 4
+
+
+def _patterns(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    w = rng.integers(0, 2**32, size=(PATTERNS, ROWS, COLS_PACKED), dtype=np.uint32)
+    scales = (rng.uniform(0.9, 1.0, size=(PATTERNS, ROWS, GROUPS)) * 2.0 / 15 / 64).astype(np.float32)
+    biases = (-7.5 * scales).astype(np.float32)
+    return w, scales, biases
+
+
+def _probe_slots(n_slots: int) -> list[int]:
+    """Slots spread over the array, including either side of every 2 GiB boundary."""
+    picks = {0, 1, n_slots // 2, n_slots - 2, n_slots - 1}
+    per_gib = (1 << 30) // SLOT_BYTES
+    for b in range(per_gib, n_slots, per_gib):
+        picks.update({b - 1, b, min(n_slots - 1, b + 1)})
+    return sorted(p for p in picks if 0 <= p < n_slots)
+
+
+def _build_plain(n_slots: int, pats: tuple[np.ndarray, np.ndarray, np.ndarray]) -> tuple[mx.array, mx.array, mx.array]:
+    """The stacked arrays made from NumPy (MLX copies them into its own buffer)."""
+    w, s, b = pats
+    idx = np.arange(n_slots) % PATTERNS
+    big_w = mx.array(w[idx])
+    big_s = mx.array(s[idx]).astype(mx.bfloat16)
+    big_b = mx.array(b[idx]).astype(mx.bfloat16)
+    mx.eval(big_w, big_s, big_b)
+    return big_w, big_s, big_b
+
+
+def _build_slot_pool(n_slots: int, pats: tuple[np.ndarray, np.ndarray, np.ndarray]) -> tuple[Any, mx.array, mx.array, mx.array]:
+    """The engine's way: zeros, written slot by slot through the pool's NumPy views, moved to the GPU."""
+    from engine.model.expert_cache import SlotPool
+    from engine.storage.expert_layout import ExpertParam
+
+    params = [
+        ExpertParam("p.weight", "U32", (ROWS, COLS_PACKED), SLOT_BYTES),
+        ExpertParam("p.scales", "BF16", (ROWS, GROUPS), ROWS * GROUPS * 2),
+        ExpertParam("p.biases", "BF16", (ROWS, GROUPS), ROWS * GROUPS * 2),
+    ]
+    pool = SlotPool(params, n_slots)
+    w, s, b = pats
+    raw = [
+        w.view(np.uint8).reshape(PATTERNS, -1),
+        mx_bf16_bytes(s),
+        mx_bf16_bytes(b),
+    ]
+    for slot in range(n_slots):
+        for dest, src in zip(pool.dests(slot), raw):
+            assert isinstance(dest, np.ndarray)
+            dest[:] = src[slot % PATTERNS]
+    pool.slots_to_device(wait=True)
+    return pool, pool.arrays["p.weight"], pool.arrays["p.scales"], pool.arrays["p.biases"]
+
+
+def mx_bf16_bytes(a: np.ndarray) -> np.ndarray:
+    """The bytes of ``a`` rounded to bf16 as MLX rounds it, one row per pattern."""
+    return np.array(mx.view(mx.array(a).astype(mx.bfloat16), mx.uint8)).reshape(a.shape[0], -1)
+
+
+def _case(big: tuple[mx.array, mx.array, mx.array], pats: tuple[np.ndarray, np.ndarray, np.ndarray],
+          n_slots: int, dtype: mx.Dtype, sort: bool, seed: int) -> dict[str, Any]:  # fmt: skip
+    """gather_qmm over probe slots against per-pattern quantized_matmul references."""
+    big_w, big_s, big_b = big
+    slots = _probe_slots(n_slots)
+    rng = np.random.default_rng(seed)
+    x_np = rng.standard_normal((len(slots), 1, 1, ROWS * 0 + COLS_PACKED * 8)).astype(np.float32)
+    x = mx.array(x_np).astype(dtype)
+    idx = mx.array(np.array(slots, dtype=np.uint32).reshape(-1, 1))
+    if sort:  # mlx-lm's sorted call shape: rows [N, 1, D], indices [N]
+        y = mx.gather_qmm(x.reshape(len(slots), 1, -1), big_w, big_s, big_b, rhs_indices=idx.reshape(-1),
+                          transpose=True, group_size=64, bits=4, sorted_indices=True)  # fmt: skip
+    else:
+        y = mx.gather_qmm(x, big_w, big_s, big_b, rhs_indices=idx, transpose=True, group_size=64, bits=4)
+    y = np.array(y.astype(mx.float32)).reshape(len(slots), -1)
+    w, s, b = pats
+    worst = 0.0
+    wrong: list[int] = []
+    for i, slot in enumerate(slots):
+        p = slot % PATTERNS
+        ref = mx.quantized_matmul(
+            x[i].reshape(1, -1), mx.array(w[p]), mx.array(s[p]).astype(mx.bfloat16), mx.array(b[p]).astype(mx.bfloat16),
+            transpose=True, group_size=64, bits=4,
+        )  # fmt: skip
+        diff = float(np.abs(np.array(ref.astype(mx.float32)).reshape(-1) - y[i]).max())
+        worst = max(worst, diff)
+        if diff > 1e-2 * max(1.0, float(np.abs(y[i]).max())):
+            wrong.append(slot)
+    return {"max_abs_diff": worst, "wrong_slots": wrong, "probed": len(slots)}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", default="1,2,3,4,6", help="GiB per stacked weight array")
+    ap.add_argument("--paths", default="plain,slot_pool", help="how the array is built")
+    ap.add_argument("--atol", type=float, default=5e-2)
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--device", choices=["gpu", "cpu"], default="gpu")
+    args = ap.parse_args()
+    mx.set_default_device(mx.gpu if args.device == "gpu" else mx.cpu)
+    pats = _patterns()
+    results: list[dict[str, Any]] = []
+    failed = False
+    for gib in [float(g) for g in args.sizes.split(",")]:
+        n_slots = int(gib * (1 << 30)) // SLOT_BYTES
+        for path in args.paths.split(","):
+            t0 = time.perf_counter()
+            try:
+                if path == "plain":
+                    big = _build_plain(n_slots, pats)
+                    holder: Any = None
+                else:
+                    holder, *arrays = _build_slot_pool(n_slots, pats)
+                    big = (arrays[0], arrays[1], arrays[2])
+            except Exception as e:  # an allocation the device refuses is a result too
+                results.append({"gib": gib, "path": path, "error": repr(e)})
+                print(f"{gib:g} GiB {path:9s}: could not build: {e!r}", flush=True)
+                continue
+            for dtype_name, dtype in (("bf16", mx.bfloat16), ("fp32", mx.float32)):
+                for sort in (False, True):
+                    r = _case(big, pats, n_slots, dtype, sort, seed=int(gib * 10))
+                    r.update(gib=gib, path=path, slots=n_slots, activations=dtype_name, sorted=sort,
+                             build_s=time.perf_counter() - t0)  # fmt: skip
+                    bad = r["max_abs_diff"] > args.atol or bool(r["wrong_slots"])
+                    failed |= bad
+                    results.append(r)
+                    print(
+                        f"{gib:g} GiB {path:9s} {dtype_name} {'sorted' if sort else 'plain '}: max |diff| "
+                        f"{r['max_abs_diff']:.3g}, wrong slots {r['wrong_slots'] or 'none'}  {'FAIL' if bad else 'ok'}",
+                        flush=True,
+                    )
+            del big, holder
+            mx.clear_cache()
+    if args.json:
+        Path(args.json).write_text(json.dumps({"mlx": mx.__version__, "device": args.device, "results": results}, indent=2))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

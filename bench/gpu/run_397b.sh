@@ -1,0 +1,112 @@
+#!/usr/bin/env bash
+# Qwen3.5-397B's shape on the lent GPU (issue 13), in steps that one or two device calls can hold.
+#
+# Usage, from the repository root:  STEPS="install repro selfcheck build exact bench long" \
+#     bash bench/gpu/run_397b.sh WHEEL_DIR [WHEEL_DIR...]
+#   WHEEL_DIRs as for bench/gpu/run_h200.sh (*.whl and NAME.whl.part-aa, -ab, ...; mlx-cuda-13 is
+#   larger than one call may carry: see /work/shared/notes/gpu-notes.md). Without "install" in
+#   STEPS, /tmp/site from an earlier call on the same warm machine is used.
+# Steps (each writes under $OUT; a step that runs out of TIME_LIMIT is stopped, the rest go on):
+#   repro      bench/gpu/large_array_repro.py: gather_qmm on stacked arrays of 1-4 GiB, plain MLX
+#              and the engine's slot-pool path (the cause of the wrong logits with a 4 GiB pool)
+#   selfcheck  moebar-engine selfcheck on the GPU (exactness in fp32 and bf16, slot reuse, rows)
+#   build      the qwen3.5-397b-shape model with LAYERS layers (4: 14.5 GB of experts), packed
+#   exact      bench/gpu/check_long_prefill.py: greedy tokens after a 2,100-token prompt equal
+#              mlx-lm's (three tiny families fp32+bf16; the built model in its bf16 with no cache
+#              and with every expert cached, pools split under engine.model.array_limits)
+#   bench      moebar-engine bench at that shape: warm decode against mlx-lm, cold decode against
+#              the serial bound, measured side by side
+#   long       moebar-engine bench --long-prompt LONG_PROMPT (4096): cold TTFT at cache 0 in one
+#              pass and in passes of 512 tokens, against the one-pass bound
+# Environment: OUT, LAYERS (4), LONG_PROMPT (4096), IO_THREADS (8), DECODE_TOKENS (12), REPEATS (3),
+#   TIME_LIMIT (s for the whole script, 0: none), PTX_CACHE (a tarred MLX_PTX_CACHE_DIR to reuse).
+set -uo pipefail
+
+OUT=${OUT:-/tmp/moebar-gpu-out}
+STEPS=${STEPS:-"install repro selfcheck build exact bench long"}
+LAYERS=${LAYERS:-4}
+LONG_PROMPT=${LONG_PROMPT:-4096}
+IO_THREADS=${IO_THREADS:-8}
+DECODE_TOKENS=${DECODE_TOKENS:-12}
+REPEATS=${REPEATS:-3}
+PY=${PYTHON:-python3}
+DEVICE=${DEVICE:-gpu}  # cpu: a smoke run of the same steps off the GPU (with PYTHON=.venv/bin/python)
+SITE=/tmp/site
+WORK=/tmp/bench397
+PRESET=qwen3.5-397b-shape
+MODEL="$WORK/$PRESET-L$LAYERS"
+mkdir -p "$OUT" "$WORK"
+export MLX_PTX_CACHE_DIR=/tmp/mlx-ptx PYTHONUNBUFFERED=1
+mkdir -p "$MLX_PTX_CACHE_DIR"
+if [ -n "${PTX_CACHE:-}" ] && [ -f "$PTX_CACHE" ]; then tar -xzf "$PTX_CACHE" -C "$MLX_PTX_CACHE_DIR"; fi
+log() { echo "[$(date +%T)] $*" | tee -a "$OUT/run_397b.log"; }
+START=$(date +%s)
+has() { case " $STEPS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
+# run NAME CMD...: CMD under what is left of TIME_LIMIT (keeping 20 s to save the PTX cache)
+run() {
+    local name=$1
+    shift
+    if [ "${TIME_LIMIT:-0}" -le 0 ]; then "$@"; return; fi
+    local left=$((START + TIME_LIMIT - 20 - $(date +%s)))
+    if [ "$left" -le 5 ]; then log "no time left for $name"; return 124; fi
+    timeout --signal=INT --kill-after=5 "$left" "$@"
+}
+drop_caches() { sync && { echo 3 >/proc/sys/vm/drop_caches; } 2>/dev/null || log "could not drop the page cache"; }
+
+if has install && [ "$#" -gt 0 ]; then
+    rm -rf /tmp/wheels && mkdir -p /tmp/wheels
+    for d in "$@"; do cp "$d"/*.whl /tmp/wheels/ 2>/dev/null || true; done
+    for d in "$@"; do ls "$d"/*.whl.part-* 2>/dev/null; done | awk -F/ '{print $NF "\t" $0}' | sort | cut -f2 |
+        while read -r part; do name=$(basename "$part"); cat "$part" >>"/tmp/wheels/${name%.part-*}"; done
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" /tmp/wheels/*.whl ||
+        { log "pip install failed"; exit 2; }
+fi
+export PYTHONPATH="$SITE:$PWD"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | tee -a "$OUT/run_397b.log"
+"$PY" -c "import mlx.core as mx; print('mlx', mx.__version__, 'cuda', mx.cuda.is_available())" | tee -a "$OUT/run_397b.log"
+rc=0
+
+if has repro; then
+    log "large_array_repro"
+    run repro "$PY" bench/gpu/large_array_repro.py --device "$DEVICE" --sizes "${REPRO_SIZES:-1,2,3,4}" --json "$OUT/large_array.json" \
+        >"$OUT/large_array.log" 2>&1
+    log "large_array_repro rc=$?"; cat "$OUT/large_array.log"
+fi
+if has selfcheck; then
+    log "selfcheck"
+    run selfcheck "$PY" -m engine.cli selfcheck --device "$DEVICE" --skip disk >"$OUT/selfcheck.log" 2>&1 || rc=1
+    tail -n 20 "$OUT/selfcheck.log"
+fi
+if has build && [ ! -f "$MODEL/moebar-packed/index.json" ]; then
+    log "building $PRESET with $LAYERS layers"
+    run build "$PY" -c "from engine.demo.demo_model import build_random_moe_model as b; \
+b('$MODEL', 'qwen3_5_moe', 4, preset='$PRESET', num_layers=$LAYERS, overwrite=True)" && \
+        run pack "$PY" -m engine.cli pack --quiet "$MODEL" || { log "build failed"; exit 4; }
+    log "built: $(du -sh "$MODEL" | cut -f1)"
+fi
+if has exact; then
+    log "check_long_prefill"
+    extra=()
+    [ -f "$MODEL/config.json" ] && extra=(--model "$MODEL")
+    run exact "$PY" bench/gpu/check_long_prefill.py --device "$DEVICE" "${extra[@]}" ${EXACT_ARGS:-} --json "$OUT/long_exact.json" \
+        >"$OUT/long_exact.log" 2>&1 || rc=1
+    cat "$OUT/long_exact.log"
+fi
+if has bench; then
+    drop_caches
+    log "bench (decode side by side)"
+    run bench "$PY" -m engine.cli bench --preset "$PRESET" --layers "$LAYERS" --device "$DEVICE" --work-dir "$WORK" \
+        --io-threads "$IO_THREADS" --decode-tokens "$DECODE_TOKENS" --prompt-tokens 24 --prefill-chunk 16 \
+        --repeats "$REPEATS" --disk-bytes $((2 << 30)) --json "$OUT/bench_397b.json" >"$OUT/bench_397b.log" 2>&1 || rc=1
+    tail -n 25 "$OUT/bench_397b.log"
+fi
+if has long; then
+    drop_caches
+    log "bench --long-prompt $LONG_PROMPT"
+    run long "$PY" -m engine.cli bench --preset "$PRESET" --layers "$LAYERS" --device "$DEVICE" --work-dir "$WORK" \
+        --io-threads "$IO_THREADS" --long-prompt "$LONG_PROMPT" --prefill-chunk 512 --disk-bytes $((2 << 30)) \
+        --json "$OUT/long_prompt_397b.json" >"$OUT/long_prompt_397b.log" 2>&1 || rc=1
+    tail -n 12 "$OUT/long_prompt_397b.log"
+fi
+tar -czf "$OUT/mlx_ptx.tgz" -C "$MLX_PTX_CACHE_DIR" . 2>/dev/null
+exit $rc
