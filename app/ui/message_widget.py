@@ -143,6 +143,18 @@ class MessageWidget(QtWidgets.QFrame):
         layout.addLayout(actions)
         self.refresh()
 
+    def resizeEvent(self, event: QtGui.QResizeEvent) -> None:  # noqa: N802 (Qt override)
+        """Wrapped labels claim the height their text needs at this width, so the scroll area's
+        layout (which sizes by minimum heights) never squeezes them under the action icons."""
+        super().resizeEvent(event)
+        self._fit_wrapped_labels()
+
+    def _fit_wrapped_labels(self) -> None:
+        for label in (self.status_label, self.figures_label):
+            needed = label.heightForWidth(label.width()) if label.text() else 0
+            if needed > 0 and label.minimumHeight() != needed:
+                label.setMinimumHeight(needed)
+
     def _action_button(self, icon_name: str, tip: str) -> QtWidgets.QToolButton:
         button = QtWidgets.QToolButton(self)
         button.setObjectName("messageAction")

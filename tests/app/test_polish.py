@@ -138,3 +138,18 @@ def test_search_snippets_are_not_clipped_at_any_width(qtbot, tmp_path: Path) -> 
             assert label.heightForWidth(label.width()) <= label.height(), width  # nor at the bottom
     finally:
         store.close()
+
+
+def test_action_icons_sit_below_the_text_at_any_width(qtbot, main_window) -> None:
+    entry = ChatEntry(role="assistant", content="A reply long enough to wrap over several lines. " * 12,
+                      status="interrupted", note="the engine stopped: " + "reason " * 30)
+    main_window.chat_view.add_entry(entry)
+    widget = main_window.chat_view.widget_for(entry.key)
+    for width in (1180, 800, 640):
+        main_window.resize(width, 760)
+        qtbot.wait(50)
+        texts = [w.geometry() for w in (widget.text_view, widget.status_label, widget.figures_label) if w.isVisible()]
+        buttons = [b.geometry() for b in (widget.copy_button, widget.regenerate_button, widget.delete_button)
+                   if b.isVisible()]
+        assert buttons and texts
+        assert not any(b.intersects(t) for b in buttons for t in texts), width
