@@ -276,8 +276,8 @@ def test_a_follower_lost_mid_answer_is_a_named_error_from_the_app_engine(tiny_mo
     try:
         leader.events.next(timeout=120)
         leader.send({"type": "load", "model_dir": str(model), "options": {"cache_mb": 0}})
-        assert isinstance(leader.events.until(lambda e: isinstance(e, (LoadedEvent, ErrorEvent)), timeout=300)[-1],
-                          LoadedEvent)
+        loaded = leader.events.until(lambda e: isinstance(e, (LoadedEvent, ErrorEvent)), timeout=300)[-1]
+        assert isinstance(loaded, LoadedEvent) and loaded.ranks == 2  # the app's host states read it
         leader.send({"type": "chat", "id": "x", "messages": [{"role": "user", "content": "Count to a thousand"}],
                      "sampling": {"temperature": 0.0, "max_tokens": 400}})
         leader.events.until(lambda e: isinstance(e, TokenTextEvent) and e.id == "x", timeout=300)
