@@ -148,3 +148,17 @@ def test_rate_time_left_and_labels() -> None:
     assert check_repo_id(" mlx-community/Qwen3-30B-A3B-4bit ") == "mlx-community/Qwen3-30B-A3B-4bit"
     with pytest.raises(ValueError, match="owner/name"):
         check_repo_id("not a repo")
+
+
+def test_packing_checks_its_own_disk_and_reports_failures(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from app.ui.model_download import pack_downloaded_model
+
+    folder = tmp_path / "downloaded"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"model_type": "qwen3_moe"}')
+    with monkeypatch.context() as patch:
+        patch.setattr(model_download, "free_bytes", lambda path: 10**6)
+        with pytest.raises(DownloadError, match=r"^Packing downloaded needs 9\.1 MB more free disk .*works unpacked$"):
+            pack_downloaded_model(folder, 10**7)
+    with pytest.raises(DownloadError, match=r"^Packing downloaded failed: .*; the model works unpacked$"):
+        pack_downloaded_model(folder, 1000)  # the engine's pack refuses a folder without weights
