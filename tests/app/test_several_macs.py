@@ -281,3 +281,20 @@ def test_from_an_app_bundle_the_other_macs_run_the_bundles_engine(monkeypatch: p
     assert several_macs_panel.other_mac_engine() == (sys.executable, "--engine-stdio")
     monkeypatch.setattr(several_macs_panel, "is_frozen", lambda: False)
     assert several_macs_panel.other_mac_engine() == ("moebar-engine", "stdio")
+
+
+def test_new_hosts_restart_the_engine_and_an_answer_under_way_is_reported_cut_off(qtbot, tmp_path: Path,
+                                                                                  macs) -> None:
+    from engine.serving.protocol import ChatMessage, ChatRequest
+
+    settings, controller, bridge = macs
+    bridge.load(tmp_path / "fake-model")
+    qtbot.waitUntil(lambda: bridge.state == READY, timeout=10_000)
+    bridge.chat(ChatRequest(id="slow1", messages=[ChatMessage(role="user", content="slow")]))
+    qtbot.waitUntil(lambda: bridge.state == "busy", timeout=10_000)
+    with qtbot.waitSignal(bridge.engine_lost, timeout=10_000) as lost:
+        settings.set("several_macs_hosts", [*HOSTS, "10.0.0.3:5100"])
+    assert lost.args == ["The engine was restarted with the new Several Macs settings.", ["slow1"]]
+    assert _state_texts(controller)[2] == "10.0.0.3:5100 — waiting"
+    qtbot.waitUntil(lambda: bridge.model is not None and bridge.model.ranks == 3, timeout=10_000)
+    assert _state_texts(controller)[1:] == ["10.0.0.2:5100 — connected", "10.0.0.3:5100 — connected"]
