@@ -14,7 +14,7 @@ from pathlib import Path
 
 from app.bridge import EngineBridge
 from app.frozen import ENGINE_STDIO_FLAG, is_frozen
-from app.qt import QObject, QtWidgets, Signal, Slot
+from app.qt import QObject, QtGui, QtWidgets, Signal, Slot
 from app.settings import SettingsError, SettingsStore
 from app.several_macs import (
     OTHER_MAC_ENGINE,
@@ -160,6 +160,8 @@ class SeveralMacsPanel(QtWidgets.QWidget):
         self.commands = QtWidgets.QPlainTextEdit(self)
         self.commands.setObjectName("severalMacsCommands")
         self.commands.setReadOnly(True)
+        self.commands.setFont(QtGui.QFontDatabase.systemFont(QtGui.QFontDatabase.SystemFont.FixedFont))
+        self.commands.setLineWrapMode(QtWidgets.QPlainTextEdit.LineWrapMode.NoWrap)  # lines pasted whole
         self.commands.setFixedHeight(90)
         self.copy = QtWidgets.QPushButton("Copy the commands", self)
         self.copy.clicked.connect(self._copy_commands)
