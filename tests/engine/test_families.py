@@ -5,7 +5,8 @@ The families are listed at test time from the installed mlx-lm (every model modu
 (``engine/demo/family_configs.py``), once per session. For each family the table
 (``engine/model/family_support.json``) marks as streaming, greedy tokens streamed with cache 0,
 a partial cache (hits and evictions) and a cache of all experts equal mlx-lm's own generation,
-on a short prompt and on one long enough for chunked prefill through the CPU dense-GEMM path.
+on a short prompt and on one long enough for chunked prefill through the CPU dense-GEMM path;
+the short prompt's logits are compared too (a random model may repeat one token).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ SHORT_PROMPT = [int(t) for t in np.random.default_rng(1).integers(10, 1000, size
 LONG_PROMPT = [int(t) for t in np.random.default_rng(2).integers(10, 1000, size=90)]
 LONG_CHUNK = 40  # three chunks (40, 40, 10): each full one routes 40 x K rows, sorted and GEMM'd
 N_TOKENS = 8
+LOGIT_ATOL = 1e-4  # fp32 on both sides; the same kernels on the same rows (see test_streaming_exactness)
 _TABLE = json.loads(TABLE_PATH.read_text())["families"]
 
 
@@ -58,6 +60,24 @@ def _streamed(path: Path, prompt: list[int], cache: str, chunk: int, matmul: str
     finally:
         engine.close()
     return tokens, engine
+
+
+def _check_logits(path: Path) -> None:
+    """The streamed model's logits for the short prompt equal mlx-lm's (greedy tokens alone prove
+    little where a random model keeps choosing the same token)."""
+    import mlx.core as mx
+    from mlx_lm.models.cache import make_prompt_cache
+    from mlx_lm.utils import load_model
+
+    reference, _ = load_model(path)
+    tokens = mx.array([SHORT_PROMPT])
+    expected = np.array(reference(tokens, cache=make_prompt_cache(reference)))
+    engine = Engine.load(path, EngineOptions(cache_mb=0.0), measure_disk=False)
+    try:
+        got = np.array(engine.model(tokens, cache=engine.make_kv_cache()))
+    finally:
+        engine.close()
+    np.testing.assert_allclose(got, expected, atol=LOGIT_ATOL, rtol=0)
 
 
 def _check_family(path: Path, tokenizer: Any, runs: list[tuple[str, str]]) -> None:
@@ -92,7 +112,9 @@ def test_table_and_readme_are_current() -> None:
 
 @pytest.mark.parametrize("family", STREAMING)
 def test_family_streams_exactly(family: str, family_model: Any, fast_tokenizer: Any) -> None:
-    _check_family(family_model(family), fast_tokenizer, [("short", "zero"), ("short", "all"), ("long", "partial")])
+    path = family_model(family)
+    _check_logits(path)
+    _check_family(path, fast_tokenizer, [("short", "zero"), ("short", "all"), ("long", "partial")])
 
 
 @pytest.mark.slow
