@@ -277,6 +277,28 @@ class ProgressEvent:
 
 
 @dataclass
+class PrefillEvent:
+    """Progress of a chat request's prompt prefill, a few times a second while it runs.
+
+    Counts are of this request's new prompt tokens (those served by the prompt cache are not
+    counted). ``seconds_left`` is a linear estimate, None until something is done.
+    """
+
+    TYPE: ClassVar[str] = "prefill"
+    id: str
+    tokens_total: int
+    tokens_done: int = 0  # tokens whose every layer is done
+    layers_total: int = 0
+    layers_done: int = 0  # layers done in the pass under way
+    passes_total: int = 1
+    pass_index: int = 0
+    fraction: float = 0.0  # share of the prefill done, 0..1
+    bytes_read: int = 0  # expert bytes read by this prefill so far
+    elapsed_s: float = 0.0
+    seconds_left: float | None = None
+
+
+@dataclass
 class TokenTextEvent:
     """A piece of generated text; `kind` says whether it is reasoning or answer."""
 
@@ -351,6 +373,7 @@ Event = Union[
     HelloEvent,
     LoadedEvent,
     ProgressEvent,
+    PrefillEvent,
     TokenTextEvent,
     ToolCallEvent,
     StatsEvent,
