@@ -70,7 +70,12 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--experts-per-token", type=int, default=None, help="override K (warns below trained K)")
     p.add_argument("--cold", action="store_true", help="bypass the OS page cache for expert reads")
     p.add_argument("--io-threads", type=int, default=4, help="parallel expert reads")
-    p.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens routed together")
+    p.add_argument("--prefill-chunk", type=int, default=512,
+                   help="prompt tokens per attention call of a prefill pass (per chunk for other families)")
+    p.add_argument("--prefill-pass-tokens", type=int, default=0,
+                   help="prompt tokens per pass over the experts (0: as many as --prefill-memory-mb holds)")
+    p.add_argument("--prefill-memory-mb", type=float, default=None,
+                   help="working memory of one prefill pass (default: min(2048, RAM / 8))")
     p.add_argument("--prefetch", action="store_true", help="predict and read the next layer's experts")
     p.add_argument("--cache-policy", default="lru-layer",
                    help="expert cache policy: lru-layer (default), lru, lrfu, lfu, lrfu:HALF_LIFE")
@@ -94,6 +99,8 @@ def engine_options(args: argparse.Namespace) -> EngineOptions:
         cold=args.cold,
         io_threads=args.io_threads,
         prefill_chunk=args.prefill_chunk,
+        prefill_pass_tokens=args.prefill_pass_tokens,
+        prefill_memory_mb=args.prefill_memory_mb,
         prefetch=args.prefetch,
         cache_policy=args.cache_policy,
         hot_set_dir=args.hot_set_dir,
