@@ -180,3 +180,14 @@ def test_discovery_follows_the_routing_not_the_names() -> None:
     banks = probe_banks(Toy(), "toy")
     assert [(b.path, b.k) for b in banks] == [("blocks.0.pool", 3), ("blocks.1.pool", 3)]
     assert banks[0].param_keys == ["down_proj.weight", "gate_proj.weight", "up_proj.weight"]
+
+
+def test_plan_names_the_family(family_model: Any, fast_tokenizer: Any, capsys: Any) -> None:
+    from engine.cli import main
+
+    path = family_model("deepseek_v3")
+    assert main(["plan", str(path), "--json", "--samples", "2", "--device", "cpu"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["family_support"].startswith("deepseek_v3: its MoE models stream")
+    assert main(["plan", str(path), "--samples", "2", "--device", "cpu"]) == 0
+    assert capsys.readouterr().out.startswith("family: deepseek_v3: its MoE models stream")
