@@ -85,7 +85,7 @@ def _engine(model: Path, args: argparse.Namespace, **opts: Any) -> Any:
 
     options = EngineOptions(
         io_threads=args.io_threads, device=args.device, use_packed=args.layout == "packed",
-        prefill_matmul=args.prefill_matmul, **opts,
+        prefill_matmul=args.prefill_matmul, cache_policy=args.cache_policy, **opts,
     )  # fmt: skip
     return Engine.load(model, options, measure_disk=False)
 
@@ -144,7 +144,10 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     _say("2/4 cold decode and prefill")
     cold = _engine(model, args, cache_mb=0, cold=True)
     plan = cold.plan
+    if args.trace:
+        cold.start_trace(args.trace)  # the routing of the cold decode run (diagnostics.traces)
     _decode(cold, prompt, args.decode_tokens)
+    cold.stop_trace()
     long_prompt = [rng.randrange(1000, 100_000) for _ in range(args.prompt_tokens)]
     prefill: dict[str, Any] = {"prompt_tokens": args.prompt_tokens}
     for name, chunk in (("chunked", args.prefill_chunk), ("token_by_token", 1)):
@@ -299,6 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefill-matmul", choices=["auto", "on", "off"], default="auto",
                    help="CPU prefill chunks as dequantize + dense GEMM (auto: where MLX has a fast BLAS)")
     p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument("--cache-policy", default="lru-layer", help="expert cache policy (lru-layer, lru, lrfu, lfu, lrfu:HALF_LIFE)")
+    p.add_argument("--trace", default=None, metavar="FILE", help="record the cold decode run's routing here")
     p.add_argument("--long-prompt", type=int, default=0, metavar="TOKENS",
                    help="instead of the phases: time to first token of a prompt this long, cold, cache 0, in one "
                         "pass and in passes of --prefill-chunk tokens, against the one-pass bound")
