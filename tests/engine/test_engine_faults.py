@@ -49,8 +49,12 @@ def chat_events(io: InProcess, rid: str) -> list[Any]:
     [
         (MemoryError("std::bad_alloc"), "out_of_memory", False, "out of memory (MemoryError: std::bad_alloc)"),
         (RuntimeError("[metal] command buffer failed"), "internal_error", True, "RuntimeError: [metal] command buffer"),
+        # Metal's own exhaustion arrives as a RuntimeError (mlx/backend/metal/eval.cpp): restarted as for MemoryError
+        (RuntimeError("[METAL] Command buffer execution failed: Insufficient Memory "
+                      "(00000008:kIOGPUCommandBufferCallbackErrorOutOfMemory)"),
+         "out_of_memory", False, "smaller expert cache"),
     ],
-    ids=["memory-error", "other-error"],
+    ids=["memory-error", "other-error", "metal-out-of-memory"],
 )
 def test_failure_mid_answer_keeps_the_tokens_and_says_whether_the_engine_can_go_on(
     fault: BaseException, code: str, usable: bool, text: str
