@@ -27,6 +27,7 @@ from engine.demo.demo_model import PRESET_MODEL_TYPES
 from engine.diagnostics.bench_long_prompt import format_long_prompt, run_long_prompt
 from engine.diagnostics.bench_report import format_table, targets
 from engine.diagnostics.cache_sweep import format_sweep, parse_fractions, run_cache_sweep
+from engine.platform.page_cache import eviction_method
 
 
 def _model_dir(args: argparse.Namespace) -> Path:
@@ -119,6 +120,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         "decode_tokens": args.decode_tokens,
         "blas": fast_blas_status()[1],
         "prefill_matmul": args.prefill_matmul,
+        "eviction_method": eviction_method(),  # how cold runs keep the page cache out
     }
 
     # 1. the disk on its own
@@ -166,6 +168,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         "dense_bytes": plan.dense_bytes,
         "budget_bytes": 0,
         "limit_bytes": baseline_rss + plan.dense_bytes + kv_bytes + 512 * 2**20,
+        **_mlx_figures(),  # MLX's allocator after the streamed phases (held by the memory budget)
     }
 
     # 3. decode side by side, run by run: cold, cold + prefetch, warm (all cached), mlx-lm in RAM
@@ -264,6 +267,14 @@ def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             out[key] = statistics.median(r[key] for r in runs)
     return out
+
+
+def _mlx_figures() -> dict[str, int]:
+    """MLX's active, cached and peak memory now."""
+    from engine.model.mlx_memory import mlx_memory
+
+    m = mlx_memory()
+    return {"mlx_active_bytes": m.active_bytes, "mlx_cached_bytes": m.cached_bytes, "mlx_peak_bytes": m.peak_bytes}
 
 
 def _say(phase: str) -> None:

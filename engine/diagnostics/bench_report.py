@@ -52,6 +52,14 @@ def _samples(samples: list[float]) -> str:
     return f"; median of {len(samples)} samples, {min(samples) / 1e9:.2f}-{max(samples) / 1e9:.2f} GB/s"
 
 
+def _mlx_row(mem: dict[str, Any]) -> str:
+    """MLX's allocator figures, when the run recorded them."""
+    if "mlx_active_bytes" not in mem:
+        return "not recorded"
+    return (f"{mem['mlx_active_bytes'] / 2**20:.0f} / {mem['mlx_cached_bytes'] / 2**20:.0f} / "
+            f"{mem['mlx_peak_bytes'] / 2**20:.0f} MiB")  # fmt: skip
+
+
 def format_table(r: dict[str, Any]) -> str:
     """A plain-text table of the figures and targets."""
     gb = 1e9
@@ -77,6 +85,8 @@ def format_table(r: dict[str, Any]) -> str:
          f"; dense-GEMM prefill {r.get('prefill_matmul', 'auto')}, BLAS: {r.get('blas', '?')}"),
         ("peak RSS / limit", f"{r['memory']['peak_rss'] / 2**20:.0f} / {r['memory']['limit_bytes'] / 2**20:.0f} MiB "
                              f"(baseline + dense + KV + 512 MiB)"),
+        ("MLX memory: active / cached / peak", _mlx_row(r["memory"])),
+        ("cold reads: page cache evicted by", str(r.get("eviction_method", "?"))),
         ("plan: predicted / measured cold tok/s", f"{r['plan']['tps_bound_cold'] or 0:.2f} (disk only) / "
                                                    f"{r['plan']['measured_cold_tps']:.2f}"),
     ]

@@ -91,9 +91,8 @@ class ExpertStore:
         fd = os.open(path, os.O_RDONLY)
         if self.cold:
             if sys.platform == "darwin":
-                set_macos_nocache(fd)
-            else:
-                drop_file_cache(fd)
+                set_macos_nocache(fd)  # stops new caching, but keeps pages already cached:
+            drop_file_cache(fd)  # evict those (msync(MS_INVALIDATE) on macOS, fadvise on Linux)
         if self._use_direct:
             try:
                 self._direct_fds[path] = os.open(path, os.O_RDONLY | os.O_DIRECT)
@@ -137,7 +136,7 @@ class ExpertStore:
             fd = self._fds[path]
             total += _pread_full(fd, [view], offset, path)
             if self.cold:
-                drop_file_cache(fd, offset, nbytes)  # keep it cold for the next read (no-op on macOS)
+                drop_file_cache(fd, offset, nbytes)  # keep it cold for the next read
         return total
 
     def _read_packed(self, layer: int, expert: int, views: list[memoryview]) -> int:
@@ -182,7 +181,7 @@ class ExpertStore:
         return self._pool.submit(self.read_into, layer, expert, dests)
 
     def drop_page_cache(self) -> None:
-        """Evict the store's files from the OS page cache (Linux), for cold measurements."""
+        """Evict the store's files from the OS page cache, for cold measurements (see page_cache)."""
         for fd in self._fds.values():
             drop_file_cache(fd)
 

@@ -30,6 +30,8 @@ def test_bench_runs_and_writes_json(tiny_model, tmp_path: Path, capsys) -> None:
     assert len(r["warm"]["streamed_tps"]) == len(r["warm"]["mlx_lm_tps"]) == 1
     assert r["prefill"]["chunked"]["bytes_read"] < r["prefill"]["token_by_token"]["bytes_read"]
     assert r["memory"]["peak_rss"] > r["memory"]["baseline_rss"]
+    assert r["memory"]["mlx_peak_bytes"] >= r["memory"]["mlx_active_bytes"] > 0 and r["memory"]["mlx_cached_bytes"] >= 0
+    assert r["eviction_method"].startswith(("posix_fadvise", "mmap + msync"))
     assert set(r["targets"]) >= {
         "warm_vs_mlx_lm", "cold_read_vs_raw_disk", "cold_decode_vs_serial_bound", "peak_rss_vs_limit",
         "chunked_vs_token_by_token_prefill", "bounds",
