@@ -277,8 +277,9 @@ def download_model(
     watcher = threading.Thread(target=_watch_progress, args=(ctx, target, files, total, stop), daemon=True)
     watcher.start()
     try:
-        snapshot_download(repo_id, local_dir=target, token=token or None, allow_patterns=ALLOW_PATTERNS,
-                          tqdm_class=cancelling_tqdm(ctx), endpoint=endpoint)
+        # cache_dir inside the model folder: the revision it records stays with the model, not in ~/.cache.
+        snapshot_download(repo_id, local_dir=target, cache_dir=target / ".cache" / "hub", token=token or None,
+                          allow_patterns=ALLOW_PATTERNS, tqdm_class=cancelling_tqdm(ctx), endpoint=endpoint)
     except DownloadCancelled:
         raise
     except Exception as exc:  # noqa: BLE001 - network, HTTP and disk errors of several libraries

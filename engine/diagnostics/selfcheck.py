@@ -289,7 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--work-dir", default=None, help="where the test models are built (default: a temp folder)")
     p.add_argument("--skip", action="append", default=[], choices=["exactness", "slot", "row", "disk", "memory"],
                    help="skip a check (repeatable)")
-    p.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto")
+    p.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto",
+                   help="where the checks compute (auto: the GPU when MLX has one)")
     return p
 
 

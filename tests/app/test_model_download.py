@@ -87,8 +87,13 @@ def test_gated_model_uses_a_typed_token_or_the_stored_one(hub: FakeHub, tmp_path
 
 def test_progress_has_speed_and_time_left_and_cancel_then_resume(hub: FakeHub, tmp_path: Path,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    import huggingface_hub.constants
+
     monkeypatch.setattr(model_download, "PROGRESS_INTERVAL_S", 0.05)
-    hub.chunk_delay_s = 0.1  # 64 KiB every 100 ms: each weight file takes over 3 s
+    # huggingface_hub reads 10 MB at a time; with 2 MiB files that is one piece per file, so the
+    # test reads 64 KiB pieces, as a real multi-GB file's 10 MB pieces are a small part of it.
+    monkeypatch.setattr(huggingface_hub.constants, "DOWNLOAD_CHUNK_SIZE", 1 << 16)
+    hub.chunk_delay_s = 0.05  # 64 KiB every 50 ms: each weight file takes over 1.6 s
     reports: list[Progress] = []
     cancel = threading.Event()
 
