@@ -29,9 +29,10 @@ TINY_K = 2
 _BY_NAME: dict[str, Any] = {
     # sizes
     "hidden_size": 64, "model_dim": 64, "dim": 64,
-    "intermediate_size": 96, "ffn_hidden_size": 96, "shared_intermediate_size": 48,
-    "moe_intermediate_size": 32, "expert_ffn_hidden_size": 32, "shared_expert_intermediate_size": 48,
-    "moe_shared_expert_intermediate_size": 48, "share_expert_dim": 48, "moe_latent_size": None,
+    # multiples of 64 (the affine group size) so that every projection is quantized
+    "intermediate_size": 128, "ffn_hidden_size": 128, "shared_intermediate_size": 64,
+    "moe_intermediate_size": 64, "expert_ffn_hidden_size": 64, "shared_expert_intermediate_size": 64,
+    "moe_shared_expert_intermediate_size": 64, "share_expert_dim": 64, "moe_latent_size": None,
     "num_hidden_layers": TINY_LAYERS, "num_layers": TINY_LAYERS,
     "num_attention_heads": 4, "num_heads": 4, "num_key_value_heads": 2, "num_attention_groups": 2,
     "head_dim": 16, "swa_head_dim": 16, "swa_v_head_dim": 16, "global_head_dim": 32,
@@ -79,7 +80,7 @@ _HINTS: dict[str, dict[str, Any]] = {
     "exaone_moe": {"layer_types": ["sliding_attention", "full_attention", "full_attention"],
                    "is_moe_layer": [False, True, True]},
     "gemma4_text": {"enable_moe_block": True, "sliding_window_pattern": 2},
-    "granitemoehybrid": {"layer_types": ["mamba", "attention", "mamba"], "shared_intermediate_size": 48},
+    "granitemoehybrid": {"layer_types": ["mamba", "attention", "mamba"], "shared_intermediate_size": 64},
     "jamba": {"attn_layer_offset": 1, "attn_layer_period": 2, "expert_layer_offset": 1, "expert_layer_period": 2,
               "num_hidden_layers": 4},
     "lfm2_moe": {"layer_types": ["conv", "full_attention", "conv"]},
@@ -100,8 +101,8 @@ _HINTS: dict[str, dict[str, Any]] = {
     "deepseek_v41": {"head_dim": 32, "qk_rope_head_dim": 8},
     "deepseek_v2": {"rope_scaling": {"type": "yarn", "factor": 1.0, "original_max_position_embeddings": 4096,
                                      "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 0}},
-    "hunyuan": {"rope_scaling": {"alpha": 1.0, "type": "dynamic", "factor": 1.0}, "moe_intermediate_size": 32},
-    "minimax_m3_vl": {"moe_layer_freq": [0, 1, 1], "dense_intermediate_size": 96, "rotary_dim": 8},
+    "hunyuan": {"rope_scaling": {"alpha": 1.0, "type": "dynamic", "factor": 1.0}, "moe_intermediate_size": 64},
+    "minimax_m3_vl": {"moe_layer_freq": [0, 1, 1], "dense_intermediate_size": 128, "rotary_dim": 8},
     "mellum": {"layer_types": ["sliding_attention", "full_attention", "full_attention"],
                "rope_parameters": {"full_attention": {"rope_theta": 10000.0},
                                    "sliding_attention": {"rope_theta": 10000.0}}},
@@ -110,11 +111,11 @@ _HINTS: dict[str, dict[str, Any]] = {
     "kimi_k3": {"linear_attn_config": {"kda_layers": [1, 3], "full_attn_layers": [2],
                                        "num_heads": 4, "head_dim": 16, "short_conv_kernel_size": 4},
                 "num_experts": TINY_EXPERTS, "first_k_dense_replace": 1},
-    "llama4": {"num_experts_per_tok": 1, "num_hidden_layers": 4, "attention_chunk_size": 16, "interleave_moe_layer_step": 1, "intermediate_size_mlp": 96},
+    "llama4": {"num_experts_per_tok": 1, "num_hidden_layers": 4, "attention_chunk_size": 16, "interleave_moe_layer_step": 1, "intermediate_size_mlp": 128},
     "muse_spark": {"post_norm_eps": 1e-6, "rope_parameters": {"rope_theta": 10000.0},
                    "layer_rope_theta": [10000.0] * TINY_LAYERS,
                    "layer_types": ["full_attention"] * TINY_LAYERS, "final_logit_softcapping": 30.0,
-                   "output_multiplier": 1.0, "moe_hidden_size": 32, "num_shared_experts": 0},
+                   "output_multiplier": 1.0, "moe_hidden_size": 64, "num_shared_experts": 0},
 }  # fmt: skip
 
 # Families whose language model sits in a nested ``text_config`` built by another module's args.

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -29,20 +30,18 @@ MODES = ("affine", "mxfp4", "mxfp8", "nvfp4")
 
 
 def _mixed_bits(bits: int) -> Any:
-    """A quantization predicate giving every other expert bank (and its linears) 8 bits."""
-    counter = {"banks": 0}
-    chosen: dict[str, int] = {}
-
+    """A quantization predicate mixing bit widths as mlx-lm's mixed recipes do: dense layers at 6
+    bits, expert projections at ``bits`` except the down projections of odd-numbered layers (8
+    bits), so one bank holds projections of two widths."""
     def predicate(path: str, module: nn.Module) -> bool | dict[str, Any]:
         if not hasattr(module, "to_quantized"):
             return False
-        owner = path.rsplit(".", 1)[0]
-        if "switch" in type(module).__name__.lower():
-            if owner not in chosen:
-                chosen[owner] = 8 if counter["banks"] % 2 else bits
-                counter["banks"] += 1
-            return {"group_size": 64, "bits": chosen[owner], "mode": "affine"}
-        return {"group_size": 64, "bits": bits, "mode": "affine"}
+        if "switch" not in type(module).__name__.lower():
+            return {"group_size": 64, "bits": 6, "mode": "affine"}
+        name = path.rsplit(".", 1)[-1]
+        layer = re.search(r"\.(\d+)\.", path)  # the layer number in the module path
+        wide = layer is not None and int(layer.group(1)) % 2 == 1 and name in ("down_proj", "fc2")
+        return {"group_size": 64, "bits": 8 if wide else bits, "mode": "affine"}
 
     return predicate
 
@@ -78,8 +77,8 @@ def build_family_model(
 ) -> Path:
     """Write a tiny random ``family`` model quantized as asked to ``out_dir``; return it.
 
-    ``mixed`` quantizes every other expert bank at 8 bits and the rest at ``bits`` (per-module
-    overrides in config.json's ``quantization``). The floating-point modes (``mxfp4``, ``mxfp8``,
+    ``mixed`` mixes bit widths per module (see ``_mixed_bits``; per-module overrides in
+    config.json's ``quantization``). The floating-point modes (``mxfp4``, ``mxfp8``,
     ``nvfp4``) use mlx's own group size and bits; ``global_scale`` gives nvfp4 expert banks one
     tensor scale per expert (a format that cannot stream yet: the loader refuses it).
     """

@@ -102,6 +102,9 @@ def test_quantization_modes_stream_exactly(quant: dict[str, Any], family_model: 
     if quant.get("mixed"):
         per_module = {k: v for k, v in config["quantization"].items() if isinstance(v, dict)}
         assert {v["bits"] for k, v in per_module.items() if "switch_mlp" in k} == {4, 8}
+        assert {v["bits"] for k, v in per_module.items() if "switch_mlp" not in k} == {6}
+        one_bank = {per_module[f"model.layers.1.mlp.switch_mlp.{p}_proj"]["bits"] for p in ("gate", "up", "down")}
+        assert one_bank == {4, 8}  # one bank holds projections of two widths
     _check_exact(path, fast_tokenizer)
 
 
