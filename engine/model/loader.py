@@ -346,6 +346,7 @@ def load_streamed_model(model_dir: Path, options: EngineOptions, progress: Progr
         cache_bytes=budget.cache_bytes * layers[0].expert_bytes // per_slot,
         experts_per_token=k,
         prefetch=options.prefetch,
+        policy=options.cache_policy,
         upcast_half=widen,
     )
     switches: list[StreamedSwitch] = []
