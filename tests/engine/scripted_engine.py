@@ -40,6 +40,7 @@ class ScriptedEngine:
         self.finish_reasons: list[str] = []
         self.finished = threading.Event()
         self.closed = False
+        self.parallel = None  # one process (Engine.parallel: the ranks of an expert-parallel run)
         self.prefill_layers = 2  # layers of the reported prefill (on_prefill)
         self.prefill_delay_s = 0.0  # time each reported prefill layer takes
 
