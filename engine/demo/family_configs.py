@@ -118,6 +118,21 @@ _HINTS: dict[str, dict[str, Any]] = {
                    "output_multiplier": 1.0, "moe_hidden_size": 64, "num_shared_experts": 0},
 }  # fmt: skip
 
+# Nested families' own additions: (top-level fields, text_config fields). A Hadamard pack (prism)
+# fixes its quantization (2-bit affine, group 128: widths in multiples of 128) and lists the
+# packed modules it replaces (block 0: no rotation, the smallest block mlx-lm accepts is 512).
+_NESTED_HINTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
+    "prism_hadamard_qwen35": (
+        {"schema_version": 1, "tensor_namespace": "mlx-lm-text", "gdn_activation_layout": "grouped",
+         "quantization": {"bits": 2, "group_size": 128, "mode": "affine"},
+         "modules": [{"path": "model.layers.0.mlp.shared_expert.down_proj", "embedding": False,
+                      "dtype": "float16", "block": 0}]},
+        {"hidden_size": 128, "intermediate_size": 128, "moe_intermediate_size": 128,
+         "shared_expert_intermediate_size": 128, "head_dim": 32, "linear_key_head_dim": 32,
+         "linear_value_head_dim": 32},
+    ),
+}  # fmt: skip
+
 # Families whose language model sits in a nested ``text_config`` built by another module's args.
 _TEXT_FAMILY: dict[str, str] = {
     "gemma4": "gemma4_text", "kimi_k25": "deepseek_v3", "kimi_vl": "deepseek_v3", "mistral3": "mistral4",
@@ -201,7 +216,9 @@ def tiny_config(family: str) -> dict[str, Any]:
     text = {"model_type": _TEXT_FAMILY.get(family, hint_family), **_fill(args_class, _HINTS.get(hint_family, {}))}
     if family in ("qwen3_5_moe", "prism_hadamard_qwen35"):
         text["model_type"] = "qwen3_5_moe_text"
-    config: dict[str, Any] = {"model_type": family, "text_config": text, "tie_word_embeddings": False}
+    outer, inner = _NESTED_HINTS.get(family, ({}, {}))
+    text.update(inner)
+    config: dict[str, Any] = {"model_type": family, "text_config": text, "tie_word_embeddings": False, **outer}
     if family == "gemma4":
         config["vocab_size"] = TINY_VOCAB
     return config

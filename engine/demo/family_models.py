@@ -92,6 +92,9 @@ def build_family_model(
     out.mkdir(parents=True, exist_ok=True)
     config = tiny_config(family)
     config.update(config_overrides or {})
+    fixed = config.get("quantization")  # a family whose format fixes its quantization (a pack)
+    if fixed is not None:
+        mode, bits, mixed = fixed["mode"], fixed["bits"], False
     model_class, args_class = _get_classes(config)
     mx.random.seed(seed)
     model = model_class(args_class.from_dict(json.loads(json.dumps(config))))
@@ -102,7 +105,10 @@ def build_family_model(
             model, qconfig = quantize_model(model, config, None, None, mode=mode, global_scale=global_scale)
         else:
             predicate = _mixed_bits(bits) if mixed else None
-            model, qconfig = quantize_model(model, config, group_size=64, bits=bits, quant_predicate=predicate)
+            group = fixed["group_size"] if fixed is not None else 64
+            model, qconfig = quantize_model(model, config, group_size=group, bits=bits, quant_predicate=predicate)
+    if fixed is not None:  # uniform, as the family requires (no per-module entries)
+        qconfig["quantization"] = qconfig["quantization_config"] = dict(fixed)
     arrays: dict[str, TensorSource] = dict(tree_flatten(model.parameters()))  # type: ignore[arg-type]
     del model
     write_sharded_safetensors(out, arrays)
