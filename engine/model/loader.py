@@ -334,7 +334,8 @@ def load_streamed_model(model_dir: Path, options: EngineOptions, progress: Progr
         )
     budget = memory_budget_for(inspected, options, device)
     apply_mlx_limits(budget)
-    raise_open_files_limit(_shard_files(layers) + options.io_threads + 64)
+    # the store holds each file open once (twice in cold mode: O_DIRECT), plus the process's own
+    raise_open_files_limit(2 * _shard_files(layers) + options.io_threads + 64)
     packed = open_packed_layout(model_dir, layers) if options.use_packed else None
     store = ExpertStore(layers, io_threads=options.io_threads, cold=options.cold, packed=packed)
     # the streamer counts its budget in on-disk expert bytes; slots may hold 16-bit scales as fp32

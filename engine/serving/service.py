@@ -161,7 +161,7 @@ class EngineService:
             self._loading = False
         self.engine = engine
         self._fmt = ChatFormat.from_tokenizer(engine.tokenizer)
-        self.prompt_cache = PromptCache(max_bytes=int(req.prompt_cache_mb * 2**20))
+        self.prompt_cache = PromptCache(max_bytes=prompt_cache_bound(engine, req.prompt_cache_mb))
         self.live.attach(engine)
         self.loaded = _loaded_event(engine, self._fmt, time.perf_counter() - t0)
         return self.loaded
@@ -418,6 +418,17 @@ def _vocab_size(engine: "Engine") -> int:
     text = config.get("text_config", config) if isinstance(config, dict) else {}
     value = text.get("vocab_size", config.get("vocab_size", 0)) if isinstance(text, dict) else 0
     return int(value) if isinstance(value, int) and value > 0 else 0
+
+
+def prompt_cache_bound(engine: "Engine", prompt_cache_mb: float) -> int:
+    """Bytes the prompt cache may keep: as asked, but under a memory limit no more than the KV
+    room the memory budget counted (the footprint must stay under the limit)."""
+    asked = int(prompt_cache_mb * 2**20)
+    plan = getattr(engine, "plan", None)
+    if plan is None or not getattr(plan, "memory_limit_bytes", None):
+        return asked
+    kv_room = int(plan.budget.get("needs", {}).get("kv_bytes", asked))
+    return min(asked, kv_room)
 
 
 def _turn_figures(turn: _Turn) -> MessageFigures:

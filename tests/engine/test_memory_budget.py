@@ -133,3 +133,23 @@ def test_mlx_limits_follow_the_budget() -> None:
     mx.eval(a)
     m = mlx_memory()
     assert m.active_bytes >= a.nbytes and m.peak_bytes >= m.active_bytes and m.cached_bytes >= 0
+
+
+def test_prompt_cache_stays_within_the_kv_room_under_a_limit() -> None:
+    from types import SimpleNamespace
+
+    from engine.serving.service import prompt_cache_bound
+
+    limited = SimpleNamespace(plan=SimpleNamespace(memory_limit_bytes=2**30, budget={"needs": {"kv_bytes": 64 * MIB}}))
+    assert prompt_cache_bound(limited, 1024) == 64 * MIB  # type: ignore[arg-type]
+    assert prompt_cache_bound(limited, 16) == 16 * MIB  # type: ignore[arg-type]
+    free = SimpleNamespace(plan=SimpleNamespace(memory_limit_bytes=None, budget={"needs": {"kv_bytes": 64 * MIB}}))
+    assert prompt_cache_bound(free, 1024) == 1024 * MIB  # type: ignore[arg-type]
+
+
+def test_shard_files_count_for_the_open_files_limit(tiny_model) -> None:  # type: ignore[no-untyped-def]
+    from engine.model.loader import _shard_files, inspect_experts
+
+    layers = inspect_experts(tiny_model("qwen3_moe", 4, max_shard_bytes=200_000)).layers
+    files = {s.file for l in layers for s in l.sources}
+    assert _shard_files(layers) == len(files) > 1
