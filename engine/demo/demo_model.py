@@ -413,6 +413,13 @@ def build_random_moe_model(
         shape = replace(shape, layers=num_layers)
     config = model_config(model_type, shape, vocab_size=spec.padded_vocab_size, overrides=config_overrides)
     text = _text_config(config)
+    interval = int(text.get("full_attention_interval", 0) or 0)
+    if model_type != "qwen3_moe" and interval and int(text["num_hidden_layers"]) < interval:
+        # mlx-lm's hybrid models read the cache of layer full_attention_interval - 1 for the mask
+        raise ModelError(
+            f"num_layers={text['num_hidden_layers']}: a {model_type} model needs at least "
+            f"full_attention_interval={interval} layers (one full-attention layer) to run in mlx-lm"
+        )
     tokenizer_size = tokenizer_vocab_size(kind)
     if int(text["vocab_size"]) < tokenizer_size:
         raise ModelError(
