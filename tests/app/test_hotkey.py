@@ -3,6 +3,7 @@ XTEST), the macOS Carbon calls against a recorded fake, and the app wiring (Sett
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import threading
@@ -94,9 +95,16 @@ def test_carbon_hotkey_taken_by_another_app() -> None:
 def xvfb() -> Iterator[str]:
     if shutil.which("Xvfb") is None:
         pytest.skip("Xvfb is not installed (apt-get install xvfb)")
-    display = ":93"
-    proc = subprocess.Popen(["Xvfb", display, "-screen", "0", "640x480x24", "-nolisten", "tcp"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # Xvfb picks a free display and writes its number (a fixed one collides with other test runs)
+    read_fd, write_fd = os.pipe()
+    # -noreset: the readiness probe below is the first client to leave; no reset may follow it
+    command = ["Xvfb", "-displayfd", str(write_fd), "-noreset", "-screen", "0", "640x480x24", "-nolisten", "tcp"]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, pass_fds=(write_fd,))
+    os.close(write_fd)
+    with os.fdopen(read_fd) as numbers:
+        number = numbers.readline().strip()
+    assert number.isdigit(), f"Xvfb did not say its display (exit status {proc.poll()})"
+    display = f":{number}"
     from Xlib import display as xdisplay, error
 
     deadline = time.monotonic() + 20
