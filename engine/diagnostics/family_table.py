@@ -44,7 +44,8 @@ def classify(family: str) -> dict[str, Any]:
     except UnsupportedModelError as e:
         message = str(e)
         if "cannot trace" in message:
-            return {"status": "untested", "detail": _one_line(message.split("(", 1)[-1].rstrip(")"))}
+            cause = message.split("(", 1)[-1].rstrip(")")
+            return {"status": "untested", "detail": _one_line(f"mlx-lm cannot run its tiny model here: {cause}")}
         return {"status": "refused", "detail": _one_line(message)}
     except Exception as e:  # the family's own code rejects the tiny config
         return {"status": "untested", "detail": _one_line(f"tiny model not buildable: {type(e).__name__}: {e}")}
