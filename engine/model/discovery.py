@@ -157,6 +157,13 @@ def probe_banks(model: nn.Module, where: str = "model") -> list[ExpertBank]:
         for name, child in linears.items():
             flat: list[tuple[str, Any]] = tree_flatten(child.parameters())  # type: ignore[assignment]
             keys.extend(f"{name}.{key}" for key, _ in flat)
+        own: list[tuple[str, Any]] = tree_flatten(module.parameters())  # type: ignore[assignment]
+        extra = sorted({key for key, _ in own} - set(keys))
+        if extra:  # streamed, its expert ids become cache slot ids: these could be indexed wrongly
+            raise UnsupportedModelError(
+                f"{where}: {path}: the expert bank holds parameters besides its expert linears "
+                f"({', '.join(extra)}); streaming it is not supported"
+            )
         banks.append((call.order, ExpertBank(path, module, sorted(keys), call.shape[-1])))
     return [bank for _, bank in sorted(banks, key=lambda item: item[0])]
 

@@ -21,6 +21,7 @@ import pytest
 from engine.demo.family_configs import moe_families
 from engine.diagnostics.family_table import README, build_table, render_markdown, replace_section
 from engine.engine import Engine
+from engine.errors import UnsupportedModelError
 from engine.model.family_support import TABLE_PATH, family_support
 from engine.types import EngineOptions, SamplingParams
 from exactness import cache_mb, check_cache_was_exercised
@@ -185,6 +186,11 @@ def test_discovery_follows_the_routing_not_the_names() -> None:
     banks = probe_banks(Toy(), "toy")
     assert [(b.path, b.k) for b in banks] == [("blocks.0.pool", 3), ("blocks.1.pool", 3)]
     assert banks[0].param_keys == ["down_proj.weight", "gate_proj.weight", "up_proj.weight"]
+
+    toy = Toy()
+    toy.blocks[1].pool.expert_bias = mx.zeros((6,))  # a bank tensor streaming would not remap
+    with pytest.raises(UnsupportedModelError, match=r"toy: blocks\.1\.pool: .*\(expert_bias\)"):
+        probe_banks(toy, "toy")
 
 
 def test_plan_names_the_family(family_model: Any, fast_tokenizer: Any, capsys: Any) -> None:
