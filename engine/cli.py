@@ -193,7 +193,7 @@ def timing_report(s: dict[str, Any]) -> str:
 def cmd_plan(args: argparse.Namespace) -> int:
     """Print the memory plan of a model directory without loading its weights."""
     from engine.engine import measure_expert_read_speed
-    from engine.model.loader import inspect_experts, memory_budget_for, pick_device
+    from engine.model.loader import _load_tokenizer, inspect_experts, memory_budget_for, pick_device
     from engine.model.family_support import folder_support
     from engine.storage.packed_layout import open_packed_layout
     from engine.model.plan import make_plan
@@ -207,7 +207,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
     layers = inspected.layers
     options = EngineOptions(cache_mb=args.cache_mb, memory_limit_mb=args.memory_limit_mb,
                             context_tokens=args.context_tokens, device=device)  # fmt: skip
-    budget = memory_budget_for(inspected, options, device)  # the same budget a load would choose
+    # the same budget a load would choose: a load has the tokenizer in memory when it measures the
+    # runtime (about 0.2 GiB of the footprint), so the plan loads it too
+    _load_tokenizer(model_dir, inspected.config)
+    budget = memory_budget_for(inspected, options, device)
     disk = measure_expert_read_speed(layers, io_threads=args.io_threads, samples=args.samples)
     packed = open_packed_layout(model_dir, layers)
     plan = make_plan(
