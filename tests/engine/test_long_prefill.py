@@ -135,7 +135,7 @@ def test_stop_mid_prefill_rolls_the_cache_back_and_the_next_turn_is_exact(tiny_m
         progress: list[PrefillProgress] = []
         events = list(engine.generate(prompt, SamplingParams(max_tokens=4), stop=_stop_after(calls), kv_cache=kv, on_prefill=progress.append))
         assert events[-1].finish_reason == "cancelled" and len(events) == 1
-        done = progress[-1].tokens_done
+        done = progress[-1].tokens_done if progress else 0  # stopped before the first report
         assert done % 128 == 0 and cache_length(kv) == done  # whole passes only
         # the same cache finishes the prompt exactly
         rest = [e.token for e in engine.generate(prompt[done:], SamplingParams(max_tokens=4), kv_cache=kv, reused_tokens=done)]
