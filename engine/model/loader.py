@@ -394,6 +394,7 @@ def memory_budget_for(inspected: "ModelExperts", options: EngineOptions, device:
     from engine.platform_info import memory_info, process_rss_bytes
 
     on_cpu = device == "cpu"
+    widen = slots_widen_half_floats(device, inspected.model, options.activation_dtype)
     needs = memory_needs(
         model=inspected.model,
         config=inspected.config,
@@ -411,7 +412,8 @@ def memory_budget_for(inspected: "ModelExperts", options: EngineOptions, device:
     ram = memory_info()
     return plan_budget(
         needs=needs,
-        expert_bytes_total=sum(l.expert_bytes * l.num_experts for l in inspected.layers),
+        # what every expert takes in the slot pools (16-bit scales widened to fp32 where slots do)
+        expert_bytes_total=sum(slot_bytes_per_expert(l, widen) * l.num_experts for l in inspected.layers),
         ram_total=ram.total_bytes,
         ram_available=ram.available_bytes,
         cache_mb=options.cache_mb,
