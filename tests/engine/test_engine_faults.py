@@ -29,8 +29,8 @@ class FailingEngine(ScriptedEngine):
         self.after = after
 
     def generate(self, prompt_tokens: Sequence[int], sampling: Any, stop: Any = None, kv_cache: Any = None,
-                 reused_tokens: int = 0) -> Iterator[TokenEvent]:  # fmt: skip
-        for n, event in enumerate(super().generate(prompt_tokens, sampling, stop, kv_cache, reused_tokens)):
+                 reused_tokens: int = 0, **kwargs: Any) -> Iterator[TokenEvent]:  # fmt: skip
+        for n, event in enumerate(super().generate(prompt_tokens, sampling, stop, kv_cache, reused_tokens, **kwargs)):
             if n == self.after and self.fault is not None:
                 fault, self.fault = self.fault, None
                 raise fault
