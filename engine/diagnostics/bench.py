@@ -137,7 +137,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         _say(f"2/2 long prompt of {args.long_prompt} tokens")
         out["long_prompt"] = run_long_prompt(
             args.long_prompt, args.prefill_chunk, lambda **o: _engine(model, args, **o), sample_disk, expert_total,
-            compute=args.long_prompt_compute,
+            compute=args.long_prompt_compute, repeats=min(args.repeats, 2),
         )
         out["disk"] = {"raw_parallel_read_bytes_per_s": out["long_prompt"]["raw_disk_bytes_per_s"]}
         return out
