@@ -7,7 +7,6 @@ turns on the one engine. The API key lives in the system keychain, never in sett
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import secrets
 
@@ -15,6 +14,7 @@ from app.bridge import EngineBridge
 from app.qt import QObject, Qt, QtWidgets, Signal, Slot
 from app.settings import SecretStoreError, SettingsError, SettingsStore, delete_secret, get_secret, set_secret
 from engine.serving.protocol import ServerEvent
+from engine.serving.loopback import is_loopback
 
 log = logging.getLogger(__name__)
 
@@ -26,16 +26,6 @@ OTHER_HOST_WARNING = (
     "Other computers that can reach this one will be able to use the model. Set an API key, and only do this "
     "on a network you trust."
 )
-
-
-def is_loopback(host: str) -> bool:
-    """Whether `host` only accepts connections from this computer."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def server_status_text(event: ServerEvent | None, enabled: bool) -> str:

@@ -73,14 +73,22 @@ def project_decode(ranks: int, *, experts: int, k: int, layers: int, expert_byte
             "s_per_token": per_token, "tok_per_s": 1 / per_token}
 
 
-def _free_ports(n: int) -> list[int]:
+def free_loopback_ports(n: int) -> list[int]:
+    """``n`` distinct TCP ports free on 127.0.0.1 now (for loopback ranks' hostfiles)."""
     socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def loopback_hostfile(path: Path, ranks: int) -> Path:
+    """Write a ring hostfile for ``ranks`` processes on 127.0.0.1 at ``path``; return it."""
+    path.write_text(json.dumps([[f"127.0.0.1:{p}"] for p in free_loopback_ports(ranks)]))
+    return path
 
 
 def _time_all_sum(shape: tuple[int, ...], dtype: Any, repeats: int, group: Any) -> float:
@@ -175,8 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     single = decode_run(args.model, args.decode_tokens) if args.model else None
     with tempfile.TemporaryDirectory(prefix="moebar-ranks-") as tmp:
-        hostfile = Path(tmp) / "hosts.json"
-        hostfile.write_text(json.dumps([[f"127.0.0.1:{p}"] for p in _free_ports(args.ranks)]))
+        hostfile = loopback_hostfile(Path(tmp) / "hosts.json", args.ranks)
         procs = []
         for r in range(args.ranks):
             env = dict(os.environ, MLX_RANK=str(r), MLX_HOSTFILE=str(hostfile),

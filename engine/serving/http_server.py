@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hmac
-import ipaddress
 import json
 import logging
 import sys
@@ -43,6 +42,7 @@ from engine.serving.openai_format import (
 from engine.serving.protocol import DoneEvent, ErrorEvent, Event, LoadRequest, TokenTextEvent, ToolCallEvent
 from engine.serving.service import EngineService, NotLoadedError, error_event
 from engine.types import EngineOptions
+from engine.serving.loopback import is_loopback
 
 log = logging.getLogger("moebar.http")
 
@@ -282,16 +282,6 @@ async def _run_turn(
         yield ev
         if isinstance(ev, DoneEvent):
             return
-
-
-def is_loopback(host: str) -> bool:
-    """Whether a bind address only accepts connections from this machine."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def run_server(

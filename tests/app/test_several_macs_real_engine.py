@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
+
 import subprocess
 import sys
 from pathlib import Path
@@ -19,19 +19,9 @@ from app.several_macs import LOST, peer_lost_sentence
 from app.tools import DroppedFiles
 from app.ui.chat_controller import ChatController
 from app.ui.several_macs_panel import SeveralMacsController
+from engine.diagnostics.ranks_bench import free_loopback_ports
 
 LOAD_TIMEOUT_MS = 180_000  # two engines importing MLX and loading on 2 CPU cores
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 @pytest.mark.slow  # about 50 s here: two engines import MLX and load on 2 cores
@@ -41,7 +31,7 @@ def test_two_ranks_from_the_settings_answer_and_a_lost_rank_is_named(qtbot, tiny
     for name in [n for n in os.environ if n.startswith("MLX_")]:
         monkeypatch.delenv(name)
     monkeypatch.setenv("MOEBAR_COLLECTIVE_TIMEOUT_S", "60")
-    hosts = [f"127.0.0.1:{port}" for port in _free_ports(2)]
+    hosts = [f"127.0.0.1:{port}" for port in free_loopback_ports(2)]
     settings = SettingsStore(tmp_path / "settings.json")
     settings.update({"temperature": 0.0, "max_tokens": 8, "thinking": False,
                      "several_macs_enabled": True, "several_macs_hosts": hosts})

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from engine.diagnostics.ranks_bench import loopback_hostfile
 from engine.model.expert_parallel import DistributedSetupError, hosts_from_file
 from exactness import mlx_lm_reference
 
@@ -27,21 +27,8 @@ PROMPT = [(i * 7919) % 5000 + 100 for i in range(40)]
 TOKENS = 16
 
 
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
 def _hostfile(tmp: Path, ranks: int) -> Path:
-    path = tmp / "hosts.json"
-    path.write_text(json.dumps([[f"127.0.0.1:{p}"] for p in _free_ports(ranks)]))
-    return path
+    return loopback_hostfile(tmp / "hosts.json", ranks)
 
 
 def _env(rank: int | None, hostfile: Path | None, **extra: str) -> dict[str, str]:
