@@ -464,7 +464,7 @@ def _loaded_event(engine: "Engine", fmt: ChatFormat, load_s: float) -> LoadedEve
         num_layers=int(config.get("num_hidden_layers", 0)),
         num_experts=int(plan.get("experts_per_layer", config.get("num_experts", 0)) or 0),
         experts_per_token=int(plan.get("experts_per_token", 0) or 0),
-        context_length=int(config.get("max_position_embeddings", 0) or 0),
+        context_length=int(getattr(engine, "context_length", 0) or config.get("max_position_embeddings", 0) or 0),
         supports_tools=fmt.supports_tools,
         supports_thinking=fmt.supports_thinking,
         plan=plan,
