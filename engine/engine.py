@@ -91,6 +91,10 @@ class Engine:
         on_cpu = self._loaded.activation_dtype == "float32"
         shape = pass_shape(self.config, self._loaded.k, 4 if on_cpu else 2)
         budget = prefill_memory_bytes(self.options.prefill_memory_mb, memory_info().total_bytes)
+        memory = self._loaded.budget
+        if self.options.prefill_memory_mb is None and memory.limit_bytes is not None:
+            # under --memory-limit-mb a pass gets what the budget set aside for prefill, no more
+            budget = min(budget, memory.needs.prefill_bytes)
         # MLX's CPU attention materialises the scores; its GPU kernels do not.
         return pass_tokens(shape, budget, self.context_length or 32768, on_cpu, max(1, self.options.prefill_chunk))
 

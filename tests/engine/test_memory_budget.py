@@ -153,3 +153,22 @@ def test_shard_files_count_for_the_open_files_limit(tiny_model) -> None:  # type
     layers = inspect_experts(tiny_model("qwen3_moe", 4, max_shard_bytes=200_000)).layers
     files = {s.file for l in layers for s in l.sources}
     assert _shard_files(layers) == len(files) > 1
+
+
+def test_a_prefill_pass_fits_what_the_budget_set_aside_under_a_limit(tiny_model) -> None:  # type: ignore[no-untyped-def]
+    """Under --memory-limit-mb a layer-major pass is sized from the budget's prefill share, not RAM/8."""
+    from engine.engine import Engine
+    from engine.model.layer_prefill import pass_shape, pass_tokens
+    from engine.types import EngineOptions
+
+    model = tiny_model("qwen3_moe", 4)
+    engine = Engine.load(model, EngineOptions(cache_mb=None, memory_limit_mb=1024, context_tokens=4096),
+                         measure_disk=False)
+    try:
+        needs = engine._loaded.budget.needs
+        shape = pass_shape(engine.config, engine.experts_per_token, 4)
+        expected = pass_tokens(shape, needs.prefill_bytes, engine.context_length or 32768, True,
+                               engine.options.prefill_chunk)
+        assert engine.layer_major_prefill and engine.prefill_pass_tokens == expected
+    finally:
+        engine.close()
