@@ -161,6 +161,7 @@ def generate_tokens(
                 if checkpoint is not None:
                     checkpoint.restore()
                 stats.prefill.add(finish_step(t0, reporter.tokens_done))
+                streamer.in_prefill = False  # the next generation's trace lines start afresh
                 yield TokenEvent(NO_TOKEN, stats.prefill, stats, "cancelled")
                 return
             streamer.release_pins()
