@@ -93,8 +93,9 @@ def test_full_turns_over_stdio_reuse_the_prompt_cache(tiny_model: Any, model_typ
     assert proc.events.bad_lines == []  # stdout held protocol lines only
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def real_service(tiny_model: Any) -> Any:
+    """A loaded service per test: a StdioServer closes its service when its input ends."""
     from engine.serving.protocol import LoadRequest
 
     svc = EngineService()
