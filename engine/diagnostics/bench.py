@@ -313,13 +313,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefill-matmul", choices=["auto", "on", "off"], default="auto",
                    help="CPU prefill chunks as dequantize + dense GEMM (auto: where MLX has a fast BLAS)")
     p.add_argument("--json", default=None, help="write the results here")
-    p.add_argument("--cache-policy", default="lru-layer", help="expert cache policy (lru-layer, lru, lrfu, lfu, lrfu:HALF_LIFE)")
-    p.add_argument("--trace", default=None, metavar="FILE", help="record the cold decode run's routing here")
     p.add_argument("--long-prompt", type=int, default=0, metavar="TOKENS",
                    help="instead of the phases: time to first token of a prompt this long, cold, cache 0, in one "
                         "pass and in passes of --prefill-chunk tokens, against the one-pass bound")
     p.add_argument("--long-prompt-compute", choices=["warm", "none"], default="warm",
                    help="the bound's compute: the same prompt with every expert resident (warm), or none")
+    p.add_argument("--cache-policy", default="lru-layer", help="expert cache policy (lru-layer, lru, lrfu, lfu, lrfu:HALF_LIFE)")
+    p.add_argument("--trace", default=None, metavar="FILE", help="record the cold decode run's routing here")
     p.add_argument("--cache-sweep", type=parse_fractions, default=None, metavar="FRACTIONS",
                    help="instead of the phases: decode at these expert-cache sizes (fractions of all "
                         "experts, e.g. 0,0.125,0.5,1), page cache warm and cold (see cache_sweep)")

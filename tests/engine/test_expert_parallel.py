@@ -79,10 +79,9 @@ def assert_ranks_match(results: list[tuple[int, Any, str]], reference: list[int]
 
 
 @pytest.mark.parametrize(("model_type", "bits", "ranks"), [
-    ("qwen3_moe", 4, 2),
-    ("qwen3_next", 4, 2),
-    ("qwen3_5_moe", 4, 2),
-    ("qwen3_moe", 8, 4),
+    ("qwen3_moe", 4, 2), ("qwen3_next", 4, 2), ("qwen3_5_moe", 4, 2),
+    ("qwen3_moe", 8, 2), ("qwen3_next", 8, 2), ("qwen3_5_moe", 8, 2),
+    ("qwen3_moe", 8, 4), ("qwen3_next", 4, 4), ("qwen3_5_moe", 8, 4),
 ])
 def test_ranks_give_mlx_lm_tokens(tiny_model: Any, tmp_path: Path, model_type: str, bits: int, ranks: int) -> None:
     model = tiny_model(model_type, bits)
@@ -95,9 +94,7 @@ def test_ranks_give_mlx_lm_tokens(tiny_model: Any, tmp_path: Path, model_type: s
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("model_type", "bits", "ranks"), [
-    ("qwen3_next", 8, 2), ("qwen3_5_moe", 8, 2), ("qwen3_moe", 4, 4), ("qwen3_next", 4, 4), ("qwen3_5_moe", 8, 4),
-])
+@pytest.mark.parametrize(("model_type", "bits", "ranks"), [("qwen3_moe", 4, 4), ("qwen3_next", 8, 4), ("qwen3_5_moe", 4, 4)])
 def test_ranks_give_mlx_lm_tokens_more(tiny_model: Any, tmp_path: Path, model_type: str, bits: int, ranks: int) -> None:
     model = tiny_model(model_type, bits)
     assert_ranks_match(run_ranks(model, tmp_path, ranks), mlx_lm_reference(model, PROMPT, TOKENS))
