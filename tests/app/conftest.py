@@ -64,3 +64,24 @@ def main_window(qtbot, app_parts):
     qtbot.addWidget(window)
     window.show()
     return window
+
+
+@pytest.fixture
+def moebar(qtbot, isolated_moebar_home: Path, fake_engine_command: list[str], tmp_path: Path) -> Iterator[object]:
+    """The full app without a tray, a model folder configured, on the scripted engine, Ready.
+
+    (tests/app/test_main_window.py has its own ``moebar``, with the tray.)
+    """
+    from app.bridge import READY
+    from app.main import MoeBarApp
+    from app.qt import QtWidgets
+    from app.settings import SettingsStore
+
+    SettingsStore().set("model_dir", str(tmp_path / "my-model"))
+    app = MoeBarApp(QtWidgets.QApplication.instance(), fake_engine_command, use_tray=False)
+    qtbot.addWidget(app.window)
+    app.start()
+    qtbot.waitUntil(lambda: app.bridge.state == READY, timeout=10_000)
+    yield app
+    app.shutdown()
+    app.qt_app.setQuitOnLastWindowClosed(False)

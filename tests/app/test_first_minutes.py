@@ -53,16 +53,6 @@ def test_stop_while_waiting_keeps_the_message_and_sends_nothing(qtbot, tmp_path:
     assert [e.role for e in controller.entries] == ["user"]
 
 
-@pytest.fixture
-def moebar(qtbot, isolated_moebar_home: Path, fake_engine_command: list[str], tmp_path: Path):
-    SettingsStore().set("model_dir", str(tmp_path / "my-model"))
-    app = MoeBarApp(QtWidgets.QApplication.instance(), fake_engine_command, use_tray=False)
-    qtbot.addWidget(app.window)
-    app.start()
-    qtbot.waitUntil(lambda: app.bridge.state == READY, timeout=10_000)
-    yield app
-    app.shutdown()
-    app.qt_app.setQuitOnLastWindowClosed(False)
 
 
 def test_a_folder_that_fails_to_load_gives_the_working_model_back(qtbot, moebar: MoeBarApp, tmp_path: Path) -> None:

@@ -8,22 +8,8 @@ from typing import Any
 import pytest
 
 from app.main import MoeBarApp
-from app.qt import QtWidgets
-from app.settings import SettingsStore
 
 
-@pytest.fixture
-def moebar(qtbot: Any, isolated_moebar_home: Path, fake_engine_command: list[str], tmp_path: Path) -> Any:
-    from app.bridge import READY
-
-    SettingsStore().set("model_dir", str(tmp_path / "my-model"))
-    app = MoeBarApp(QtWidgets.QApplication.instance(), fake_engine_command, use_tray=False)
-    qtbot.addWidget(app.window)
-    app.start()
-    qtbot.waitUntil(lambda: app.bridge.state == READY, timeout=10_000)
-    yield app
-    app.shutdown()
-    app.qt_app.setQuitOnLastWindowClosed(False)
 
 
 @pytest.mark.parametrize(

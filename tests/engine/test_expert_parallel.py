@@ -187,8 +187,6 @@ def test_bench_ranks_reports_the_collectives_of_a_token(tiny_model: Any, tmp_pat
 
 def _turns(proc: Any, model: Path) -> list[str]:
     """Load, two turns of one conversation (the second reuses the prompt cache), a stopped turn, a repeat."""
-    from stdio_harness import Subprocess  # noqa: F401  (the caller's process)
-
     from engine.serving.protocol import DoneEvent, ErrorEvent, LoadedEvent, TokenTextEvent
 
     def chat(rid: str, messages: list[dict[str, str]], max_tokens: int = 12) -> tuple[str, str]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import mlx.core as mx
 import numpy as np
@@ -21,6 +20,7 @@ from engine.engine import Engine
 from engine.model.hot_set import hot_set_path
 from engine.types import EngineOptions, SamplingParams
 from engine.model.loader import inspect_experts
+from exactness import share_tokenizers
 
 TOKENS = 16
 PROMPT = 96
@@ -39,23 +39,12 @@ def cache_mb(path: Path, size: str) -> float:
     return (total + 2**20 if size == "all" else total * 3 / 8) / 2**20
 
 
-_tokenizers: dict[Path, Any] = {}
 
 
 @pytest.fixture(autouse=True)
 def _tokenizer_once(monkeypatch: pytest.MonkeyPatch) -> None:
     """Load the tokenizer once for every Engine.load here (seconds each; tests compare token ids)."""
-    import engine.model.loader as loader
-
-    real = loader._load_tokenizer
-
-    def load_once(model_dir: Path, config: dict[str, Any]) -> Any:
-        key = Path(model_dir).resolve()
-        if key not in _tokenizers:
-            _tokenizers[key] = real(model_dir, config)
-        return _tokenizers[key]
-
-    monkeypatch.setattr(loader, "_load_tokenizer", load_once)
+    share_tokenizers(monkeypatch)
 
 
 @pytest.fixture(scope="module")
