@@ -15,7 +15,7 @@ import keyring.backend
 import keyring.errors
 import pytest
 from fake_hub import FakeHub, FakeRepo
-from test_first_minutes import fake_plans, moebar  # noqa: F401 - the app fixture on the scripted engine
+from test_first_minutes import fake_plans
 from test_model_download import FILES
 
 from app.catalogue import CatalogueError, CatalogueModel, download_state, load_catalogue, verdict

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from app.main import MoeBarApp
-from test_first_minutes import moebar  # noqa: F401 - the app fixture on the scripted engine
 
 from app.qt import Qt
 from app.ui.history_sidebar import ID_ROLE
