@@ -8,8 +8,11 @@ Checks, each PASS / FAIL / SKIP with one line of detail:
   yet evaluated is chosen for a new expert;
 - row independence: one token's row of the expert matmul does not change with the other rows of
   its batch (bitwise), so chunked prefill equals token-by-token;
-- disk: the cold read rate of a test file, and that evicting its pages from the page cache works
-  (the method this OS uses);
+- disk: the cold read rate of a test file, that evicting its pages from the page cache works
+  (the method this OS uses), and that the disk gauge's counters (the disk the folder maps to,
+  on macOS the physical stores of its APFS volume) count that read;
+- memory pressure: the gauge's reading comes from this OS's own source (macOS: the
+  ``kern.memorystatus_vm_pressure_level`` sysctl; Linux: PSI, else available RAM);
 - memory budget: the expert cache and limits it would choose (for ``--model`` or the test model).
 Exit status 0 when nothing failed, 1 otherwise.
 """
@@ -181,7 +184,7 @@ def check_row_independence(root: Path) -> CheckResult:
 def check_disk(directory: Path, size: int = 64 << 20) -> CheckResult:
     """Cold read rate of a test file in ``directory``, and that evicting its cached pages works."""
     from engine.platform.page_cache import cached_fraction, eviction_method
-    from engine.platform_info import drop_file_cache, measure_cold_read_speed
+    from engine.platform_info import disk_read_counters, drop_file_cache, measure_cold_read_speed
 
     method = eviction_method()
     with tempfile.TemporaryDirectory(dir=directory, prefix="moebar-selfcheck-") as tmp:
@@ -199,13 +202,44 @@ def check_disk(directory: Path, size: int = 64 << 20) -> CheckResult:
         finally:
             os.close(fd)
         after = cached_fraction(path)
+        counters_before = disk_read_counters(path)
         rate = measure_cold_read_speed(path, block_bytes=1 << 20, threads=4, total_bytes=size)
+        counters_after = disk_read_counters(path)
     figures = f"cold read {rate / 1e9:.2f} GB/s; eviction by {method}: cached {before:.0%} -> {after:.0%}"
     if before < 0.5:
         return CheckResult("disk", "SKIP", f"{figures} (this filesystem keeps no page cache to evict)")
     if not dropped or after > 0.1:
         return CheckResult("disk", "FAIL", f"{figures}: eviction did not work, cold figures would be warm")
-    return CheckResult("disk", "PASS", figures)
+    gauge = disk_gauge_verdict(counters_before.disk, counters_after.read_bytes - counters_before.read_bytes, size)
+    return CheckResult("disk", "FAIL" if gauge.startswith("FAIL") else "PASS", f"{figures}; {gauge.removeprefix('FAIL ')}")
+
+
+def disk_gauge_verdict(disk: str | None, counted: int, read: int) -> str:
+    """Whether the disk gauge saw a cold read of ``read`` bytes (``counted`` by disk ``disk``).
+
+    Returns a phrase for the report, starting with ``FAIL`` when the gauge would mislead: no disk
+    found for the folder (all disks would be summed) or its counters missed most of the read.
+    """
+    mib = 2**20
+    if disk is None:
+        return (f"FAIL disk gauge: no disk found for this folder, the gauge sums every disk "
+                f"({counted / mib:.0f} MiB counted of {read / mib:.0f} MiB read)")
+    if counted < read // 2:
+        return f"FAIL disk gauge: {disk} counted only {counted / mib:.0f} MiB of the {read / mib:.0f} MiB read"
+    return f"disk gauge: {disk} counted {counted / mib:.0f} MiB of {read / mib:.0f} MiB read"
+
+
+def check_memory_pressure(platform: str = sys.platform) -> CheckResult:
+    """The memory-pressure gauge's reading, and that it comes from this OS's own source."""
+    from engine.platform_info import MACOS_PRESSURE_SYSCTL, PSI_PATH, memory_pressure
+
+    reading = memory_pressure(platform)
+    detail = f"{reading.level} (raw {reading.raw:g} from {reading.source}{'; ' + reading.detail if reading.detail else ''})"
+    if platform == "darwin" and reading.source != MACOS_PRESSURE_SYSCTL:
+        return CheckResult("memory pressure", "FAIL", f"{detail}: the sysctl {MACOS_PRESSURE_SYSCTL} could not be read")
+    if platform.startswith("linux") and reading.source != str(PSI_PATH):
+        return CheckResult("memory pressure", "PASS", f"{detail} (this kernel has no PSI; available RAM stands in)")
+    return CheckResult("memory pressure", "PASS", detail)
 
 
 def check_budget(model_dir: Path) -> CheckResult:
@@ -240,6 +274,7 @@ def run_selfcheck(work_dir: Path, disk_dir: Path, model_dir: Path | None, skip: 
         ("slot reuse", lambda: check_slot_reuse(work_dir)),
         ("row independence", lambda: check_row_independence(work_dir)),
         ("disk", lambda: check_disk(disk_dir)),
+        ("memory pressure", check_memory_pressure),
         ("memory budget", lambda: check_budget(model_dir or build_check_model(work_dir, "float32"))),
     ]
     results = []
@@ -287,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--disk-dir", default=None,
                    help="folder for the disk check (default: the model's folder, else the temp folder)")
     p.add_argument("--work-dir", default=None, help="where the test models are built (default: a temp folder)")
-    p.add_argument("--skip", action="append", default=[], choices=["exactness", "slot", "row", "disk", "memory"],
+    p.add_argument("--skip", action="append", default=[], choices=["exactness", "slot", "row", "disk", "memory"],  # memory: both memory checks
                    help="skip a check (repeatable)")
     p.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto",
                    help="where the checks compute (auto: the GPU when MLX has one)")
