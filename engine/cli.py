@@ -196,6 +196,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from engine.model.loader import _load_tokenizer, inspect_experts, memory_budget_for, pick_device
     from engine.model.family_support import folder_support
     from engine.storage.packed_layout import open_packed_layout
+    from engine.storage.rank_folder import read_rank_share
     from engine.model.plan import make_plan
 
     model_dir = Path(args.model).expanduser().resolve()
@@ -211,8 +212,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
     # runtime (about 0.2 GiB of the footprint), so the plan loads it too
     _load_tokenizer(model_dir, inspected.config)
     budget = memory_budget_for(inspected, options, device)
-    disk = measure_expert_read_speed(layers, io_threads=args.io_threads, samples=args.samples)
-    packed = open_packed_layout(model_dir, layers)
+    share = read_rank_share(model_dir)  # (a rank's share: its own experts, packed)
+    disk = measure_expert_read_speed(layers, io_threads=args.io_threads, samples=args.samples,
+                                     packed=share.packed_layers(layers) if share else None)
+    packed = share.packed_layers(layers) if share else open_packed_layout(model_dir, layers)
     plan = make_plan(
         model_type=inspected.config["model_type"],
         moe_layers=len(layers),
@@ -231,10 +234,16 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_pack(args: argparse.Namespace) -> int:
-    """Write the packed expert layout with a progress bar on stderr."""
+    """Write the packed expert layout (or, with --rank/--ranks, one rank's share) with a progress bar on stderr."""
     import time
 
     from engine.storage.pack import pack_model
+    from engine.storage.rank_pack import pack_rank
+
+    if (args.rank is None) != (args.ranks is None):
+        raise MoeBarError("pack: give --rank and --ranks together (this machine's rank and how many there are)")
+    if args.out and args.rank is None:
+        raise MoeBarError("pack: --out is for a rank's share (with --rank and --ranks); a plain pack is written inside the model")
 
     t0 = time.perf_counter()
 
@@ -242,11 +251,16 @@ def cmd_pack(args: argparse.Namespace) -> int:
         width = 30
         fill = width * done // total
         rate = written / max(1e-9, time.perf_counter() - t0) / 1e9
-        sys.stderr.write(f"\rpacking [{'#' * fill}{'.' * (width - fill)}] {done}/{total} layers, {rate:.2f} GB/s")
+        unit = "steps" if args.rank is not None else "layers"
+        sys.stderr.write(f"\rpacking [{'#' * fill}{'.' * (width - fill)}] {done}/{total} {unit}, {rate:.2f} GB/s")
         sys.stderr.flush()
 
     try:
-        out = pack_model(args.model, io_threads=args.io_threads, progress=None if args.quiet else bar)
+        if args.rank is not None:
+            out = pack_rank(args.model, args.rank, args.ranks, args.out or None, io_threads=args.io_threads,
+                            progress=None if args.quiet else bar)
+        else:
+            out = pack_model(args.model, io_threads=args.io_threads, progress=None if args.quiet else bar)
     finally:
         if not args.quiet:
             sys.stderr.write("\n")  # end the progress line, so an error starts a line of its own
@@ -296,8 +310,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(func=cmd_plan)
 
-    k = sub.add_parser("pack", help="write one aligned blob per expert (one read per expert)")
+    k = sub.add_parser(
+        "pack", help="write one aligned blob per expert (one read per expert), or one rank's share of the model",
+        description="Without --rank: write the packed expert layout inside the model folder. With --rank R "
+                    "--ranks N: write a self-contained folder for rank R of N machines (expert parallelism): "
+                    "config.json, the tokenizer, the dense weights and only the experts that rank owns (ids e "
+                    "with e % N == R), so that Mac needs the dense part plus 1/N of the experts on its disk. Run "
+                    "each rank on its own share, at the same path on every Mac.",
+    )
     k.add_argument("model", help="model directory to pack (the packed file is written inside it)")
+    k.add_argument("--rank", type=int, default=None, help="write the share of this rank (0-based; with --ranks)")
+    k.add_argument("--ranks", type=int, default=None, help="how many ranks (machines) share the model (with --rank)")
+    k.add_argument("--out", default="", metavar="DIR",
+                   help="folder of the share (default: beside the model, MODEL-rankRofN); replaced if it is a share")
     k.add_argument("--io-threads", type=int, default=4, help="parallel reads and writes")
     k.add_argument("--quiet", action="store_true", help="no progress bar")
     k.set_defaults(func=cmd_pack)

@@ -13,6 +13,7 @@ import numpy as np
 
 from engine.storage.expert_layout import LayerExperts
 from engine.storage.expert_store import ExpertStore
+from engine.storage.packed_layout import PackedLayer
 from engine.errors import RequestError
 from engine.model.expert_parallel import attach_expert_parallel
 from engine.model.generate import generate_tokens
@@ -30,13 +31,20 @@ log = logging.getLogger(__name__)
 
 
 def measure_expert_read_speed(
-    layers: Sequence[LayerExperts], *, io_threads: int = 4, samples: int = 32, seed: int = 0
+    layers: Sequence[LayerExperts], *, io_threads: int = 4, samples: int = 32, seed: int = 0,
+    packed: Sequence[PackedLayer] | None = None,
 ) -> float:
-    """Read ``samples`` random experts cold, in parallel, through the store; return bytes/s."""
+    """Read ``samples`` random experts cold, in parallel, through the store; return bytes/s.
+
+    ``packed``: read that layout (a rank's share has no other), only the experts it holds.
+    """
     rng = random.Random(seed)
+    store = ExpertStore(layers, io_threads=io_threads, cold=True, packed=packed)
     picks = [(rng.randrange(len(layers)), 0) for _ in range(samples)]
     picks = [(l, rng.randrange(layers[l].num_experts)) for l, _ in picks]
-    store = ExpertStore(layers, io_threads=io_threads, cold=True)
+    if packed:  # a rank's share: the same draws, mapped onto the experts it holds
+        held = [range(p.rank, layer.num_experts, p.ranks) for p, layer in zip(packed, layers)]
+        picks = [(l, e if store.holds(l, e) else held[l][e % len(held[l])]) for l, e in picks]
     try:
         store.drop_page_cache()
         buffers = [[np.empty(p.nbytes, dtype=np.uint8) for p in layers[l].params] for l, _ in picks]
@@ -113,7 +121,8 @@ class Engine:
         loaded = load_streamed_model(path, options, progress)
         disk = None
         if measure_disk:
-            disk = measure_expert_read_speed(loaded.layers, io_threads=options.io_threads, samples=16)
+            share = loaded.store.packed if loaded.store.packed and loaded.store.packed[0].ranks > 1 else None
+            disk = measure_expert_read_speed(loaded.layers, io_threads=options.io_threads, samples=16, packed=share)
         plan = make_plan(
             model_type=loaded.config["model_type"],
             moe_layers=len(loaded.layers),

@@ -3,8 +3,10 @@
 Starts ``--ranks`` processes of this module on 127.0.0.1 (mlx.distributed's ring backend, a
 hostfile of free ports) and times, on every rank, the collectives one token costs: one
 ``all_sum`` of the per-slot outputs ``[K, hidden]`` per MoE layer and one of the sampled token.
-It also times the prefill's combination for a pass of ``--prefill-tokens``. Rank 0 prints the
-medians as a table or JSON. The ranks share one machine (and one disk) here, so this measures the
+It also times the prefill's combination for a pass of ``--prefill-tokens``, and the engine's own
+per-layer combination (``ExpertParallel.run_layer``) in decode and prefill, old (an ``all_sum`` of
+every row) beside new (only owned rows, by ``all_gather``, where that sends fewer bytes), with the
+bytes each rank sends. Rank 0 prints the medians as a table or JSON. The ranks share one machine (and one disk) here, so this measures the
 communication only; the speed-up of reading on several machines is projected from it and the disk
 rate (BENCHMARKS.md).
 """
@@ -39,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decode-tokens", type=int, default=16, help="tokens to decode with --model (default 16)")
     p.add_argument("--project", action="store_true",
                    help="print the projected decode speed on 1, 2 and 4 machines instead of measuring")
-    p.add_argument("--experts", type=int, default=512, help="experts per layer, for --project (default 512)")
+    p.add_argument("--experts", type=int, default=512, help="experts per layer, of the routings timed and of --project (default 512)")
     p.add_argument("--expert-bytes", type=int, default=7_077_888, help="bytes of one expert, for --project")
     p.add_argument("--disk-gbps", type=float, default=5.5, help="each machine's SSD read rate in GB/s, for --project")
     p.add_argument("--link-ms", type=float, default=0.15,
@@ -106,6 +108,45 @@ def _time_all_sum(shape: tuple[int, ...], dtype: Any, repeats: int, group: Any) 
     return statistics.median(times)
 
 
+class _CopySwitch:
+    """Stands in for an expert layer in the bench: each routed row comes back unchanged."""
+
+    layer = 0
+
+    def run_pairs(self, rows: Any, experts: Any) -> Any:
+        return rows
+
+
+def routings(tokens: int, experts: int, k: int, count: int, seed: int = 0) -> list[Any]:
+    """``count`` uniform routings of ``tokens`` tokens: ``[1, tokens, k]`` distinct expert ids each."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)  # the same seed on every rank: the ranks must agree on the routing
+    return [np.argsort(rng.random((1, tokens, experts)), axis=-1)[..., :k] for _ in range(count)]
+
+
+def time_combine(group: Any, mode: str, hidden: int, dtype: Any, host_idx: list[Any], repeats: int) -> dict[str, Any]:
+    """The engine's per-layer combination (``ExpertParallel.run_layer``) forced to ``mode``: median ms,
+    mean bytes each rank sent, layers gathered. Routings cycle through ``host_idx``."""
+    import mlx.core as mx
+
+    from engine.model.expert_parallel import ExpertParallel
+
+    par = ExpertParallel(group=group, rank=group.rank(), size=group.size(), combine=mode)
+    x = mx.ones((1, host_idx[0].shape[1], hidden), dtype=dtype)
+    mx.eval(x)
+    for i in range(2):
+        mx.eval(par.run_layer(_CopySwitch(), x, host_idx[i % len(host_idx)]))  # type: ignore[arg-type]
+    par.bytes_sent = par.gathered_layers = 0
+    times = []
+    for i in range(repeats):
+        t0 = time.perf_counter()
+        mx.eval(par.run_layer(_CopySwitch(), x, host_idx[i % len(host_idx)]))  # type: ignore[arg-type]
+        times.append(time.perf_counter() - t0)
+    return {"ms": statistics.median(times) * 1e3, "bytes_sent": par.bytes_sent / repeats,
+            "gathered_fraction": par.gathered_layers / repeats}
+
+
 def decode_run(model: str, tokens: int) -> dict[str, Any]:
     """Greedy decode of ``tokens`` after a short prompt: decode seconds per token, collectives, tokens."""
     from engine.engine import Engine
@@ -140,6 +181,15 @@ def _rank_main(args: argparse.Namespace) -> dict[str, Any]:
     layer_s = _time_all_sum((1, args.k, args.hidden), dtype, args.repeats, group)
     token_s = _time_all_sum((1,), mx.int32, args.repeats, group)
     prefill_s = _time_all_sum((args.prefill_tokens * args.k, args.hidden), dtype, max(5, args.repeats // 20), group)
+    # the engine's combination, old (all_sum of every row) and new (owned rows where fewer bytes), side by side
+    decode_routes = routings(1, args.experts, args.k, 64)
+    prefill_routes = routings(args.prefill_tokens, args.experts, args.k, 1)
+    combine = {
+        "decode_all_sum": time_combine(group, "all_sum", args.hidden, dtype, decode_routes, args.repeats),
+        "decode_auto": time_combine(group, "auto", args.hidden, dtype, decode_routes, args.repeats),
+        "prefill_all_sum": time_combine(group, "all_sum", args.hidden, dtype, prefill_routes, max(5, args.repeats // 20)),
+        "prefill_auto": time_combine(group, "auto", args.hidden, dtype, prefill_routes, max(5, args.repeats // 20)),
+    }
     return {
         "rank": group.rank(),
         "ranks": group.size(),
@@ -154,6 +204,8 @@ def _rank_main(args: argparse.Namespace) -> dict[str, Any]:
         "prefill_layer_all_sum_ms": prefill_s * 1e3,
         "payload_bytes_per_layer": args.k * args.hidden * (2 if args.dtype == "bfloat16" else 4),
         "decode": decode,
+        "experts": args.experts,
+        "combine": combine,
     }
 
 
@@ -206,6 +258,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  per MoE layer (decode): all_sum of {r0['payload_bytes_per_layer']:,} bytes  {r0['layer_all_sum_ms']:.3f} ms")
     print(f"  per token: {args.layers} layers + token agreement              {r0['per_token_ms']:.2f} ms")
     print(f"  per layer of a {args.prefill_tokens}-token prefill pass                {r0['prefill_layer_all_sum_ms']:.2f} ms")
+    c = r0["combine"]
+    print(f"  the engine's combination per MoE layer ({args.experts} experts, uniform routing), old | new:")
+    for label, old_key, new_key in (("decode (1 token)", "decode_all_sum", "decode_auto"),
+                                    (f"prefill ({args.prefill_tokens} tokens)", "prefill_all_sum", "prefill_auto")):
+        o, n = c[old_key], c[new_key]
+        print(f"    {label:<22} all_sum {o['bytes_sent'] / 2**20:9.3f} MiB sent {o['ms']:9.3f} ms | "
+              f"owned rows {n['bytes_sent'] / 2**20:9.3f} MiB sent {n['ms']:9.3f} ms "
+              f"(gathered in {n['gathered_fraction']:.0%} of layers)")
     if single is not None:
         d = r0["decode"]
         print(f"  decode of {args.model}: one process {single['decode_s_per_token'] * 1e3:.1f} ms/token, "

@@ -16,6 +16,17 @@ gets the same bits, runs the replicated dense part on them, and so computes the 
 sampled token is still agreed on explicitly (rank 0's, broadcast), so a sampler without a seed
 cannot split the ranks.
 
+Sending only owned rows: every rank knows the whole routing, so it knows how many rows each rank
+owns. Where it sends fewer bytes, each rank sends just its computed rows, padded with zeros to the
+busiest rank's count, through ``all_gather`` (a copy: exact), and every rank places the gathered
+rows by index. Bytes each rank sends under the ring backend: ``all_sum`` of ``M`` rows is a
+reduce-scatter then an all-gather, ``2 (n - 1) / n * M`` rows; ``all_gather`` of ``C`` padded rows
+forwards every rank's block once, ``(n - 1) * C`` rows. So the gather is used where
+``C < 2 M / n``: a 4k-token prefill pass (``M`` = 40,960 rows, 320 MiB in bf16 at hidden 4096)
+sends about half, and a decode step of K = 10 rows too whenever the busiest rank owns fewer than
+``2 K / n`` of them (measured with ``bench-ranks``: BENCHMARKS.md). ``all_sum`` stays where it
+sends no more (one rank owning every row, or ``n`` >= 4 with a busy rank).
+
 A rank that dies or hangs must not hang the others: every collective the engine waits on runs
 under a watchdog that ends the process with a named error after ``timeout_s``.
 """
@@ -35,6 +46,7 @@ import mlx.core as mx
 import numpy as np
 
 from engine.errors import ModelError, MoeBarError, UnsupportedModelError
+from engine.storage.rank_folder import RANK_MANIFEST, model_identity, read_rank_share
 
 if TYPE_CHECKING:
     from engine.model.streamed_moe import StreamedSwitch
@@ -117,6 +129,66 @@ class _Watchdog:
 _JOINED: list["ExpertParallel"] = []  # this process's group, once joined
 
 
+@dataclass(frozen=True)
+class CombinePlan:
+    """How one layer's per-slot outputs are combined across ``size`` ranks, and the bytes each rank sends."""
+
+    size: int
+    counts: tuple[int, ...]  # (token, choice) rows each rank owns
+    row_bytes: int  # bytes of one row (hidden size x activation itemsize)
+
+    @property
+    def rows(self) -> int:
+        """Every (token, choice) row of the layer."""
+        return sum(self.counts)
+
+    @property
+    def padded_rows(self) -> int:
+        """Rows each rank sends through ``all_gather``: the busiest rank's count."""
+        return max(self.counts)
+
+    @property
+    def all_sum_bytes(self) -> int:
+        """Bytes each rank sends for an ``all_sum`` of every row (ring: reduce-scatter + all-gather)."""
+        return 2 * (self.size - 1) * self.rows * self.row_bytes // self.size
+
+    @property
+    def gather_bytes(self) -> int:
+        """Bytes each rank sends for an ``all_gather`` of the padded owned rows (ring: n - 1 forwards)."""
+        return (self.size - 1) * self.padded_rows * self.row_bytes
+
+    @property
+    def gathered(self) -> bool:
+        """Whether the owned-rows gather sends fewer bytes than the ``all_sum`` (ties keep ``all_sum``)."""
+        return self.gather_bytes < self.all_sum_bytes
+
+    @property
+    def bytes_sent(self) -> int:
+        """Bytes each rank sends with the chosen collective."""
+        return self.gather_bytes if self.gathered else self.all_sum_bytes
+
+
+def combine_plan(experts: np.ndarray, size: int, row_bytes: int) -> CombinePlan:
+    """The plan for rows routed to ``experts`` (any shape) on ``size`` ranks; every rank computes the same."""
+    owners = np.asarray(experts).reshape(-1) % size
+    counts = np.bincount(owners, minlength=size)
+    return CombinePlan(size, tuple(int(c) for c in counts), row_bytes)
+
+
+def gathered_positions(experts: np.ndarray, size: int, padded_rows: int) -> np.ndarray:
+    """Where each (token, choice) row lies in the gathered ``[size * padded_rows, hidden]`` array.
+
+    Rank ``r``'s block starts at ``r * padded_rows`` and holds its owned rows in row order.
+    """
+    owners = np.asarray(experts).reshape(-1) % size
+    order = np.argsort(owners, kind="stable")  # rows grouped by owner, in row order within each
+    counts = np.bincount(owners, minlength=size)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    within = np.empty(owners.size, dtype=np.int64)
+    within[order] = np.arange(owners.size) - starts[owners[order]]
+    return (owners * padded_rows + within).astype(np.int32)
+
+
 @dataclass
 class ExpertParallel:
     """This process's share of the experts and the group it combines results with."""
@@ -125,7 +197,11 @@ class ExpertParallel:
     rank: int
     size: int
     timeout_s: float = COLLECTIVE_TIMEOUT_S
-    collectives: int = field(default=0)  # all_sum calls made, since load
+    collectives: int = field(default=0)  # collectives made, since load
+    bytes_sent: int = field(default=0)  # bytes this rank sent combining expert layers (ring accounting)
+    gathered_layers: int = field(default=0)  # expert layers combined by the owned-rows all_gather
+    summed_layers: int = field(default=0)  # expert layers combined by the all_sum of every row
+    combine: str = "auto"  # "auto" (fewer bytes), or "all_sum" / "gather" forced (bench-ranks compares them)
 
     @classmethod
     def from_environment(cls, timeout_s: float = COLLECTIVE_TIMEOUT_S) -> "ExpertParallel | None":
@@ -171,8 +247,15 @@ class ExpertParallel:
 
     def all_sum(self, x: mx.array, what: str, *, watched: bool = True) -> mx.array:
         """Sum ``x`` over the ranks and wait for it, under the collective watchdog unless not ``watched``."""
+        return self._wait(mx.distributed.all_sum(x, group=self.group), what, watched)
+
+    def all_gather(self, x: mx.array, what: str) -> mx.array:
+        """Every rank's ``x`` concatenated along axis 0, in rank order, under the collective watchdog."""
+        return self._wait(mx.distributed.all_gather(x, group=self.group), what, True)
+
+    def _wait(self, y: mx.array, what: str, watched: bool) -> mx.array:
+        """Evaluate the collective ``y``; a timeout ends the process, a lost peer is a PeerLostError."""
         self.collectives += 1
-        y = mx.distributed.all_sum(x, group=self.group)
         try:
             if not watched:  # (a follower waiting for rank 0's next request may wait for hours)
                 mx.eval(y)
@@ -189,21 +272,35 @@ class ExpertParallel:
         d = x.shape[-1]
         flat = host_idx.reshape(-1)
         owned = np.nonzero(self.owns(flat))[0]
-        rows_out = mx.zeros((1, d), dtype=x.dtype)  # row 0: the zero row of pairs owned elsewhere
+        plan = combine_plan(flat, self.size, d * x.dtype.size)
+        y: mx.array | None = None
         if owned.size:
-            ids = flat[owned]
             rows = x.reshape(-1, d)[mx.array(owned // k)]
-            y = switch.run_pairs(rows, ids)
+            y = switch.run_pairs(rows, flat[owned])
             if y.dtype != x.dtype:
                 raise UnsupportedModelError(
                     f"expert layer {switch.layer}: its experts return {y.dtype} for {x.dtype} activations; "
                     "expert parallelism combines outputs in the activation dtype and cannot do so exactly"
                 )
+        what = f"expert layer {switch.layer}"
+        gather = plan.gathered if self.combine == "auto" else self.combine == "gather"
+        self.bytes_sent += plan.gather_bytes if gather else plan.all_sum_bytes
+        if gather:  # only the owned rows travel, padded to the busiest rank's count
+            self.gathered_layers += 1
+            pad = plan.padded_rows - owned.size
+            parts = ([y] if y is not None else []) + ([mx.zeros((pad, d), dtype=x.dtype)] if pad else [])
+            mine = parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=0)
+            gathered = self.all_gather(mine, what)
+            total = gathered[mx.array(gathered_positions(flat, self.size, plan.padded_rows))]
+            return total.reshape(*host_idx.shape, d)
+        self.summed_layers += 1
+        rows_out = mx.zeros((1, d), dtype=x.dtype)  # row 0: the zero row of pairs owned elsewhere
+        if y is not None:
             rows_out = mx.concatenate([rows_out, y], axis=0)
         where = np.zeros(flat.size, dtype=np.int32)
         where[owned] = np.arange(1, owned.size + 1, dtype=np.int32)
         mine = rows_out[mx.array(where)]  # a gather: exact copies and exact zeros
-        total = self.all_sum(mine, f"expert layer {switch.layer}")
+        total = self.all_sum(mine, what)
         return total.reshape(*host_idx.shape, d)
 
     def agree_token(self, token: mx.array) -> mx.array:
@@ -224,41 +321,69 @@ class ExpertParallel:
         local = stop or (lambda: False)
         return lambda: self.agree_flag(local() if self.rank == 0 else False, "agreeing on stop")
 
-    def check_same_setup(self, fingerprint: str) -> None:
+    def check_same_setup(self, fingerprints: str | dict[str, str], problem: str | None = None,
+                         details: dict[str, str] | None = None) -> None:
         """Refuse ranks started on different models or options (every rank compares with rank 0's).
 
-        ``fingerprint`` is a hex digest of what must agree; every rank learns whether any rank
-        differs, so none is left waiting in a collective the others never make.
+        ``fingerprints``: a hex digest of what must agree, or one per named part ("model",
+        "options"); ``details[part]`` says, on a rank that differs, what its part is. ``problem``:
+        why this rank cannot start (its folder is another rank's share), raised here once every
+        rank knows. Every rank learns whether any rank differs, so none is left waiting in a
+        collective the others never make.
         """
-        digest = np.frombuffer(bytes.fromhex(fingerprint)[:8].ljust(8, b"\0"), dtype=np.int32).copy()
+        parts = {"setup": fingerprints} if isinstance(fingerprints, str) else dict(fingerprints)
+        names = list(parts)
+        digest = np.concatenate([np.frombuffer(bytes.fromhex(parts[n])[:8].ljust(8, b"\0"), dtype=np.int32)
+                                 for n in names])
         mine = mx.array(digest)
-        ref = self.all_sum(mine if self.rank == 0 else mx.zeros_like(mine), "comparing setups")
-        differs = not bool(mx.all(ref == mine).item())
-        flags = mx.zeros((self.size,), dtype=mx.int32)
-        if differs:
-            flags = mx.array([1 if r == self.rank else 0 for r in range(self.size)], dtype=mx.int32)
-        summed = np.array(self.all_sum(flags, "comparing setups"))
-        bad = [r for r in range(self.size) if summed[r]]
+        ref = np.array(self.all_sum(mine if self.rank == 0 else mx.zeros_like(mine), "comparing setups"))
+        differs = [not np.array_equal(ref[2 * i: 2 * i + 2], digest[2 * i: 2 * i + 2]) for i in range(len(names))]
+        width = len(names) + 1  # one flag per part, then "cannot start"
+        flags = np.zeros((self.size, width), dtype=np.int32)
+        flags[self.rank, : len(names)] = differs
+        flags[self.rank, -1] = problem is not None
+        summed = np.array(self.all_sum(mx.array(flags.reshape(-1)), "comparing setups")).reshape(self.size, width)
+        if problem is not None:
+            raise DistributedSetupError(problem)
+        stuck = [r for r in range(self.size) if summed[r, -1]]
+        if stuck:
+            raise DistributedSetupError(
+                f"rank {', '.join(map(str, stuck))} cannot start: its model folder is another rank's share "
+                "(see that rank's error); every rank stops"
+            )
+        bad = [r for r in range(self.size) if summed[r, :-1].any()]
         if bad:
-            who = "this rank" if differs else "rank " + ", ".join(str(r) for r in bad)
+            if any(differs):
+                who = "this rank"
+                what = "; ".join((details or {}).get(n, f"the {n} differs") for n, d in zip(names, differs) if d)
+            else:
+                who = "rank " + ", ".join(str(r) for r in bad)
+                what = ", ".join(f"the {n}" for i, n in enumerate(names) if summed[:, i].any()) + " differ(s)"
             raise DistributedSetupError(
                 f"{who} was started on another model or other options than rank 0: every rank needs the "
-                "same model (same files), experts per token and engine options"
+                f"same model (same files, or its share of them), experts per token and engine options ({what})"
             )
 
 
-def setup_fingerprint(model_dir: Path, fields: dict[str, Any]) -> str:
-    """A digest of what must agree across ranks: the model's files (names and sizes), its config, ``fields``."""
+def setup_fingerprints(model_dir: Path, fields: dict[str, Any]) -> dict[str, str]:
+    """Digests of what must agree across ranks: "model" (which model, a share's recorded original
+    included, and its config.json) and "options" (``fields``)."""
     import hashlib
 
-    h = hashlib.sha256()
+    model = hashlib.sha256(model_identity(model_dir).encode())
     config = model_dir / "config.json"
     if config.is_file():
-        h.update(config.read_bytes())
-    for f in sorted(model_dir.glob("*.safetensors")):
-        h.update(f"{f.name}:{f.stat().st_size};".encode())
-    h.update(json.dumps(fields, sort_keys=True, default=str).encode())
-    return h.hexdigest()
+        model.update(config.read_bytes())
+    options = hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode())
+    return {"model": model.hexdigest(), "options": options.hexdigest()}
+
+
+def setup_fingerprint(model_dir: Path, fields: dict[str, Any]) -> str:
+    """One digest of ``setup_fingerprints`` (the model and ``fields``)."""
+    import hashlib
+
+    parts = setup_fingerprints(model_dir, fields)
+    return hashlib.sha256((parts["model"] + parts["options"]).encode()).hexdigest()
 
 
 def attach_expert_parallel(streamer: Any, model_dir: Path, fields: dict[str, Any]) -> ExpertParallel | None:
@@ -270,7 +395,13 @@ def attach_expert_parallel(streamer: Any, model_dir: Path, fields: dict[str, Any
     parallel = ExpertParallel.from_environment()
     if parallel is None:
         return None
-    parallel.check_same_setup(setup_fingerprint(model_dir, fields))
+    share = read_rank_share(model_dir)
+    problem = share.problem_for(parallel.rank, parallel.size) if share is not None else None
+    model = (f"its model folder {model_dir} is a share of {share.source!r} ({RANK_MANIFEST} field 'model'), "
+             "not of rank 0's model" if share is not None
+             else f"its model folder {model_dir} (config.json and weight files) is not rank 0's model")
+    parallel.check_same_setup(setup_fingerprints(model_dir, fields), problem,
+                              {"model": model, "options": f"its options differ: {json.dumps(fields, sort_keys=True)}"})
     streamer.parallel = parallel
     streamer.prefetch = False
     return parallel

@@ -94,7 +94,7 @@ def read_hot_set(path: Path, streamer: ExpertStreamer) -> list[Key]:
         if not all(isinstance(e, int) and 0 <= e < sizes[layer] for e in ids):
             log.warning("%s: hot set ignored: layer %d lists an expert id out of range", path, layer)
             return []
-        per_layer.append([(layer, e) for e in ids])
+        per_layer.append([(layer, e) for e in ids if streamer.store.holds(layer, e)])  # (a rank's share: its own)
     keys: list[Key] = []
     for rank in range(max((len(p) for p in per_layer), default=0)):
         keys.extend(p[rank] for p in per_layer if rank < len(p))

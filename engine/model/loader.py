@@ -28,6 +28,8 @@ from engine.storage.expert_layout import LayerExperts, layer_experts_from_index
 from engine.storage.expert_store import ExpertStore
 from engine.fast_blas import fast_blas_status
 from engine.storage.packed_layout import open_packed_layout
+from engine.storage.rank_folder import read_rank_share
+from engine.model.expert_parallel import ExpertParallel
 from engine.storage.safetensors_index import TensorLocation, read_model_index
 from engine.model.streamed_moe import ExpertStreamer, StreamedSwitch
 from engine.model.memory_budget import MemoryBudget, memory_needs, plan_budget, slot_bytes_per_expert
@@ -248,7 +250,9 @@ def inspect_experts(model_dir: Path, experts_per_token: int | None = None) -> Mo
     if experts_per_token is not None and experts_per_token < 1:
         raise ModelError(f"--experts-per-token must be at least 1, got {experts_per_token}")
     raw_config = config
-    model, config = _load_lazily(model_dir, config, index, None)
+    share = read_rank_share(model_dir)  # a rank's share: dense tensors here, only its own experts packed
+    stand_ins = share.placeholders() if share else None
+    model, config = _load_lazily(model_dir, config, index, None, stand_ins)
     banks = probe_banks(model, str(model_dir))
     if not banks:
         raise UnsupportedModelError(
@@ -259,7 +263,7 @@ def inspect_experts(model_dir: Path, experts_per_token: int | None = None) -> Mo
     if k != trained_k:
         fields = k_fields(raw_config, trained_k, k)
         if fields:
-            model, config = _load_lazily(model_dir, raw_config, index, k_override(raw_config, fields, k))
+            model, config = _load_lazily(model_dir, raw_config, index, k_override(raw_config, fields, k), stand_ins)
             banks = probe_banks(model, str(model_dir))
         if not fields or any(bank.k != k for bank in banks):
             print(
@@ -269,21 +273,58 @@ def inspect_experts(model_dir: Path, experts_per_token: int | None = None) -> Mo
             )
             k = trained_k
     found = _found(banks)
-    layers = [layer_experts_from_index(i, path, keys, index) for i, (path, _, keys) in enumerate(found)]
+    if share is not None:
+        layers = share.layer_experts(found)
+    else:
+        layers = [layer_experts_from_index(i, path, keys, index) for i, (path, _, keys) in enumerate(found)]
     _check_shapes(found, layers)
     expert_names = {s.name for layer in layers for s in layer.sources}
     dense = sum(loc.nbytes for name, loc in index.items() if name not in expert_names)
     return ModelExperts(model, config, found, layers, dense, trained_k, k)
 
 
+_MX_DTYPES = {"BOOL": "bool_", "U8": "uint8", "I8": "int8", "U16": "uint16", "I16": "int16", "F16": "float16",
+              "BF16": "bfloat16", "U32": "uint32", "I32": "int32", "F32": "float32", "U64": "uint64", "I64": "int64"}
+
+
+def _with_stand_ins(stand_ins: dict[str, tuple[tuple[int, ...], str]]) -> Callable[[dict[str, Any]], Any]:
+    """mlx-lm's classes for a config, the model's ``sanitize`` first adding the stacked expert tensors
+    a rank's share lacks as unevaluated zeros of their shape and dtype (never read: the streamed
+    layers replace them), so mlx-lm quantizes and checks the model exactly as from the full shards."""
+    from mlx_lm.utils import _get_classes
+
+    def classes(config: dict[str, Any]) -> Any:
+        model_class, args_class = _get_classes(config)
+
+        def build(args: Any) -> nn.Module:
+            model = model_class(args)
+            own = getattr(model, "sanitize", None)
+
+            def sanitize(weights: dict[str, mx.array]) -> dict[str, mx.array]:
+                weights = dict(weights)
+                for name, (shape, dtype) in stand_ins.items():
+                    if name not in weights:
+                        weights[name] = mx.zeros(shape, dtype=getattr(mx, _MX_DTYPES[dtype]))
+                return own(weights) if own is not None else weights
+
+            model.sanitize = sanitize
+            return model
+
+        return build, args_class
+
+    return classes
+
+
 def _load_lazily(
-    model_dir: Path, config: dict[str, Any], index: dict[str, TensorLocation], overrides: dict[str, Any] | None
+    model_dir: Path, config: dict[str, Any], index: dict[str, TensorLocation], overrides: dict[str, Any] | None,
+    stand_ins: dict[str, tuple[tuple[int, ...], str]] | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """mlx-lm's model for ``model_dir`` with its weights attached lazily (nothing read)."""
-    from mlx_lm.utils import load_model
+    from mlx_lm.utils import _get_classes, load_model
 
+    classes = _with_stand_ins(stand_ins) if stand_ins else _get_classes
     try:
-        return load_model(model_dir, lazy=True, model_config=overrides)
+        return load_model(model_dir, lazy=True, model_config=overrides, get_model_classes=classes)
     except ValueError as e:
         raise CorruptModelError(_weights_mismatch(model_dir, config, index, e)) from e
     except KeyError as e:
@@ -320,6 +361,7 @@ def load_streamed_model(model_dir: Path, options: EngineOptions, progress: Progr
     model_dir = Path(model_dir)
     report("reading headers", 0.0)
     config = read_config(model_dir)
+    refuse_share_alone(model_dir)
     tokenizer = _load_tokenizer(model_dir, config)
     device = pick_device(options.device)
     report("building model", 0.05)
@@ -336,7 +378,11 @@ def load_streamed_model(model_dir: Path, options: EngineOptions, progress: Progr
     apply_mlx_limits(budget)
     # the store holds each file open once (twice in cold mode: O_DIRECT), plus the process's own
     raise_open_files_limit(2 * _shard_files(layers) + options.io_threads + 64)
-    packed = open_packed_layout(model_dir, layers) if options.use_packed else None
+    share = read_rank_share(model_dir)
+    if share is not None:  # only this rank's experts are in the folder
+        packed = share.packed_layers(layers)
+    else:
+        packed = open_packed_layout(model_dir, layers) if options.use_packed else None
     store = ExpertStore(layers, io_threads=options.io_threads, cold=options.cold, packed=packed)
     # the streamer counts its budget in on-disk expert bytes; slots may hold 16-bit scales as fp32
     widen = slots_widen_half_floats(device, model, options.activation_dtype)
@@ -384,6 +430,13 @@ def load_streamed_model(model_dir: Path, options: EngineOptions, progress: Progr
     )
 
 
+def refuse_share_alone(model_dir: Path) -> None:
+    """A rank's share loads only as one of its ranks: alone, the other ranks' experts are missing."""
+    share = read_rank_share(model_dir)
+    if share is not None and ExpertParallel.from_environment() is None:
+        raise MissingFileError(share.alone_problem())
+
+
 def _shard_files(layers: list[LayerExperts]) -> int:
     """Distinct files the expert store may hold open."""
     return len({s.file for layer in layers for s in layer.sources})
@@ -429,7 +482,8 @@ def _check_shapes(found: list[tuple[str, nn.Module, list[str]]], layers: list[La
             want = tuple(declared[key].shape)
             got = (layer.num_experts, *param.shape)
             if want != got:
-                src = layer.sources[layer.params.index(param)].file
+                i = layer.params.index(param)
+                src = layer.sources[i].file if layer.sources else "moebar-rank.json"
                 raise CorruptModelError(
                     f"{src}: tensor '{path}.{key}' has shape {list(got)} but config.json implies {list(want)}"
                 )

@@ -82,6 +82,10 @@ class ExpertStore:
         for f in dict.fromkeys(files):
             self._fds[f] = self._open(f)
 
+    def holds(self, layer: int, expert: int) -> bool:
+        """Whether this store can read ``expert`` of ``layer`` (a rank's share holds only its own)."""
+        return self.packed[layer].holds(expert) if self.packed else True
+
     @property
     def layout(self) -> str:
         """``packed`` or ``safetensors``: which layout the store reads."""
@@ -167,11 +171,12 @@ class ExpertStore:
         crc = 0
         for v in views:
             crc = zlib.crc32(v, crc)
-        if crc != pl.checksums[expert]:
+        if crc != pl.checksum(expert):
+            fix = ("pack this rank's share again" if pl.ranks > 1
+                   else "delete the moebar-packed folder and run `moebar-engine pack` again")
             raise ExpertReadError(
                 f"{pl.file}: checksum mismatch for layer {layer} expert {expert} "
-                f"(stored {pl.checksums[expert]:#010x}, read {crc:#010x}); the packed file is corrupt: "
-                "delete the moebar-packed folder and run `moebar-engine pack` again"
+                f"(stored {pl.checksum(expert):#010x}, read {crc:#010x}); the packed file is corrupt: {fix}"
             )
         with self._lock:
             self._verified.add((layer, expert))

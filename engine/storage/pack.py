@@ -61,7 +61,12 @@ def _process_alive(pid: int) -> bool:
 
 def pack_model(model_dir: str | Path, *, io_threads: int = 4, progress: PackProgress | None = None) -> Path:
     """Write ``<model_dir>/moebar-packed`` and return it; raises DiskFullError when space runs out."""
+    from engine.errors import ModelError
+    from engine.storage.rank_folder import RANK_MANIFEST
+
     model_dir = Path(model_dir)
+    if (model_dir / RANK_MANIFEST).is_file():
+        raise ModelError(f"{model_dir}: this is a rank's share ({RANK_MANIFEST}): its experts are packed already")
     remove_stale_pack_folders(model_dir)
     layers = inspect_experts(model_dir).layers
     need = sum(aligned(l.expert_bytes) * l.num_experts for l in layers) + INDEX_RESERVE_BYTES

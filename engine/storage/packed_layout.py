@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engine.errors import CorruptModelError
+from engine.errors import CorruptModelError, ExpertReadError
 from engine.storage.expert_layout import LayerExperts
 
 PACKED_DIRNAME = "moebar-packed"
@@ -34,11 +34,26 @@ class PackedLayer:
     file: Path
     stride: int
     payload_bytes: int
-    checksums: tuple[int, ...]
+    checksums: tuple[int, ...]  # one per expert in the file, in file order
+    rank: int = 0  # a rank's share (rank_folder) holds only the experts e with e % ranks == rank
+    ranks: int = 1
+
+    def holds(self, expert: int) -> bool:
+        """Whether ``expert`` is in this file."""
+        return expert % self.ranks == self.rank
 
     def blob_offset(self, expert: int) -> int:
         """Byte offset of ``expert``'s blob in the layer file."""
-        return expert * self.stride
+        if not self.holds(expert):
+            raise ExpertReadError(
+                f"{self.file}: expert {expert} is not in this rank's share (it holds the experts e with "
+                f"e % {self.ranks} == {self.rank})"
+            )
+        return expert // self.ranks * self.stride
+
+    def checksum(self, expert: int) -> int:
+        """CRC-32 of ``expert``'s payload."""
+        return self.checksums[expert // self.ranks]
 
 
 def source_fingerprint(layers: list[LayerExperts]) -> dict[str, Any]:

@@ -30,10 +30,13 @@ def main() -> int:
     p.add_argument("--experts-per-token", type=int, default=None)
     p.add_argument("--temp", type=float, default=0.0)
     p.add_argument("--die-after", type=int, default=0, help="SIGKILL this rank after N tokens (fault tests)")
+    p.add_argument("--prefill-chunk", type=int, default=512)
+    p.add_argument("--prefill-pass-tokens", type=int, default=0)
     args = p.parse_args()
     try:
-        engine = Engine.load(args.model, EngineOptions(cache_mb=args.cache_mb, experts_per_token=args.experts_per_token),
-                             measure_disk=False)
+        options = EngineOptions(cache_mb=args.cache_mb, experts_per_token=args.experts_per_token,
+                                prefill_chunk=args.prefill_chunk, prefill_pass_tokens=args.prefill_pass_tokens)
+        engine = Engine.load(args.model, options, measure_disk=False)
     except MoeBarError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -53,6 +56,9 @@ def main() -> int:
         "rank": par.rank if par else 0,
         "ranks": par.size if par else 1,
         "collectives": par.collectives if par else 0,
+        "gathered_layers": par.gathered_layers if par else 0,
+        "summed_layers": par.summed_layers if par else 0,
+        "bytes_sent": par.bytes_sent if par else 0,
         "bytes_read": engine.expert_counters()["bytes_read"],
     }))
     engine.close()
