@@ -7,6 +7,9 @@ the cache (the engine caches what the prompt read) but only decode lines are cou
 shared by every layer, as the engine's is; ``cache_experts`` is the number of slots per layer.
 
 Belady's optimum runs through the same cache with a policy that knows each key's next use.
+``static-oracle`` is a second offline bound: LFU by each key's use count over the whole trace
+(perfect knowledge of the static popularity, none of the order): the most a policy that only
+learns which experts are popular could reach.
 """
 
 from __future__ import annotations
@@ -21,7 +24,47 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from engine.diagnostics.traces import Trace, TraceError, read_trace
-from engine.model.cache_policies import DEFAULT_POLICY, BeladyPolicy, ReplacementPolicy, make_policy
+from engine.model.cache_policies import DEFAULT_POLICY, BeladyPolicy, Key, ReplacementPolicy, _LazyMinHeap, make_policy
+
+OFFLINE = ("belady", "static-oracle")  # policies that need the whole trace (replay only)
+
+
+class StaticOraclePolicy:
+    """Evict the resident key with the fewest uses over the whole trace (given up front)."""
+
+    def __init__(self, uses: dict[Key, int]) -> None:
+        self.uses = uses
+        self._heap = _LazyMinHeap()
+
+    def touch(self, key: Key) -> None:
+        """Nothing changes: the priority is static."""
+
+    def miss(self, key: Key) -> None:
+        """Nothing changes: the priority is static."""
+
+    def insert(self, key: Key) -> None:
+        """``key`` is resident, ranked by its total uses."""
+        self._heap.put(key, float(self.uses.get(key, 0)))
+
+    def remove(self, key: Key) -> None:
+        """``key`` left the cache."""
+        self._heap.discard(key)
+
+    def victim(self, exclude: set[Key]) -> Key | None:
+        """The resident key used least over the trace, not in ``exclude``."""
+        return self._heap.lowest(exclude)
+
+
+def trace_uses(trace: Trace, decode_only: bool = True) -> dict[Key, int]:
+    """Uses of each (layer, expert) over the trace (decode lines only by default)."""
+    uses: dict[Key, int] = {}
+    for row, ids in enumerate(trace.experts):
+        if decode_only and trace.prefill[row]:
+            continue
+        layer = int(trace.layers[row])
+        for e in ids:
+            uses[(layer, e)] = uses.get((layer, e), 0) + 1
+    return uses
 from engine.model.expert_cache import ExpertCache, SlotPool
 
 
@@ -67,12 +110,17 @@ def replay(trace: Trace, cache_experts: int, policy: str, per_layer: bool = Fals
     if cache_experts < k:
         raise TraceError(f"--cache-experts {cache_experts}: a layer call needs {k} slots (the trace's top-k)")
     belady = policy == "belady"
+    uses = trace_uses(trace) if policy == "static-oracle" else None
     groups = [[l] for l in range(h.moe_layers)] if per_layer else [list(range(h.moe_layers))]
     caches: list[ExpertCache] = []
     policies: list[ReplacementPolicy] = []
     for layers in groups:
         slots = min(cache_experts, h.experts_per_layer) * len(layers)
-        chosen: ReplacementPolicy = BeladyPolicy(slots) if belady else make_policy(policy, slots, len(layers))
+        chosen: ReplacementPolicy = (
+            BeladyPolicy(slots) if belady
+            else StaticOraclePolicy(uses) if uses is not None
+            else make_policy(policy, slots, len(layers))
+        )  # fmt: skip
         policies.append(chosen)
         caches.append(ExpertCache(SlotPool([], slots), chosen, layer_experts={l: h.experts_per_layer for l in layers}))
     cache_of = [caches[l if per_layer else 0] for l in range(h.moe_layers)]
@@ -201,10 +249,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("trace", help="routing trace file to replay (from the app's routing-traces/ or synth-trace)")
     p.add_argument("--cache-experts", required=True, action="append",
                    help="slots per layer: a count, or a percentage of a layer's experts (e.g. 5%%); repeat for a curve")
-    p.add_argument("--policy", default=DEFAULT_POLICY, help="lru-layer, lru, lrfu, lfu, lrfu:HALF_LIFE (default: the engine's)")
+    p.add_argument("--policy", default=DEFAULT_POLICY,
+                   help="lru-layer, lru, lru-adaptive, arc, wtinylfu, wtinylfu:WINDOW, lrfu, lfu, lrfu:HALF_LIFE (default: the engine's)")
     p.add_argument("--model", help="model directory the trace must belong to (refused otherwise)")
     p.add_argument("--json", action="store_true", help="one JSON object per size")
-    p.add_argument("--compare", metavar="POLICIES", help="comma-separated policies: print one Markdown table of all sizes")
+    p.add_argument("--compare", metavar="POLICIES",
+                   help="comma-separated policies (also static-oracle, an offline bound): print one Markdown table of all sizes")
     p.add_argument("--per-layer", metavar="POLICIES", default="", help="with --compare: these also with equal per-layer budgets")
     return p
 
@@ -224,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
         names = [n.strip() for n in args.compare.split(",") if n.strip()]
         per_layer = [n.strip() for n in args.per_layer.split(",") if n.strip()]
         for name in names + per_layer:
-            if name != "belady":
+            if name not in OFFLINE:
                 try:
                     make_policy(name, 1)
                 except ValueError as e:

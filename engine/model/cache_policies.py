@@ -13,6 +13,7 @@ by pending compute).
   over all its past uses, whether resident or not, with ``age`` counted in lookups of the cache
   and the half-life a multiple of the cache's slot count (so one setting fits every size). A long
   half-life is LFU with ageing (a pinned hot set emerges); a short one is LRU.
+* ``arc``, ``wtinylfu``, ``lru-adaptive``: see cache_policies_adaptive.
 * ``belady``: the offline optimum (evict the key used furthest in the future), for the replay tool:
   it needs the whole trace (``BeladyPolicy.next_use``).
 
@@ -277,19 +278,28 @@ POLICIES: dict[str, PolicyFactory] = {
     "lfu": lambda n, layers: LRFUPolicy(n, half_life=math.inf),
 }
 
+from engine.model.cache_policies_adaptive import AdaptiveLayerLRUPolicy, ARCPolicy, WTinyLFUPolicy  # noqa: E402
+
+POLICIES.update({"arc": ARCPolicy, "wtinylfu": WTinyLFUPolicy, "lru-adaptive": AdaptiveLayerLRUPolicy})
+
 
 def make_policy(name: str, n_slots: int, layers: int = 1) -> ReplacementPolicy:
     """The policy called ``name`` for a cache of ``n_slots`` shared by ``layers`` layers;
-    ``lrfu:H`` sets LRFU's half-life H (in multiples of ``n_slots`` lookups)."""
+    ``lrfu:H`` sets LRFU's half-life H (in multiples of ``n_slots`` lookups), ``wtinylfu:W`` the
+    W-TinyLFU window's share W of the slots."""
     base, _, arg = name.partition(":")
-    if base == "lrfu" and arg:
+    if base in ("lrfu", "wtinylfu") and arg:
         try:
-            half_life = float(arg)
+            value = float(arg)
         except ValueError:
-            raise ValueError(f"cache policy {name!r}: the half-life after ':' must be a number") from None
-        return LRFUPolicy(n_slots, half_life=half_life)
+            raise ValueError(f"cache policy {name!r}: the value after ':' must be a number") from None
+        if base == "lrfu":
+            return LRFUPolicy(n_slots, half_life=value)
+        return WTinyLFUPolicy(n_slots, layers, window=value)
     if base not in POLICIES or arg:
-        raise ValueError(f"unknown cache policy {name!r}; known: {', '.join(POLICIES)}, lrfu:HALF_LIFE")
+        raise ValueError(
+            f"unknown cache policy {name!r}; known: {', '.join(POLICIES)}, lrfu:HALF_LIFE, wtinylfu:WINDOW"
+        )
     return POLICIES[base](n_slots, layers)
 
 DEFAULT_POLICY = "lru-layer"  # the engine's policy, chosen with cache-sim (BENCHMARKS.md, "Expert cache policy")

@@ -102,7 +102,7 @@ def test_layer_lru_holds_each_layer_to_its_share() -> None:
 
 
 def test_victim_respects_exclusions() -> None:
-    for name in ("lru", "lru-layer", "lrfu", "lfu"):
+    for name in ("lru", "lru-layer", "lrfu", "lfu", "arc", "wtinylfu", "lru-adaptive"):
         policy = make_policy(name, 3)
         for key in [(0, 1), (0, 2)]:
             policy.miss(key)
@@ -114,10 +114,10 @@ def test_victim_respects_exclusions() -> None:
 
 def test_policy_names() -> None:
     assert all(is_policy_name(n) for n in ("lru-layer", "lrfu", "lru", "lfu", "lrfu:2.5"))
-    for bad in ("arc", "lrfu:x", "lrfu:0", "lrfu:-1", "lrfu:nan", "lru:3"):
+    for bad in ("mru", "lrfu:x", "lrfu:0", "lrfu:-1", "lrfu:nan", "lru:3"):
         assert not is_policy_name(bad), bad
-    with pytest.raises(ValueError, match="unknown cache policy 'arc'"):
-        make_policy("arc", 4)
+    with pytest.raises(ValueError, match="unknown cache policy 'mru'"):
+        make_policy("mru", 4)
 
 
 def _optimal_hits(seq: list[int], size: int) -> int:
@@ -152,7 +152,7 @@ def test_belady_matches_exhaustive_optimum(tmp_path: Path) -> None:
         trace = read_trace(_trace_of(seq, tmp_path / f"t{case}.jsonl"))
         got = replay(trace, size, "belady")
         assert round(got.hit_rate * len(seq)) == _optimal_hits(seq, size), seq
-        for name in ("lru", "lru-layer", "lrfu"):
+        for name in ("lru", "lru-layer", "lrfu", "arc", "wtinylfu", "lru-adaptive", "static-oracle"):
             assert replay(trace, size, name).hit_rate <= got.hit_rate + 1e-12
 
 
@@ -245,8 +245,8 @@ def test_cache_sim_cli_json_and_errors(tmp_path: Path, capsys: pytest.CaptureFix
     assert "cache 8 experts per layer (25.0%)" in text and "belady" in text
     assert cli_main(["cache-sim", str(path), "--cache-experts", "2"]) == 2
     assert "needs 4 slots" in capsys.readouterr().err
-    assert cli_main(["cache-sim", str(path), "--cache-experts", "8", "--policy", "arc"]) == 2
-    assert "--policy: unknown cache policy 'arc'" in capsys.readouterr().err
+    assert cli_main(["cache-sim", str(path), "--cache-experts", "8", "--policy", "mru"]) == 2
+    assert "--policy: unknown cache policy 'mru'" in capsys.readouterr().err
 
 
 def test_synthetic_routing_is_deterministic_and_valid() -> None:
@@ -305,7 +305,7 @@ def test_load_request_carries_the_cache_options() -> None:
     assert isinstance(req, p.LoadRequest)
     assert (req.options.cache_policy, req.options.hot_set_dir, req.options.trace_dir) == ("lru", "/h", "/t")
     assert p.decode_request(json.dumps({"v": 1, "type": "load", "model_dir": "/m"})).options.cache_policy == "lru-layer"
-    bad = json.dumps({"v": 1, "type": "load", "model_dir": "/m", "options": {"cache_policy": "arc"}})
+    bad = json.dumps({"v": 1, "type": "load", "model_dir": "/m", "options": {"cache_policy": "mru"}})
     with pytest.raises(p.ProtocolError, match="load.options.cache_policy"):
         p.decode_request(bad)
 

@@ -1,0 +1,164 @@
+"""The adaptive cache policies (ARC, W-TinyLFU admission, per-layer budgets from ghost hits), the
+static-popularity oracle of the replay tool and the working-set trace generator."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from engine.diagnostics.cache_sim import replay
+from engine.diagnostics.synthetic_traces import RoutingModel, layer_overlap, main as synth_main, routing, write_trace
+from engine.diagnostics.traces import TraceHeader, read_trace
+from engine.model.cache_policies import is_policy_name, make_policy
+from engine.model.cache_policies_adaptive import AdaptiveLayerLRUPolicy, ARCPolicy, WTinyLFUPolicy
+from engine.model.expert_cache import ExpertCache, SlotPool
+
+
+def _cache(slots: int, policy: str, layers: int = 1) -> ExpertCache:
+    return ExpertCache(SlotPool([], slots), policy, layer_experts={l: 64 for l in range(layers)})
+
+
+def _use(cache: ExpertCache, key: tuple[int, int]) -> bool:
+    if cache.lookup(key) is not None:
+        return True
+    cache.assign(key, {key})
+    return False
+
+
+def _run(cache: ExpertCache, seq: list[int], layer: int = 0) -> int:
+    return sum(_use(cache, (layer, e)) for e in seq)
+
+
+def test_new_policy_names() -> None:
+    for name in ("arc", "wtinylfu", "wtinylfu:0.2", "lru-adaptive"):
+        assert is_policy_name(name), name
+    for bad in ("wtinylfu:0", "wtinylfu:1", "wtinylfu:x", "arc:2", "lru-adaptive:1", "static-oracle"):
+        assert not is_policy_name(bad), bad
+
+
+@pytest.mark.parametrize("name", ["arc", "wtinylfu", "lru-adaptive"])
+def test_victim_respects_exclusions(name: str) -> None:
+    policy = make_policy(name, 3)
+    for key in [(0, 1), (0, 2)]:
+        policy.miss(key)
+        policy.insert(key)
+    assert policy.victim({(0, 1), (0, 2)}) is None
+    assert policy.victim({(0, 1)}) == (0, 2)
+    assert policy.victim({(0, 2)}) == (0, 1)
+
+
+def test_arc_keeps_reused_keys_through_a_scan() -> None:
+    # 0 and 1 are used twice (T2); a scan of one-time keys cycles through T1 and leaves them
+    seq = [0, 1, 0, 1] + list(range(10, 30)) + [0, 1]
+    assert _run(_cache(4, "arc"), seq) == 4
+    assert _run(_cache(4, "lru"), seq) == 2
+
+
+def test_arc_ghost_hit_grows_the_recency_side() -> None:
+    policy = ARCPolicy(4)
+    for key in [(0, 1), (0, 2)]:
+        policy.miss(key)
+        policy.insert(key)
+    policy.remove((0, 1))  # evicted from T1: a ghost in B1
+    assert (0, 1) in policy.b1 and policy.p == 0
+    policy.miss((0, 1))
+    assert policy.p == 1.0  # a B1 ghost hit: T1 should have been larger
+    policy.insert((0, 1))
+    assert (0, 1) in policy.t2  # seen before: it goes to the frequency side
+
+
+def test_wtinylfu_admits_only_more_frequent_newcomers() -> None:
+    cache = _cache(4, "wtinylfu:0.25")  # a window of 1 slot, 3 in the main area
+    assert _run(cache, [0, 1, 2, 0, 1, 2, 0, 1, 2]) == 6  # 0, 1, 2 end up in the main area
+    assert _run(cache, list(range(10, 20))) == 0  # a scan of one-time keys: each one
+    for e in (0, 1, 2):  # ... is refused by the main area, so the frequent keys stay
+        assert (0, e) in cache
+    lru = _cache(4, "lru")
+    _run(lru, [0, 1, 2, 0, 1, 2, 0, 1, 2] + list(range(10, 20)))
+    assert not any((0, e) in lru for e in (0, 1, 2))
+    # a newcomer used more often than the main victim is admitted in its place
+    for _ in range(5):
+        _use(cache, (0, 99))
+    assert (0, 99) in cache
+
+
+def test_wtinylfu_counts_age() -> None:
+    policy = WTinyLFUPolicy(2, window=0.5)  # counts halve every 20 lookups
+    for _ in range(8):
+        policy.miss((0, 1))
+    for e in range(12):
+        policy.miss((0, 100 + e))
+    assert policy.count[(0, 1)] == 4 and (0, 100) not in policy.count
+
+
+def test_adaptive_budgets_move_to_the_layer_with_ghost_hits() -> None:
+    def play(cache: ExpertCache) -> int:
+        """Layer 0 cycles over 6 experts (all hits with 6 slots, none with 4); layer 1 streams new ones."""
+        hits = 0
+        for round_ in range(40):
+            hits += _run(cache, list(range(6)), layer=0)
+            hits += _run(cache, [100 + 2 * round_, 101 + 2 * round_], layer=1)
+        return hits
+
+    cache = _cache(8, "lru-adaptive", layers=2)  # equal targets at first: 4 and 4
+    policy = cache.policy
+    assert isinstance(policy, AdaptiveLayerLRUPolicy)
+    adaptive = play(cache)
+    assert policy.target[0] >= 6 and policy.target[1] <= 2
+    assert sum(policy.target.values()) == pytest.approx(8)
+    assert _run(cache, list(range(6)), layer=0) == 6
+    assert adaptive > play(_cache(8, "lru-layer", layers=2)) + 100  # equal shares: layer 0 never hits
+
+
+def _seq_trace(seq: list[int], path: Path) -> Path:
+    lines = [TraceHeader("t", 1, 8, 1).to_json()]
+    lines += [json.dumps({"token": t, "layer": 0, "experts": [e]}) for t, e in enumerate(seq)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_static_oracle_keeps_the_most_used_keys(tmp_path: Path) -> None:
+    # 0 is used most overall, but in a burst; the oracle keeps it through the other keys
+    seq = [0] * 5 + [1, 2, 3, 1, 2, 3] + [0]
+    trace = read_trace(_seq_trace(seq, tmp_path / "t.jsonl"))
+    oracle = replay(trace, 2, "static-oracle").hit_rate * len(seq)
+    assert round(oracle) == 4 + 1  # the four repeats of 0 in the burst, and its last use
+    assert replay(trace, 2, "static-oracle").hit_rate <= replay(trace, 2, "belady").hit_rate
+
+
+def test_adaptive_policies_replay_within_the_optimum(tmp_path: Path) -> None:
+    model = RoutingModel(moe_layers=3, experts_per_layer=32, experts_per_token=4, ws_size=8, ws_boost_lo=2, ws_boost_hi=3)
+    trace = read_trace(write_trace(tmp_path / "s.jsonl", model, 80, 10))
+    best = replay(trace, 6, "belady").hit_rate
+    for name in ("arc", "wtinylfu", "lru-adaptive", "static-oracle"):
+        assert 0 < replay(trace, 6, name).hit_rate <= best + 1e-12, name
+
+
+def test_working_set_generator() -> None:
+    drift = RoutingModel(moe_layers=4, experts_per_layer=64, experts_per_token=6, seed=5)
+    plain = routing(drift, 60)
+    # no boost: the drift generator draw for draw (its random stream is separate)
+    assert (routing(replace(drift, ws_size=12), 60) == plain).all()
+    ws = replace(drift, drift_sigma_lo=0.0, drift_sigma_hi=0.0, ws_size=8, ws_boost_lo=5.0, ws_boost_hi=5.0, ws_tokens=1e6)
+    ids = routing(ws, 200)
+    assert (routing(ws, 200) == ids).all()
+    assert all(len(set(row)) == 6 for row in ids.reshape(-1, 6).tolist())
+    # a strong, never-changing working set of 8: most picks come from 8 experts per layer
+    top8 = [np.sort(np.bincount(ids[:, l].ravel(), minlength=64))[-8:].sum() / ids[:, l].size for l in range(4)]
+    assert min(top8) > 0.6
+    no_ws = routing(replace(ws, ws_boost_lo=0.0, ws_boost_hi=0.0), 200)
+    assert layer_overlap(ids).mean() > layer_overlap(no_ws).mean() + 0.2
+
+
+def test_synth_trace_generator_option(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    for gen in ("drift", "working-set"):
+        out = tmp_path / f"{gen}.jsonl"
+        assert synth_main([str(out), "--tokens", "3", "--layers", "2", "--generator", gen]) == 0
+        params = json.loads(capsys.readouterr().out)
+        assert read_trace(out).decode_tokens == 3 and params["moe_layers"] == 2
+    with pytest.raises(SystemExit):
+        synth_main([str(tmp_path / "x.jsonl"), "--generator", "nope"])
