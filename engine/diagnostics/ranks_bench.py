@@ -125,26 +125,30 @@ def routings(tokens: int, experts: int, k: int, count: int, seed: int = 0) -> li
     return [np.argsort(rng.random((1, tokens, experts)), axis=-1)[..., :k] for _ in range(count)]
 
 
-def time_combine(group: Any, mode: str, hidden: int, dtype: Any, host_idx: list[Any], repeats: int) -> dict[str, Any]:
-    """The engine's per-layer combination (``ExpertParallel.run_layer``) forced to ``mode``: median ms,
-    mean bytes each rank sent, layers gathered. Routings cycle through ``host_idx``."""
+def time_combine(group: Any, modes: tuple[str, ...], hidden: int, dtype: Any, host_idx: list[Any],
+                 repeats: int) -> dict[str, dict[str, Any]]:
+    """The engine's per-layer combination (``ExpertParallel.run_layer``) under each of ``modes``
+    ("all_sum", "auto", "gather"), alternated call by call so that a busy machine weighs on each
+    alike: per mode the median ms, the mean bytes each rank sent, the share of layers gathered.
+    Routings cycle through ``host_idx``."""
     import mlx.core as mx
 
     from engine.model.expert_parallel import ExpertParallel
 
-    par = ExpertParallel(group=group, rank=group.rank(), size=group.size(), combine=mode)
+    pars = {m: ExpertParallel(group=group, rank=group.rank(), size=group.size(), combine=m) for m in modes}
     x = mx.ones((1, host_idx[0].shape[1], hidden), dtype=dtype)
     mx.eval(x)
-    for i in range(2):
-        mx.eval(par.run_layer(_CopySwitch(), x, host_idx[i % len(host_idx)]))  # type: ignore[arg-type]
-    par.bytes_sent = par.gathered_layers = 0
-    times = []
-    for i in range(repeats):
-        t0 = time.perf_counter()
-        mx.eval(par.run_layer(_CopySwitch(), x, host_idx[i % len(host_idx)]))  # type: ignore[arg-type]
-        times.append(time.perf_counter() - t0)
-    return {"ms": statistics.median(times) * 1e3, "bytes_sent": par.bytes_sent / repeats,
-            "gathered_fraction": par.gathered_layers / repeats}
+    times: dict[str, list[float]] = {m: [] for m in modes}
+    for i in range(repeats + 2):
+        for mode, par in pars.items():
+            if i == 2:  # after two warm-up calls of each
+                par.bytes_sent = par.gathered_layers = 0
+            t0 = time.perf_counter()
+            mx.eval(par.run_layer(_CopySwitch(), x, host_idx[i % len(host_idx)]))  # type: ignore[arg-type]
+            if i >= 2:
+                times[mode].append(time.perf_counter() - t0)
+    return {m: {"ms": statistics.median(times[m]) * 1e3, "bytes_sent": par.bytes_sent / repeats,
+                "gathered_fraction": par.gathered_layers / repeats} for m, par in pars.items()}
 
 
 def decode_run(model: str, tokens: int) -> dict[str, Any]:
@@ -184,12 +188,10 @@ def _rank_main(args: argparse.Namespace) -> dict[str, Any]:
     # the engine's combination, old (all_sum of every row) and new (owned rows where fewer bytes), side by side
     decode_routes = routings(1, args.experts, args.k, 64)
     prefill_routes = routings(args.prefill_tokens, args.experts, args.k, 1)
-    combine = {
-        "decode_all_sum": time_combine(group, "all_sum", args.hidden, dtype, decode_routes, args.repeats),
-        "decode_auto": time_combine(group, "auto", args.hidden, dtype, decode_routes, args.repeats),
-        "prefill_all_sum": time_combine(group, "all_sum", args.hidden, dtype, prefill_routes, max(5, args.repeats // 20)),
-        "prefill_auto": time_combine(group, "auto", args.hidden, dtype, prefill_routes, max(5, args.repeats // 20)),
-    }
+    one = time_combine(group, ("all_sum", "auto"), args.hidden, dtype, decode_routes, args.repeats)
+    many = time_combine(group, ("all_sum", "auto"), args.hidden, dtype, prefill_routes, max(5, args.repeats // 20))
+    combine = {"decode_all_sum": one["all_sum"], "decode_auto": one["auto"],
+               "prefill_all_sum": many["all_sum"], "prefill_auto": many["auto"]}
     return {
         "rank": group.rank(),
         "ranks": group.size(),

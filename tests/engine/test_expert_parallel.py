@@ -183,6 +183,10 @@ def test_bench_ranks_reports_the_collectives_of_a_token(tiny_model: Any, tmp_pat
     assert report["per_token_ms"] == pytest.approx(report["layer_all_sum_ms"] * 3 + report["token_agree_ms"])
     assert report["same_tokens"] is True  # the side-by-side decode: ranks and one process agree
     assert report["decode"]["collectives_per_token"] > 1 and report["single_process_decode"]["collectives_per_token"] == 0
+    # the engine's combination side by side: an 8-token pass sends fewer bytes as owned rows
+    old, new = report["combine"]["prefill_all_sum"], report["combine"]["prefill_auto"]
+    assert old["bytes_sent"] == 8 * 4 * 64 * 2 and 0 < new["bytes_sent"] < old["bytes_sent"]
+    assert new["gathered_fraction"] == 1.0 and old["gathered_fraction"] == 0.0 and new["ms"] > 0
 
 
 def _turns(proc: Any, model: Path) -> list[str]:
