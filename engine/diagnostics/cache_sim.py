@@ -20,6 +20,7 @@ import math
 import sys
 import time
 from dataclasses import asdict, dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -99,11 +100,16 @@ def _next_uses(trace: Trace) -> list[np.ndarray]:
     return out
 
 
-def replay(trace: Trace, cache_experts: int, policy: str, per_layer: bool = False) -> ReplayResult:
+def replay(
+    trace: Trace, cache_experts: int, policy: str, per_layer: bool = False,
+    factory: Callable[[int, int], ReplacementPolicy] | None = None,
+) -> ReplayResult:
     """Replay ``trace`` with ``cache_experts`` slots per layer under ``policy`` (or "belady").
 
     The pool is shared by all layers, as the engine's is; ``per_layer`` gives each layer a cache
-    of its own instead (equal fixed budgets), for comparison.
+    of its own instead (equal fixed budgets), for comparison. ``factory`` (slots, layers) builds
+    the policy instead of the name (which then only labels the result); a policy with an
+    ``at_token`` method is told each line's token before its lookups (offline bounds).
     """
     h = trace.header
     k = max(len(e) for e in trace.experts)
@@ -117,14 +123,17 @@ def replay(trace: Trace, cache_experts: int, policy: str, per_layer: bool = Fals
     for layers in groups:
         slots = min(cache_experts, h.experts_per_layer) * len(layers)
         chosen: ReplacementPolicy = (
-            BeladyPolicy(slots) if belady
+            factory(slots, len(layers)) if factory is not None
+            else BeladyPolicy(slots) if belady
             else StaticOraclePolicy(uses) if uses is not None
             else make_policy(policy, slots, len(layers))
         )  # fmt: skip
         policies.append(chosen)
         caches.append(ExpertCache(SlotPool([], slots), chosen, layer_experts={l: h.experts_per_layer for l in layers}))
     cache_of = [caches[l if per_layer else 0] for l in range(h.moe_layers)]
-    nexts = _next_uses(trace) if belady else None
+    nexts = _next_uses(trace) if belady and factory is None else None
+    clocks = [getattr(p, "at_token", None) for p in policies]
+    clock_of = [clocks[l if per_layer else 0] for l in range(h.moe_layers)]
     hits = misses = 0
     lookups = 0
     t0 = time.process_time()  # CPU time: less disturbed by other processes than wall time
@@ -135,6 +144,9 @@ def replay(trace: Trace, cache_experts: int, policy: str, per_layer: bool = Fals
         pinned = set(keys)
         count = not trace.prefill[row]
         here = nexts[row] if nexts is not None else None
+        clock = clock_of[layer]
+        if clock is not None:
+            clock(int(trace.tokens[row]))
         for j, key in enumerate(keys):
             if here is not None:
                 cache.policy.next_use = float(here[j])  # type: ignore[attr-defined]  # (BeladyPolicy)

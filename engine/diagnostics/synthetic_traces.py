@@ -85,6 +85,18 @@ GENERATORS = ("working-set", "drift")
 
 def routing(model: RoutingModel, tokens: int, burn_in: int = 200) -> np.ndarray:
     """Routed expert ids ``[tokens, layers, k]`` drawn from ``model``."""
+    return _draw(model, tokens, burn_in, None)
+
+
+def routing_with_state(model: RoutingModel, tokens: int, burn_in: int = 200) -> tuple[np.ndarray, np.ndarray]:
+    """The ids of ``routing`` and, per token, each expert's routing state before the noise:
+    ``log(k * softmax(logits))`` (float32 ``[tokens, layers, experts]``), the log of its chance of
+    being routed to, about (what an online policy could at best know; none of the draw)."""
+    state = np.empty((tokens, model.moe_layers, model.experts_per_layer), dtype=np.float32)
+    return _draw(model, tokens, burn_in, state), state
+
+
+def _draw(model: RoutingModel, tokens: int, burn_in: int, state: np.ndarray | None) -> np.ndarray:
     rng = np.random.default_rng(model.seed)
     L, E, K = model.moe_layers, model.experts_per_layer, model.experts_per_token
     base = np.empty((L, E))
@@ -103,9 +115,12 @@ def routing(model: RoutingModel, tokens: int, burn_in: int = 200) -> np.ndarray:
             ws.step()
         if t < 0:
             continue
-        g = base + z + rng.gumbel(size=(L, E))
-        if ws is not None:
-            g += ws.boost * ws.member
+        mean = base + z if ws is None else base + z + ws.boost * ws.member
+        if state is not None:
+            top = mean.max(axis=1, keepdims=True)
+            lse = top + np.log(np.exp(mean - top).sum(axis=1, keepdims=True))
+            state[t] = mean - lse + math.log(K)
+        g = mean + rng.gumbel(size=(L, E))
         out[t] = np.argpartition(-g, K, axis=1)[:, :K]
     return out
 

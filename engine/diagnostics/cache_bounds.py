@@ -1,0 +1,120 @@
+"""How much of Belady's lead any online expert cache policy could take, on synthetic traces.
+
+Belady's optimum knows every future lookup, including the routing noise (the Gumbel draw of the
+synthetic model, the sampling-like part of a real router) that nothing can predict. Two offline
+bounds, replayed through the engine's cache like the rest (cache_sim), separate the parts:
+
+* ``static-oracle``: LFU by each key's uses over the whole trace: a policy that knows the static
+  popularity perfectly (the best a frequency-only policy could learn).
+* ``state-oracle``: at each token, evicts the resident expert least likely to be routed to, by the
+  generator's own noise-free routing state at that token (``routing_with_state``): it knows the
+  popularity *and* the drifting context exactly, and nothing of the draw. No online policy can
+  know more; what Belady holds beyond it is foresight of the noise.
+
+``python -m engine.diagnostics.cache_bounds --tokens 500 --prompt-tokens 100 --cache-experts 5%``
+prints a Markdown table (hit rate, share of the optimum) like ``cache-sim --compare``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import replace
+
+import numpy as np
+
+from engine.diagnostics.cache_sim import ReplayResult, parse_size, replay
+from engine.diagnostics.synthetic_traces import CALIBRATED, DRIFT_CALIBRATED, GENERATORS, RoutingModel, routing_with_state
+from engine.diagnostics.traces import Trace, TraceHeader
+from engine.model.cache_policies import Key
+
+
+class StateOraclePolicy:
+    """Evict the resident key with the lowest routing chance at the current token (given up front)."""
+
+    def __init__(self, state: np.ndarray) -> None:
+        self.state = state  # [tokens, layers, experts]: log chance of being routed to
+        self.resident = np.zeros(state.shape[1:], dtype=bool)
+        self.now = 0
+
+    def at_token(self, token: int) -> None:
+        """The replay's current token."""
+        self.now = token
+
+    def touch(self, key: Key) -> None:
+        """Nothing to learn: the state is given."""
+
+    def miss(self, key: Key) -> None:
+        """Nothing to learn: the state is given."""
+
+    def insert(self, key: Key) -> None:
+        """``key`` is resident."""
+        self.resident[key] = True
+
+    def remove(self, key: Key) -> None:
+        """``key`` left the cache."""
+        self.resident[key] = False
+
+    def victim(self, exclude: set[Key]) -> Key | None:
+        """The resident key least likely to be routed to now, not in ``exclude``."""
+        score = np.where(self.resident, self.state[self.now], np.inf)
+        for key in exclude:
+            score[key] = np.inf
+        flat = int(np.argmin(score))
+        layer, expert = divmod(flat, score.shape[1])
+        return (layer, expert) if np.isfinite(score[layer, expert]) else None
+
+
+def synthetic_trace(model: RoutingModel, tokens: int, prompt_tokens: int) -> tuple[Trace, np.ndarray]:
+    """A trace of ``prompt_tokens`` prefill then ``tokens`` decode tokens, and its routing state."""
+    ids, state = routing_with_state(model, prompt_tokens + tokens)
+    T, L, K = ids.shape
+    header = TraceHeader("synthetic", L, model.experts_per_layer, K, model.expert_bytes)
+    trace = Trace(
+        header,
+        np.repeat(np.arange(T), L),
+        np.tile(np.arange(L, dtype=np.int32), T),
+        [tuple(sorted(int(e) for e in row)) for row in ids.reshape(T * L, K)],
+        np.repeat(np.arange(T) < prompt_tokens, L),
+    )
+    return trace, state
+
+
+def bounds(trace: Trace, state: np.ndarray, size: int, policies: list[str]) -> list[ReplayResult]:
+    """Belady, the named policies, the static oracle and the state oracle at one size."""
+    out = [replay(trace, size, "belady")]
+    out += [replay(trace, size, name) for name in policies]
+    out.append(replay(trace, size, "static-oracle"))
+    out.append(replay(trace, size, "state-oracle", factory=lambda slots, layers: StateOraclePolicy(state)))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Print the bounds table for a synthetic trace."""
+    p = argparse.ArgumentParser(prog="python -m engine.diagnostics.cache_bounds", description=__doc__.splitlines()[0])
+    p.add_argument("--tokens", type=int, default=500)
+    p.add_argument("--prompt-tokens", type=int, default=100)
+    p.add_argument("--layers", type=int, default=CALIBRATED.moe_layers)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--generator", choices=GENERATORS, default=GENERATORS[0])
+    p.add_argument("--cache-experts", action="append", required=True, help="a count or a percentage per layer; repeat")
+    p.add_argument("--compare", default="lru,lru-layer", help="online policies to show beside the bounds")
+    args = p.parse_args(argv)
+    fitted = CALIBRATED if args.generator == "working-set" else DRIFT_CALIBRATED
+    model = replace(fitted, moe_layers=args.layers, seed=args.seed)
+    trace, state = synthetic_trace(model, args.tokens, args.prompt_tokens)
+    names = [n for n in args.compare.split(",") if n]
+    head = ["experts/layer (share)", "belady", *names, "static-oracle", "state-oracle"]
+    print("| " + " | ".join(head) + " |\n|" + "---|" * len(head), flush=True)
+    for text in args.cache_experts:
+        size = parse_size(text, model.experts_per_layer)
+        results = bounds(trace, state, size, names)
+        best = results[0].hit_rate
+        cells = [f"{size} ({100 * size / model.experts_per_layer:.0f}%)", f"{100 * best:.1f}%"]
+        cells += [f"{100 * r.hit_rate:.1f}% ({r.hit_rate / best:.2f})" for r in results[1:]]
+        print("| " + " | ".join(cells) + " |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
