@@ -233,6 +233,34 @@ class LRFUPolicy:
         return sorted(self._log_score, key=self._log_score.__getitem__, reverse=True)
 
 
+class LayerClockLRFUPolicy(LRFUPolicy):
+    """LRFU whose ages count the lookups of the key's own layer, not of the whole pool.
+
+    Every layer is looked up k times per token, so these clocks all run at one rate and a score
+    reads as an estimate of how often the expert is routed to now, comparable between layers
+    (with the pool's clock, a layer late in the token looks up to one token fresher than the
+    first). ``half_life`` is in multiples of one layer's share of the slots.
+    """
+
+    def __init__(self, n_slots: int, layers: int = 1, half_life: float = 1.0) -> None:
+        super().__init__(max(1, n_slots // max(1, layers)), half_life)
+        self._clocks: dict[int, int] = {}
+
+    def _use(self, key: Key) -> float:
+        clock = self._clocks.get(key[0], 0) + 1
+        self._clocks[key[0]] = clock
+        now = clock * self._rate
+        old = self._log_score.get(key)
+        if old is None:
+            new = now
+        elif old >= now:
+            new = old + math.log2(1.0 + 2.0 ** (now - old))
+        else:
+            new = now + math.log2(1.0 + 2.0 ** (old - now))
+        self._log_score[key] = new
+        return new
+
+
 class BeladyPolicy:
     """Belady's offline optimum: evict the key whose next use is furthest away.
 
@@ -280,7 +308,10 @@ POLICIES: dict[str, PolicyFactory] = {
 
 from engine.model.cache_policies_adaptive import AdaptiveLayerLRUPolicy, ARCPolicy, WTinyLFUPolicy  # noqa: E402
 
-POLICIES.update({"arc": ARCPolicy, "wtinylfu": WTinyLFUPolicy, "lru-adaptive": AdaptiveLayerLRUPolicy})
+POLICIES.update({
+    "arc": ARCPolicy, "wtinylfu": WTinyLFUPolicy, "lru-adaptive": AdaptiveLayerLRUPolicy,
+    "lrfu-layer": LayerClockLRFUPolicy,
+})  # fmt: skip
 
 
 def make_policy(name: str, n_slots: int, layers: int = 1) -> ReplacementPolicy:
@@ -288,17 +319,19 @@ def make_policy(name: str, n_slots: int, layers: int = 1) -> ReplacementPolicy:
     ``lrfu:H`` sets LRFU's half-life H (in multiples of ``n_slots`` lookups), ``wtinylfu:W`` the
     W-TinyLFU window's share W of the slots."""
     base, _, arg = name.partition(":")
-    if base in ("lrfu", "wtinylfu") and arg:
+    if base in ("lrfu", "wtinylfu", "lrfu-layer") and arg:
         try:
             value = float(arg)
         except ValueError:
             raise ValueError(f"cache policy {name!r}: the value after ':' must be a number") from None
         if base == "lrfu":
             return LRFUPolicy(n_slots, half_life=value)
+        if base == "lrfu-layer":
+            return LayerClockLRFUPolicy(n_slots, layers, half_life=value)
         return WTinyLFUPolicy(n_slots, layers, window=value)
     if base not in POLICIES or arg:
         raise ValueError(
-            f"unknown cache policy {name!r}; known: {', '.join(POLICIES)}, lrfu:HALF_LIFE, wtinylfu:WINDOW"
+            f"unknown cache policy {name!r}; known: {', '.join(POLICIES)}, lrfu:HALF_LIFE, lrfu-layer:HALF_LIFE, wtinylfu:WINDOW"
         )
     return POLICIES[base](n_slots, layers)
 

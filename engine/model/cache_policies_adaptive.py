@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-from engine.model.cache_policies import Key
+Key = tuple[int, int]  # (layer, expert), as in cache_policies (which imports this module)
 
 
 def _oldest(order: "OrderedDict[Key, None]", exclude: set[Key]) -> Key | None:

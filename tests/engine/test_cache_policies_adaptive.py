@@ -206,3 +206,17 @@ def test_replay_tells_a_clocked_policy_each_token(tmp_path: Path) -> None:
     r = replay(trace, 2, "clocked", factory=lambda slots, layers: Clocked(slots))
     assert seen == [0, 1, 2, 3] and r.policy == "clocked"
     assert r.hit_rate == replay(trace, 2, "arc").hit_rate
+
+
+def test_lrfu_layer_ages_by_the_layers_own_lookups() -> None:
+    def victim(name: str) -> tuple[int, int] | None:
+        policy = make_policy(name, 4, 2)
+        for key in [(0, 7), (0, 1), (1, 2)]:  # (1, 2) comes last in the pool, first in its layer
+            policy.miss(key)
+            policy.insert(key)
+        policy.remove((0, 7))
+        return policy.victim(set())
+
+    assert victim("lrfu-layer:1") == (1, 2)  # one layer-1 lookup old against two of layer 0: older
+    assert victim("lrfu:1") == (0, 1)  # the pool's clock makes the later layer look fresher
+    assert is_policy_name("lrfu-layer") and is_policy_name("lrfu-layer:0.5") and not is_policy_name("lrfu-layer:0")
