@@ -27,6 +27,8 @@ from engine.demo.demo_model import PRESET_MODEL_TYPES
 from engine.diagnostics.bench_long_prompt import format_long_prompt, run_long_prompt
 from engine.diagnostics.bench_report import format_table, targets
 from engine.diagnostics.cache_sweep import format_sweep, parse_fractions, run_cache_sweep
+from engine.diagnostics.cgroup_sweep import format_cgroup_sweep, run_cgroup_sweep
+from engine.platform.cgroup import memory_cgroup_root
 from engine.platform.page_cache import eviction_method
 
 
@@ -35,12 +37,15 @@ def _model_dir(args: argparse.Namespace) -> Path:
     if args.model:
         return Path(args.model).expanduser().resolve()
     layers = f"-L{args.layers}" if args.layers else ""
-    out = Path(args.work_dir).expanduser() / f"{args.preset}{layers}"
+    experts = getattr(args, "experts", None)
+    out = Path(args.work_dir).expanduser() / f"{args.preset}{layers}{f'-E{experts}' if experts else ''}"
     if not (out / "config.json").is_file():
+        # --experts draws the experts as random codes (quantizing fp32 draws of hundreds of experts is slow)
+        extra = f", config_overrides={{'num_experts': {experts}}}, fast_experts=True" if experts else ""
         code = (
             "import sys; from engine.demo.demo_model import build_random_moe_model as b; "
             f"b({str(out)!r}, {PRESET_MODEL_TYPES.get(args.preset, 'qwen3_moe')!r}, 4, preset={args.preset!r}, "
-            f"num_layers={args.layers!r}, overwrite=True)"
+            f"num_layers={args.layers!r}, overwrite=True{extra})"
         )
         print(f"building synthetic model {args.preset} in {out} ...", file=sys.stderr)
         subprocess.run([sys.executable, "-c", code], check=True)
@@ -297,6 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="mini", choices=["mini", "small", "qwen3-30b-shape", "qwen3.5-397b-shape", "tiny"],
                    help="shape of the random-weight model built for the run (default mini)")
     p.add_argument("--layers", type=int, default=None, help="number of layers (to fit the disk)")
+    p.add_argument("--experts", type=int, default=None,
+                   help="experts per layer of the preset (drawn as random quantized codes; default the preset's)")
     p.add_argument("--model", default=None, help="benchmark this model directory instead of a preset")
     p.add_argument("--work-dir", default=str(Path.home() / ".cache" / "moebar-bench"),
                    help="where the preset model is built and kept between runs")
@@ -322,7 +329,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trace", default=None, metavar="FILE", help="record the cold decode run's routing here")
     p.add_argument("--cache-sweep", type=parse_fractions, default=None, metavar="FRACTIONS",
                    help="instead of the phases: decode at these expert-cache sizes (fractions of all "
-                        "experts, e.g. 0,0.125,0.5,1), page cache warm and cold (see cache_sweep)")
+                        "experts, e.g. 0,0.125,0.5,1), page cache warm and cold (see cache_sweep); with "
+                        "--cgroup-limit-mb: shares of the spare RAM under the limit (see cgroup_sweep)")
+    p.add_argument("--cgroup-limit-mb", type=float, default=None, metavar="MIB",
+                   help="with --cache-sweep (Linux, root): run each row in a memory cgroup of this size, page "
+                        "cache included, with --memory-limit-mb set to it")
+    p.add_argument("--context-tokens", type=int, default=8192, help="cgroup sweep: the context the memory budget keeps KV room for")
+    p.add_argument("--warmup-tokens", type=int, default=64, help="cgroup sweep: tokens generated before measuring")
+    p.add_argument("--temperature", type=float, default=1.0, help="cgroup sweep: sampling temperature (seeded)")
     return p
 
 
@@ -331,10 +345,16 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     t0 = time.perf_counter()
     if args.cache_sweep is not None:
+        # fails with the reason (not Linux, no cgroup v1 memory controller, not root) before any build
+        cgroup_root = memory_cgroup_root() if args.cgroup_limit_mb is not None else None
         model = _model_dir(args)
         _ensure_packed(model, args.layout)
-        results = run_cache_sweep(args, model, args.cache_sweep)
-        table = format_sweep(results)
+        if cgroup_root is not None:
+            results = run_cgroup_sweep(args, model, args.cache_sweep, root=cgroup_root)
+            table = format_cgroup_sweep(results)
+        else:
+            results = run_cache_sweep(args, model, args.cache_sweep)
+            table = format_sweep(results)
     else:
         results = run_bench(args)
         table = format_long_prompt(results["long_prompt"]) if "long_prompt" in results else format_table(results)

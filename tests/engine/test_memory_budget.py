@@ -15,7 +15,7 @@ NEEDS = MemoryNeeds(runtime_bytes=300 * MIB, dense_bytes=4 * GIB, kv_bytes=512 *
                     prefill_bytes=200 * MIB)  # fmt: skip
 
 
-def test_auto_leaves_most_spare_ram_to_the_page_cache() -> None:
+def test_auto_splits_the_spare_ram_with_the_page_cache() -> None:
     b = plan_budget(needs=NEEDS, expert_bytes_total=200 * GIB, ram_total=48 * GIB, ram_available=40 * GIB,
                     cache_mb=None, memory_limit_mb=None)  # fmt: skip
     usable = 40 * GIB + NEEDS.runtime_bytes - mb.OS_RESERVE_BYTES
@@ -23,7 +23,8 @@ def test_auto_leaves_most_spare_ram_to_the_page_cache() -> None:
     assert b.mode == "auto"
     assert b.cache_bytes == int(mb.CACHE_SHARE_OF_SPARE * spare)
     assert b.page_cache_reserve_bytes == spare - b.cache_bytes
-    assert b.page_cache_reserve_bytes > b.cache_bytes
+    assert 0 < b.page_cache_reserve_bytes < b.cache_bytes  # 75% / 25% (BENCHMARKS.md: the cgroup sweep)
+    assert b.page_cache_reserve_bytes == pytest.approx(spare / 4, abs=1)
     assert "page cache" in b.reason and "spare RAM" in b.reason
     assert b.footprint_bytes == NEEDS.fixed_bytes + b.cache_bytes
 
