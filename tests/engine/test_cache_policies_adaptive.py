@@ -186,7 +186,7 @@ def test_bounds_on_a_small_synthetic_trace() -> None:
     assert state.shape == (70, 3, 32) and trace.decode_tokens == 60
     results = bounds(trace, state, 6, ["lru"])
     names = [r.policy for r in results]
-    assert names == ["belady", "lru", "static-oracle", "state-oracle"]
+    assert names == ["belady", "lru", "static-oracle", "budget-oracle", "state-oracle"]
     best = results[0].hit_rate
     assert all(0 < r.hit_rate <= best + 1e-12 for r in results[1:])
     # the state is the generator's: its most likely experts are the ones routed to most
@@ -220,3 +220,23 @@ def test_lrfu_layer_ages_by_the_layers_own_lookups() -> None:
     assert victim("lrfu-layer:1") == (1, 2)  # one layer-1 lookup old against two of layer 0: older
     assert victim("lrfu:1") == (0, 1)  # the pool's clock makes the later layer look fresher
     assert is_policy_name("lrfu-layer") and is_policy_name("lrfu-layer:0.5") and not is_policy_name("lrfu-layer:0")
+
+
+def test_budget_oracle_fits_budgets_to_each_layers_curve(tmp_path: Path) -> None:
+    from engine.diagnostics.cache_bounds import FixedBudgetLRUPolicy, fitted_budgets, layer_lru_curves
+
+    # layer 0 cycles over 6 experts (all hits from 6 slots), layer 1 never reuses one
+    lines = [TraceHeader("t", 2, 64, 1).to_json()]
+    for t in range(60):
+        lines.append(json.dumps({"token": t, "layer": 0, "experts": [t % 6]}))
+        lines.append(json.dumps({"token": t, "layer": 1, "experts": [t % 64]}))
+    path = tmp_path / "t.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    trace = read_trace(path)
+    curves = layer_lru_curves(trace, 7)
+    assert curves[0, 5] == 0 and curves[0, 6] == 54 and curves[1, 7] == 0
+    budgets = fitted_budgets(trace, 4)  # 8 slots in all
+    assert budgets == {0: 7, 1: 1} or budgets == {0: 6, 1: 2}
+    fixed = replay(trace, 4, "budget", factory=lambda slots, layers: FixedBudgetLRUPolicy(budgets))
+    assert fixed.hit_rate == pytest.approx(54 / 120)
+    assert replay(trace, 4, "lru-layer").hit_rate == 0
