@@ -186,6 +186,22 @@ def layer_overlap(ids: np.ndarray) -> np.ndarray:
     return out
 
 
+def reuse_distances(ids: np.ndarray, max_distance: int = 8) -> np.ndarray:
+    """Share of all picks whose expert the same layer last routed to exactly ``d`` tokens before,
+    for ``d = 1..max_distance`` (index ``d - 1``); the rest were further back or never."""
+    T, L, K = ids.shape
+    counts = np.zeros(max_distance, dtype=np.int64)
+    for l in range(L):
+        last = np.full(int(ids[:, l].max()) + 1, -1, dtype=np.int64)
+        for t in range(T):
+            row = ids[t, l]
+            seen = last[row]
+            d = t - seen[seen >= 0]
+            counts += np.bincount(d[d <= max_distance], minlength=max_distance + 1)[1:]
+            last[row] = t
+    return counts / ids.size
+
+
 def lru_curve(ids: np.ndarray, model: RoutingModel, sizes: list[int]) -> dict[int, float]:
     """LRU hit rate per size (experts per layer), replayed through the engine's cache."""
     from engine.diagnostics.cache_sim import replay

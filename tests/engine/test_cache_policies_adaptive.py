@@ -240,3 +240,12 @@ def test_budget_oracle_fits_budgets_to_each_layers_curve(tmp_path: Path) -> None
     fixed = replay(trace, 4, "budget", factory=lambda slots, layers: FixedBudgetLRUPolicy(budgets))
     assert fixed.hit_rate == pytest.approx(54 / 120)
     assert replay(trace, 4, "lru-layer").hit_rate == 0
+
+
+def test_reuse_distances() -> None:
+    from engine.diagnostics.synthetic_traces import reuse_distances
+
+    ids = np.array([[[0, 1]], [[1, 2]], [[0, 3]], [[4, 5]]])  # 1 at distance 1, 0 at distance 2
+    assert reuse_distances(ids, 3).tolist() == pytest.approx([1 / 8, 1 / 8, 0.0])
+    sticky = np.array([[[0, 1]]] * 5)
+    assert reuse_distances(sticky, 2).tolist() == pytest.approx([0.8, 0.0])
