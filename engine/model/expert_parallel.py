@@ -267,7 +267,7 @@ class ExpertParallel:
         return y
 
     def run_layer(self, switch: "StreamedSwitch", x: mx.array, host_idx: np.ndarray) -> mx.array:
-        """The switch output ``[..., K, hidden]``: this rank's pairs computed, the rest summed in."""
+        """The switch output ``[..., K, hidden]``: this rank's pairs computed, the others' gathered or summed in."""
         k = host_idx.shape[-1]
         d = x.shape[-1]
         flat = host_idx.reshape(-1)

@@ -27,7 +27,7 @@ from engine.errors import CorruptModelError, MissingFileError, ModelError, Reque
 from engine.storage.expert_layout import LayerExperts, layer_experts_from_index
 from engine.storage.expert_store import ExpertStore
 from engine.fast_blas import fast_blas_status
-from engine.storage.packed_layout import open_packed_layout
+from engine.storage.packed_layout import PackedLayer, open_packed_layout
 from engine.storage.rank_folder import read_rank_share
 from engine.model.expert_parallel import ExpertParallel
 from engine.storage.safetensors_index import TensorLocation, read_model_index
@@ -379,6 +379,7 @@ def load_streamed_model(model_dir: Path, options: EngineOptions, progress: Progr
     # the store holds each file open once (twice in cold mode: O_DIRECT), plus the process's own
     raise_open_files_limit(2 * _shard_files(layers) + options.io_threads + 64)
     share = read_rank_share(model_dir)
+    packed: list[PackedLayer] | None
     if share is not None:  # only this rank's experts are in the folder
         packed = share.packed_layers(layers)
     else:

@@ -81,49 +81,6 @@ def _dense_tensors(folder: Path) -> dict[str, bytes]:
     return out
 
 
-def test_two_ranks_on_their_own_shares_give_mlx_lm_tokens(tiny_model: Any, tmp_path: Path) -> None:
-    model = tiny_model("qwen3_moe", 4)
-    reference = mlx_lm_reference(model, PROMPT, TOKENS)
-    source = tmp_path / "source"  # a copy, deleted before the ranks start: the shares need nothing of it
-    shutil.copytree(model, source)
-    shares = [pack_rank(source, 0, 2, tmp_path / "share0"),
-              pack_rank(source, 1, 2, tmp_path / "share1", max_shard_bytes=1 << 20)]  # rank 1: several dense files
-    experts = _expert_bytes(source)
-    dense = {k: v for k, v in _dense_tensors(source).items() if not any(k.startswith(p) for p in _expert_paths(source))}
-    shutil.rmtree(source)
-
-    # each expert exactly once across the shares, byte for byte; the dense tensors once in each share
-    seen: dict[tuple[int, int], int] = {}
-    for r, share_dir in enumerate(shares):
-        share = read_rank_share(share_dir)
-        assert share is not None and (share.rank, share.ranks) == (r, 2)
-        assert _dense_tensors(share_dir) == dense
-        for i, entry in enumerate(share.layers):
-            blob = (share_dir / "experts" / entry["file"]).read_bytes()
-            for slot, e in enumerate(share.owned(entry["num_experts"])):
-                payload = experts[(i, e)]
-                assert blob[slot * entry["stride"] : slot * entry["stride"] + len(payload)] == payload
-                seen[(i, e)] = seen.get((i, e), 0) + 1
-    assert seen == {key: 1 for key in experts}
-    assert len(list(shares[1].glob("model-dense-*.safetensors"))) > 1
-    assert (shares[1] / "model.safetensors.index.json").is_file()
-
-    # disk per rank: the dense tensors + this rank's experts (half, each blob page-aligned)
-    dense_bytes, expert_total = sum(map(len, dense.values())), sum(map(len, experts.values()))
-    one = len(next(iter(experts.values())))
-    for share_dir in shares:
-        weights = sum(f.stat().st_size for f in share_dir.glob("*.safetensors"))
-        expert_files = sum(f.stat().st_size for f in (share_dir / "experts").iterdir())
-        assert dense_bytes <= weights < dense_bytes + 64 * 1024  # + the headers
-        assert expert_files == aligned(one) * len(experts) // 2
-        assert expert_total // 2 <= expert_files <= expert_total // 2 * aligned(one) / one
-
-    results = _run(shares, tmp_path)
-    assert all(code == 0 for code, _, _ in results), _logs(results)
-    for r, (_, res, _) in enumerate(results):
-        assert res is not None and res["tokens"] == reference, f"rank {r}: {res} != mlx-lm {reference}"
-
-
 def _expert_paths(model: Path) -> list[str]:
     from engine.model.loader import inspect_experts
 
@@ -132,12 +89,56 @@ def _expert_paths(model: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def shares(tiny_model: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Shares of the tiny qwen3_moe: 'r0of2', 'r1of2', 'r0of3', and 'other' (rank 1 of 2 of another model)."""
+    """Shares of the tiny qwen3_moe packed from a copy that is then deleted: 'r0of2', 'r1of2' (several
+    dense files), 'r0of3', and 'other' (rank 1 of 2 of a model with the same shapes, other weights)."""
     root = tmp_path_factory.mktemp("shares")
+    source = root / "source"
+    shutil.copytree(tiny_model("qwen3_moe", 4), source)
+    out = {"r0of2": pack_rank(source, 0, 2, root / "r0of2"),
+           "r1of2": pack_rank(source, 1, 2, root / "r1of2", max_shard_bytes=1 << 20),
+           "r0of3": pack_rank(source, 0, 3, root / "r0of3"),
+           "other": pack_rank(tiny_model("qwen3_moe", 4, seed=7), 1, 2, root / "other")}
+    shutil.rmtree(source)  # the shares need nothing of the model they were packed from
+    return out
+
+
+def test_the_shares_hold_each_expert_once_and_the_dense_part_each(tiny_model: Any, shares: dict[str, Path]) -> None:
     model = tiny_model("qwen3_moe", 4)
-    other = tiny_model("qwen3_moe", 4, seed=7)
-    return {"r0of2": pack_rank(model, 0, 2, root / "r0of2"), "r1of2": pack_rank(model, 1, 2, root / "r1of2"),
-            "r0of3": pack_rank(model, 0, 3, root / "r0of3"), "other": pack_rank(other, 1, 2, root / "other")}
+    experts = _expert_bytes(model)
+    dense = {k: v for k, v in _dense_tensors(model).items() if not any(k.startswith(p) for p in _expert_paths(model))}
+    seen: dict[tuple[int, int], int] = {}
+    for r, share_dir in enumerate([shares["r0of2"], shares["r1of2"]]):
+        share = read_rank_share(share_dir)
+        assert share is not None and (share.rank, share.ranks) == (r, 2)
+        assert _dense_tensors(share_dir) == dense  # byte for byte, once in each share
+        for i, entry in enumerate(share.layers):
+            blob = (share_dir / "experts" / entry["file"]).read_bytes()
+            for slot, e in enumerate(share.owned(entry["num_experts"])):
+                payload = experts[(i, e)]
+                assert blob[slot * entry["stride"] : slot * entry["stride"] + len(payload)] == payload
+                seen[(i, e)] = seen.get((i, e), 0) + 1
+    assert seen == {key: 1 for key in experts}  # each expert exactly once across the shares
+    assert len(list(shares["r1of2"].glob("model-dense-*.safetensors"))) > 1
+    assert (shares["r1of2"] / "model.safetensors.index.json").is_file()
+
+    # disk per rank: the dense tensors + this rank's half of the experts (each blob page-aligned)
+    dense_bytes, expert_total = sum(map(len, dense.values())), sum(map(len, experts.values()))
+    one = len(next(iter(experts.values())))
+    for share_dir in (shares["r0of2"], shares["r1of2"]):
+        weights = sum(f.stat().st_size for f in share_dir.glob("*.safetensors"))
+        expert_files = sum(f.stat().st_size for f in (share_dir / "experts").iterdir())
+        assert dense_bytes <= weights < dense_bytes + 64 * 1024  # + the headers
+        assert expert_files == aligned(one) * len(experts) // 2
+        assert expert_total // 2 <= expert_files <= expert_total // 2 * aligned(one) / one
+
+
+def test_two_ranks_on_their_own_shares_give_mlx_lm_tokens(tiny_model: Any, shares: dict[str, Path],
+                                                          tmp_path: Path) -> None:
+    reference = mlx_lm_reference(tiny_model("qwen3_moe", 4), PROMPT, TOKENS)
+    results = _run([shares["r0of2"], shares["r1of2"]], tmp_path)
+    assert all(code == 0 for code, _, _ in results), _logs(results)
+    for r, (_, res, _) in enumerate(results):
+        assert res is not None and res["tokens"] == reference, f"rank {r}: {res} != mlx-lm {reference}"
 
 
 def test_a_share_alone_is_refused_naming_what_is_missing(shares: dict[str, Path]) -> None:
@@ -162,6 +163,7 @@ def test_shares_of_another_rank_or_size_are_refused_by_name(shares: dict[str, Pa
     assert "this process is rank 1 of 2" in log1
 
 
+@pytest.mark.slow  # the same check as test_ranks_on_different_options_are_refused_by_name, which CI runs
 def test_a_share_of_another_model_is_refused_by_name(shares: dict[str, Path], tmp_path: Path) -> None:
     results = _run([shares["r0of2"], shares["other"]], tmp_path)
     assert [code for code, _, _ in results] == [2, 2], _logs(results)
