@@ -67,3 +67,17 @@ def max_slots_per_array(slot_bytes: int, slot_elements: int, limit_bytes: int) -
     by_bytes = limit_bytes // max(1, slot_bytes)
     by_elements = MAX_ELEMENTS // max(1, slot_elements)
     return max(1, min(by_bytes, by_elements))
+
+
+def recommended_working_set_bytes(where: str | None = None, info: Mapping[str, Any] | None = None) -> int | None:
+    """Metal's recommended working set (``max_recommended_working_set_size``), else None.
+
+    Past it macOS pages the GPU's memory, so the automatic expert cache stays under it. CUDA and
+    the CPU report none (their limit is the device's memory or the RAM, counted elsewhere).
+    """
+    where = where or backend()
+    if where != "metal":
+        return None
+    info = _device_info() if info is None else info
+    size = info.get("max_recommended_working_set_size")
+    return size if isinstance(size, int) and size > 0 else None

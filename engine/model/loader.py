@@ -22,6 +22,7 @@ from mlx.utils import tree_flatten
 
 from engine.model.cpu_parallel import cpu_streams, split_output_projection
 from engine.model.discovery import ExpertBank, k_fields, k_override, probe_banks
+from engine.model.array_limits import recommended_working_set_bytes
 from engine.model.cpu_prefill import install_prefill_matmul
 from engine.errors import CorruptModelError, MissingFileError, ModelError, RequestError, TokenizerError, UnsupportedModelError
 from engine.storage.expert_layout import LayerExperts, layer_experts_from_index
@@ -472,6 +473,7 @@ def memory_budget_for(inspected: "ModelExperts", options: EngineOptions, device:
         ram_available=ram.available_bytes,
         cache_mb=options.cache_mb,
         memory_limit_mb=options.memory_limit_mb,
+        gpu_working_set_bytes=recommended_working_set_bytes() if device != "cpu" else None,
     )
 
 

@@ -33,7 +33,8 @@ GIB = 2**30
 # calibrated two-level simulation); 100% projected lowest, but leaves no page cache for the OS to
 # drop under pressure (anonymous memory is compressed or swapped instead) and would put the 397B's
 # MLX buffers above Metal's recommended working set on a 48 GB Mac, neither of which the
-# projection counts; 75% keeps a quarter as that reserve.
+# projection counts; 75% keeps a quarter as that reserve. On Metal the cache is also held under the
+# GPU's recommended working set (plan_budget's gpu_working_set_bytes).
 CACHE_SHARE_OF_SPARE = 0.75
 # RAM the OS and other apps keep when no limit is given (the budget never plans to use it).
 OS_RESERVE_BYTES = 2 * GIB
@@ -153,13 +154,16 @@ def plan_budget(
     ram_available: int,
     cache_mb: float | None,
     memory_limit_mb: float | None,
+    gpu_working_set_bytes: int | None = None,
 ) -> MemoryBudget:
     """Choose the expert cache: the user's size, or ``auto`` from this machine and the limit.
 
     ``auto``: CACHE_SHARE_OF_SPARE of the RAM left after the fixed part and OS_RESERVE_BYTES (of
     the available RAM, counted as if this process had not started), never more than every
-    expert; the rest is the page-cache reserve. With ``memory_limit_mb`` the footprint
-    (fixed part + cache) stays under the limit; a fixed part above it raises MemoryLimitError.
+    expert, and on Metal never so much that MLX's buffers pass the GPU's recommended working set
+    (``gpu_working_set_bytes``: past it macOS pages GPU memory); the rest is the page-cache
+    reserve. With ``memory_limit_mb`` the footprint (fixed part + cache) stays under the limit; a
+    fixed part above it raises MemoryLimitError.
     """
     limit = int(memory_limit_mb * MIB) if memory_limit_mb is not None else None
     if limit is not None and limit <= 0:
@@ -179,6 +183,11 @@ def plan_budget(
     usable = max(0, min(ram_total, ram_available + needs.runtime_bytes) - OS_RESERVE_BYTES)
     spare = max(0, usable - fixed)
     auto = int(min(expert_bytes_total, CACHE_SHARE_OF_SPARE * spare))
+    mlx_fixed = needs.dense_bytes + needs.kv_bytes + needs.working_bytes + needs.prefill_bytes + needs.margin_bytes
+    gpu_cap = None if gpu_working_set_bytes is None else max(0, gpu_working_set_bytes - mlx_fixed)
+    capped_by_gpu = gpu_cap is not None and gpu_cap < auto
+    if capped_by_gpu:
+        auto = gpu_cap  # type: ignore[assignment]
     if cache_mb is not None:
         cache = int(cache_mb * MIB)
         mode, reason = "user", f"set by the user ({_mib(cache)})"
@@ -193,7 +202,12 @@ def plan_budget(
     else:
         cache = auto
         mode = "auto"
-        if auto >= expert_bytes_total:
+        if capped_by_gpu:
+            reason = (f"what the GPU's recommended working set of {_gib(gpu_working_set_bytes or 0)} leaves after "
+                      f"{_gib(mlx_fixed)} of MLX buffers for the dense weights, KV cache, slots and prefill "
+                      f"({int(100 * CACHE_SHARE_OF_SPARE)}% of the {_gib(spare)} spare RAM would pass it); "
+                      "the rest is left to the OS page cache")  # fmt: skip
+        elif auto >= expert_bytes_total:
             reason = f"every expert ({_gib(expert_bytes_total)}) fits in {int(100 * CACHE_SHARE_OF_SPARE)}% of the spare RAM"
         else:
             reason = (f"{int(100 * CACHE_SHARE_OF_SPARE)}% of the {_gib(spare)} spare RAM (of {_gib(ram_available)} "
@@ -201,7 +215,7 @@ def plan_budget(
                       "the rest is left to the OS page cache")  # fmt: skip
     cache = max(0, min(cache, expert_bytes_total))
     reserve = max(0, spare - cache) if limit is None else max(0, usable - min(limit, usable))
-    mlx_limit = needs.dense_bytes + needs.kv_bytes + needs.working_bytes + needs.prefill_bytes + cache + needs.margin_bytes
+    mlx_limit = mlx_fixed + cache
     return MemoryBudget(
         cache_bytes=cache,
         reason=reason,

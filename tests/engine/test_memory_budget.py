@@ -3,6 +3,7 @@ one cache figure in every plan, MLX's allocator limits and figures."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import mlx.core as mx
 import pytest
@@ -34,6 +35,37 @@ def test_auto_never_exceeds_all_experts() -> None:
                     cache_mb=None, memory_limit_mb=None)  # fmt: skip
     assert b.cache_bytes == 100 * MIB
     assert "every expert" in b.reason
+
+
+def test_on_metal_the_cache_stays_under_the_recommended_working_set() -> None:
+    # 75% of the spare RAM would put MLX's buffers (11 GiB of dense weights here) above the working set
+    ws = 30 * GIB
+    needs = dataclasses.replace(NEEDS, dense_bytes=11 * GIB)
+    b = plan_budget(needs=needs, expert_bytes_total=200 * GIB, ram_total=48 * GIB, ram_available=44 * GIB,
+                    cache_mb=None, memory_limit_mb=None, gpu_working_set_bytes=ws)  # fmt: skip
+    mlx_fixed = needs.fixed_bytes - needs.runtime_bytes
+    assert b.cache_bytes == ws - mlx_fixed and b.mlx_memory_limit_bytes == ws
+    assert "recommended working set of 30.00 GiB" in b.reason
+    uncapped = plan_budget(needs=needs, expert_bytes_total=200 * GIB, ram_total=48 * GIB, ram_available=44 * GIB,
+                           cache_mb=None, memory_limit_mb=None)  # fmt: skip
+    assert uncapped.cache_bytes > b.cache_bytes
+    assert b.page_cache_reserve_bytes == uncapped.page_cache_reserve_bytes + (uncapped.cache_bytes - b.cache_bytes)
+    roomy = plan_budget(needs=needs, expert_bytes_total=200 * GIB, ram_total=48 * GIB, ram_available=44 * GIB,
+                        cache_mb=None, memory_limit_mb=None, gpu_working_set_bytes=100 * GIB)  # fmt: skip
+    assert roomy.cache_bytes == uncapped.cache_bytes  # a working set that is not reached changes nothing
+    user = plan_budget(needs=needs, expert_bytes_total=200 * GIB, ram_total=48 * GIB, ram_available=44 * GIB,
+                       cache_mb=25_000, memory_limit_mb=None, gpu_working_set_bytes=ws)  # fmt: skip
+    assert user.cache_bytes == 25_000 * MIB  # the user's own size is theirs to choose
+
+
+def test_recommended_working_set_is_metal_only() -> None:
+    from engine.model.array_limits import recommended_working_set_bytes
+
+    info = {"max_recommended_working_set_size": 38_654_705_664, "max_buffer_length": 28 * GIB}
+    assert recommended_working_set_bytes("metal", info) == 38_654_705_664
+    assert recommended_working_set_bytes("metal", {}) is None
+    assert recommended_working_set_bytes("cuda", info) is None
+    assert recommended_working_set_bytes("cpu", info) is None
 
 
 def test_user_size_is_kept_unless_the_limit_cuts_it() -> None:
