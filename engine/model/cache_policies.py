@@ -295,6 +295,59 @@ class BeladyPolicy:
         return self._heap.lowest(exclude)
 
 
+class PerLayerPolicy:
+    """Any policy run separately in each layer on an equal share of the pool (``NAME@layer``): a
+    full pool evicts the incoming key's layer's victim when that layer holds its share or more,
+    else the victim of the layer furthest over its share (as ``lru-layer`` does for LRU)."""
+
+    def __init__(self, n_slots: int, layers: int, inner: Callable[[int], ReplacementPolicy]) -> None:
+        self.share = max(1, n_slots // max(1, layers))
+        self._inner = inner
+        self._layers: dict[int, ReplacementPolicy] = {}
+        self._count: dict[int, int] = {}
+        self._incoming: Key | None = None
+
+    def _of(self, layer: int) -> ReplacementPolicy:
+        policy = self._layers.get(layer)
+        if policy is None:
+            policy = self._layers[layer] = self._inner(self.share)
+            self._count[layer] = 0
+        return policy
+
+    def touch(self, key: Key) -> None:
+        """A hit, for the key's layer's policy."""
+        self._of(key[0]).touch(key)
+
+    def miss(self, key: Key) -> None:
+        """A miss, for the key's layer's policy."""
+        self._incoming = key
+        self._of(key[0]).miss(key)
+
+    def insert(self, key: Key) -> None:
+        """Resident, in the key's layer."""
+        self._of(key[0]).insert(key)
+        self._count[key[0]] += 1
+
+    def remove(self, key: Key) -> None:
+        """Gone from the key's layer."""
+        if key[0] in self._layers:
+            self._layers[key[0]].remove(key)
+            self._count[key[0]] -= 1
+
+    def victim(self, exclude: set[Key]) -> Key | None:
+        """The incoming layer's victim at its share, else that of the layer furthest over."""
+        incoming = self._incoming
+        if incoming is not None and self._count.get(incoming[0], 0) >= self.share:
+            found = self._layers[incoming[0]].victim(exclude)
+            if found is not None:
+                return found
+        for layer in sorted(self._count, key=self._count.__getitem__, reverse=True):
+            found = self._layers[layer].victim(exclude)
+            if found is not None:
+                return found
+        return None
+
+
 PolicyFactory = Callable[[int, int], ReplacementPolicy]  # (slots, layers sharing them)
 
 # Engine policies by name; each takes the cache's slot count. "lrfu" is the default: chosen by
@@ -306,18 +359,26 @@ POLICIES: dict[str, PolicyFactory] = {
     "lfu": lambda n, layers: LRFUPolicy(n, half_life=math.inf),
 }
 
-from engine.model.cache_policies_adaptive import AdaptiveLayerLRUPolicy, ARCPolicy, WTinyLFUPolicy  # noqa: E402
+from engine.model.cache_policies_adaptive import (  # noqa: E402
+    AdaptiveLayerLRUPolicy, AdaptiveWTinyLFUPolicy, ARCPolicy, GhostWTinyLFUPolicy, WTinyLFUPolicy,
+)  # fmt: skip
 
 POLICIES.update({
     "arc": ARCPolicy, "wtinylfu": WTinyLFUPolicy, "lru-adaptive": AdaptiveLayerLRUPolicy,
-    "lrfu-layer": LayerClockLRFUPolicy,
+    "lrfu-layer": LayerClockLRFUPolicy, "wtinylfu-adaptive": AdaptiveWTinyLFUPolicy,
+    "wtinylfu-ghost": GhostWTinyLFUPolicy,
 })  # fmt: skip
 
 
 def make_policy(name: str, n_slots: int, layers: int = 1) -> ReplacementPolicy:
     """The policy called ``name`` for a cache of ``n_slots`` shared by ``layers`` layers;
     ``lrfu:H`` sets LRFU's half-life H (in multiples of ``n_slots`` lookups), ``wtinylfu:W`` the
-    W-TinyLFU window's share W of the slots."""
+    W-TinyLFU window's share W of the slots; ``NAME@layer`` runs policy NAME in each layer on an
+    equal share (``lru@layer`` is ``lru-layer``)."""
+    if name.endswith("@layer") and "@" not in name[: -len("@layer")]:
+        inner = name[: -len("@layer")]
+        make_policy(inner, 1)  # refuses an unknown inner name now
+        return PerLayerPolicy(n_slots, layers, lambda share: make_policy(inner, share, 1))
     base, _, arg = name.partition(":")
     if base in ("lrfu", "wtinylfu", "lrfu-layer") and arg:
         try:
@@ -331,7 +392,7 @@ def make_policy(name: str, n_slots: int, layers: int = 1) -> ReplacementPolicy:
         return WTinyLFUPolicy(n_slots, layers, window=value)
     if base not in POLICIES or arg:
         raise ValueError(
-            f"unknown cache policy {name!r}; known: {', '.join(POLICIES)}, lrfu:HALF_LIFE, lrfu-layer:HALF_LIFE, wtinylfu:WINDOW"
+            f"unknown cache policy {name!r}; known: {', '.join(POLICIES)}, lrfu:HALF_LIFE, lrfu-layer:HALF_LIFE, wtinylfu:WINDOW, NAME@layer"
         )
     return POLICIES[base](n_slots, layers)
 

@@ -9,6 +9,13 @@
   used more often, by aged use counts (all halved every ``10 x slots`` lookups, as TinyLFU resets
   its sketch). The key space is small (layers x experts), so the counts are exact: a count-min
   sketch would only add collisions.
+* ``wtinylfu-adaptive``: W-TinyLFU whose window share is tuned online by hill climbing on the
+  hit rate (as Caffeine does): every period of lookups, the window moves one step in the
+  direction that raised the hit rate last time, or turns back; the step shrinks over time.
+* ``wtinylfu-ghost``: W-TinyLFU whose window is sized as ARC sizes its recency list: keys
+  dropped from the window (refused by admission) and keys evicted from the main area are kept as
+  ghosts; a miss on a window ghost grows the window by a slot (recency would have kept it), a
+  miss on a main ghost shrinks it (frequency would have).
 * ``lru-adaptive``: LRU within each layer, each layer's share of the pool adapted online: every
   layer keeps a ghost list of its recently evicted keys, a miss found there (it would have hit
   with a few more slots) raises the layer's target, and a full pool evicts from the layer furthest
@@ -168,6 +175,79 @@ class WTinyLFUPolicy:
         """Resident keys, most used first."""
         keys = [*self.window, *self.probation, *self.protected]
         return sorted(keys, key=lambda k: self.count.get(k, 0), reverse=True)
+
+
+class AdaptiveWTinyLFUPolicy(WTinyLFUPolicy):
+    """W-TinyLFU with its window share climbed toward the best hit rate (see the module docstring)."""
+
+    def __init__(self, n_slots: int, layers: int = 1, window: float = 0.5, step: float = 0.1) -> None:
+        super().__init__(n_slots, layers, window)
+        self.n = max(1, n_slots)
+        self.share = window
+        self.step = step
+        self.period = max(3000, 4 * self.n)
+        self._seen = 0
+        self._hits = 0
+        self._last_rate: float | None = None
+
+    def _resize(self) -> None:
+        self.window_cap = max(1, min(self.n - 1, round(self.share * self.n)))
+        self.protected_cap = max(1, round(0.8 * max(1, self.n - self.window_cap)))
+
+    def _sample(self, hit: bool) -> None:
+        self._seen += 1
+        self._hits += hit
+        if self._seen < self.period:
+            return
+        rate = self._hits / self._seen
+        if self._last_rate is not None and rate < self._last_rate:
+            self.step = -self.step * 0.7  # worse: turn back, with a smaller step
+        self._last_rate = rate
+        self.share = min(0.99, max(0.01, self.share + self.step))
+        self._resize()
+        self._seen = self._hits = 0
+
+    def touch(self, key: Key) -> None:
+        """A hit: counted for the climb, then as in W-TinyLFU."""
+        self._sample(True)
+        super().touch(key)
+
+    def miss(self, key: Key) -> None:
+        """A miss: counted for the climb, then as in W-TinyLFU."""
+        self._sample(False)
+        super().miss(key)
+
+
+class GhostWTinyLFUPolicy(WTinyLFUPolicy):
+    """W-TinyLFU with an ARC-style window size (see the module docstring)."""
+
+    def __init__(self, n_slots: int, layers: int = 1, window: float = 0.5) -> None:
+        super().__init__(n_slots, layers, window)
+        self.n = max(2, n_slots)
+        self.ghost_w: OrderedDict[Key, None] = OrderedDict()
+        self.ghost_m: OrderedDict[Key, None] = OrderedDict()
+
+    def _set_window(self, cap: int) -> None:
+        self.window_cap = max(1, min(self.n - 1, cap))
+        self.protected_cap = max(1, round(0.8 * max(1, self.n - self.window_cap)))
+
+    def miss(self, key: Key) -> None:
+        """A miss; one on a ghost moves the window's size toward the side that would have kept it."""
+        if key in self.ghost_w:
+            del self.ghost_w[key]
+            self._set_window(self.window_cap + max(1, round(len(self.ghost_m) / max(1, len(self.ghost_w)))))
+        elif key in self.ghost_m:
+            del self.ghost_m[key]
+            self._set_window(self.window_cap - max(1, round(len(self.ghost_w) / max(1, len(self.ghost_m)))))
+        super().miss(key)
+
+    def remove(self, key: Key) -> None:
+        """``key`` left: a ghost of the window or of the main area."""
+        ghosts = self.ghost_w if key in self.window else self.ghost_m
+        super().remove(key)
+        ghosts[key] = None
+        while len(ghosts) > self.n:
+            ghosts.popitem(last=False)
 
 
 class AdaptiveLayerLRUPolicy:

@@ -249,3 +249,58 @@ def test_reuse_distances() -> None:
     assert reuse_distances(ids, 3).tolist() == pytest.approx([1 / 8, 1 / 8, 0.0])
     sticky = np.array([[[0, 1]]] * 5)
     assert reuse_distances(sticky, 2).tolist() == pytest.approx([0.8, 0.0])
+
+
+def test_per_layer_wrapper() -> None:
+    from engine.model.cache_policies import PerLayerPolicy
+
+    # lru@layer is lru-layer, lookup for lookup
+    seq = [(l, e) for t in range(40) for l in range(3) for e in ((t * 7 + l) % 11, (t + l) % 5)]
+    a, b = _cache(9, "lru@layer", layers=3), _cache(9, "lru-layer", layers=3)
+    assert [_use(a, k) for k in seq] == [_use(b, k) for k in seq]
+    assert isinstance(a.policy, PerLayerPolicy) and a.policy.share == 3
+    # each layer runs its own inner policy: layer 0's frequent key survives layer 0's own scan
+    cache = _cache(8, "lfu@layer", layers=2)
+    for _ in range(3):
+        _use(cache, (0, 1))
+    for e in range(10, 20):
+        _use(cache, (0, e))
+        _use(cache, (1, e))
+    assert (0, 1) in cache and sum(k[0] == 1 for k in cache.resident()) == 4
+    assert is_policy_name("wtinylfu:0.5@layer") and is_policy_name("arc@layer")
+    for bad in ("mru@layer", "lru@layer@layer", "@layer"):
+        assert not is_policy_name(bad), bad
+
+
+def test_ghost_wtinylfu_sizes_its_window_by_ghost_hits() -> None:
+    from engine.model.cache_policies_adaptive import GhostWTinyLFUPolicy
+
+    policy = GhostWTinyLFUPolicy(10, window=0.5)
+    assert policy.window_cap == 5
+    for e in range(6):  # the window overflows into probation
+        policy.miss((0, e))
+        policy.insert((0, e))
+    policy.remove((0, 5))  # from the window: a window ghost
+    policy.remove((0, 0))  # from the main area: a main ghost
+    policy.miss((0, 5))
+    assert policy.window_cap == 6  # recency would have kept it: a larger window
+    policy.miss((0, 0))
+    assert policy.window_cap == 5
+    assert policy.protected_cap == 4
+
+
+def test_hill_climbing_window_moves_and_turns_back() -> None:
+    from engine.model.cache_policies_adaptive import AdaptiveWTinyLFUPolicy
+
+    policy = AdaptiveWTinyLFUPolicy(100, window=0.5, step=0.1)
+    policy.period = 10
+    for _ in range(10):
+        policy.miss((0, 1))  # a first period: hit rate 0
+    assert policy.share == pytest.approx(0.6) and policy.window_cap == 60
+    policy.insert((0, 1))
+    for _ in range(10):
+        policy.touch((0, 1))  # better: keep going
+    assert policy.share == pytest.approx(0.7)
+    for _ in range(10):
+        policy.miss((0, 2))  # worse: turn back with a smaller step
+    assert policy.share == pytest.approx(0.63)
