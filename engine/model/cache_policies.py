@@ -347,6 +347,11 @@ class PerLayerPolicy:
                 return found
         return None
 
+    def ranking(self) -> list[Key]:
+        """Each layer's ranking (where its policy has one), layers interleaved."""
+        lists = [list(getattr(p, "ranking", lambda: [])()) for p in self._layers.values()]
+        return [lst[i] for i in range(max(map(len, lists), default=0)) for lst in lists if i < len(lst)]
+
 
 PolicyFactory = Callable[[int, int], ReplacementPolicy]  # (slots, layers sharing them)
 

@@ -304,3 +304,10 @@ def test_hill_climbing_window_moves_and_turns_back() -> None:
     for _ in range(10):
         policy.miss((0, 2))  # worse: turn back with a smaller step
     assert policy.share == pytest.approx(0.63)
+
+
+def test_per_layer_hot_keys_interleave_the_layers_rankings() -> None:
+    cache = _cache(4, "wtinylfu-ghost@layer", layers=2)
+    for key in [(0, 1), (0, 1), (0, 1), (0, 2), (1, 5), (1, 6), (1, 6)]:
+        _use(cache, key)
+    assert cache.hot_keys() == [(0, 1), (1, 6), (0, 2), (1, 5)]
