@@ -202,3 +202,49 @@ def test_render_prompt_reports_template_errors(tokenizers: dict) -> None:
     bad[0].tool_calls[0].arguments = "a string"  # type: ignore[index,assignment]
     with pytest.raises(RequestError, match="chat template"):
         render_prompt(tokenizers["qwen3_5"], bad)
+
+
+class _Tokenizer:
+    """A tokenizer with what render_prompt and prompt_ends_in_reasoning read, nothing else."""
+
+    def __init__(self, has_chat_template: bool = True, has_thinking: bool = False, result: object = None) -> None:
+        self.has_chat_template = has_chat_template
+        self.has_thinking = has_thinking
+        self.result = result
+        self.calls: list[dict] = []
+
+    def apply_chat_template(self, messages: list[dict], **kwargs: object) -> object:
+        self.calls.append({"messages": messages, **kwargs})
+        return self.result
+
+
+def test_a_model_without_a_chat_template_is_named_as_the_cause() -> None:
+    from engine.errors import TokenizerError
+
+    tok = _Tokenizer(has_chat_template=False)
+    with pytest.raises(TokenizerError, match=r"no chat template \(tokenizer_config\.json: chat_template\)"):
+        render_prompt(tok, [ChatMessage(role="user", content="hi")])
+    assert tok.calls == []  # refused before any rendering
+
+
+def test_a_template_returning_an_encoding_gives_its_input_ids() -> None:
+    tok = _Tokenizer(result={"input_ids": [5, 6, 7], "attention_mask": [1, 1, 1]})
+    assert render_prompt(tok, [ChatMessage(role="user", content="hi")], thinking=True) == [5, 6, 7]
+    assert tok.calls[0]["enable_thinking"] is True and tok.calls[0]["add_generation_prompt"] is True
+
+
+def test_a_model_without_thinking_never_starts_in_reasoning() -> None:
+    assert prompt_ends_in_reasoning(_Tokenizer(has_thinking=False), [1, 2, 3]) is False
+
+
+def test_parse_tool_text_without_a_parser_or_with_an_empty_result() -> None:
+    with pytest.raises(ToolCallParseError, match="this model has no tool-call parser"):
+        parse_tool_text('{"name": "f"}', ChatFormat())
+    empty = ChatFormat("<think>", "</think>", "<tool_call>", "</tool_call>", lambda text, tools: [])
+    with pytest.raises(ToolCallParseError, match="tool call holds no call"):
+        parse_tool_text('{"name": "f"}', empty)
+
+
+def test_null_arguments_are_an_empty_object() -> None:
+    (call,) = parse_tool_text('{"name": "get_weather", "arguments": null}', QWEN3, [WEATHER])
+    assert call.name == "get_weather" and call.arguments == {}

@@ -94,6 +94,11 @@ def test_minimal_chat_takes_defaults() -> None:
         ('{"v":1,"type":"chat","id":"a","messages":[{"role":"user"}],"tools":[{"type":"function","function":{}}]}', "bad_request", "chat.tools[0].function.name"),
         ('{"v":1,"type":"chat","id":"a","messages":[{"role":"user"}],"thinking":"yes"}', "bad_request", "chat.thinking"),
         ('{"v":1,"type":"cancel"}', "bad_request", "cancel.id"),
+        ('{"v":1,"type":"chat","id":"a","messages":"hi"}', "bad_request", "chat.messages"),
+        ('{"v":1,"type":"chat","id":"a","messages":[{"role":"user"}],"sampling":"fast"}', "bad_request", "chat.sampling"),
+        ('{"v":1,"type":"chat","id":"a","messages":[{"role":"user"}],"tools":["get_weather"]}', "bad_request", "chat.tools[0]"),
+        ('{"v":1,"type":"chat","id":"a","messages":[{"role":"assistant","tool_calls":[{"id":"c","name":"f",'
+         '"arguments":[1]}]}]}', "bad_request", "chat.messages[0].tool_calls"),
     ],
 )
 def test_bad_lines_name_the_field(line: str, code: str, field: str | None) -> None:
@@ -136,3 +141,33 @@ def test_lines_are_ascii_even_for_lone_surrogates() -> None:
 def test_unencodable_message_is_a_protocol_error() -> None:
     with pytest.raises(p.ProtocolError, match="cannot encode a tool_call"):
         p.encode(p.ToolCallEvent(id="a", call_id="c", name="f", arguments={"x": float("nan")}))
+
+
+def test_wrong_kinds_say_what_came_instead() -> None:
+    with pytest.raises(p.ProtocolError, match=r"chat\.messages must be a list, got a string"):
+        p.decode_request('{"v":1,"type":"chat","id":"a","messages":"hi"}')
+    with pytest.raises(p.ProtocolError, match=r"chat\.sampling: expected an object, got a string"):
+        p.decode_request('{"v":1,"type":"chat","id":"a","messages":[{"role":"user"}],"sampling":"fast"}')
+    with pytest.raises(p.ProtocolError, match=r"chat\.tools\[0\] must be an object, got a string"):
+        p.decode_request('{"v":1,"type":"chat","id":"a","messages":[{"role":"user"}],"tools":["get_weather"]}')
+
+
+def test_a_line_too_long_is_refused_before_it_is_parsed() -> None:
+    line = '{"v":1,"type":"unload","pad":"' + "x" * p.MAX_LINE_CHARS + '"}'
+    with pytest.raises(p.ProtocolError, match=rf"line too long \({len(line)} > {p.MAX_LINE_CHARS} characters\)"):
+        p.decode_request(line)
+
+
+def test_field_types_the_decoder_does_not_know_are_refused_by_name() -> None:
+    """A message type declared with a field type the decoder has no rule for fails loudly, naming the field."""
+    import typing
+
+    assert p._convert(typing.Any, {"k": [1]}, "x.any") == {"k": [1]}  # Any passes through
+    with pytest.raises(p.ProtocolError, match=r"x\.blob: unsupported field type <class 'bytes'>") as info:
+        p._convert(bytes, "abc", "x.blob")
+    assert info.value.field == "x.blob"
+
+
+def test_values_that_are_not_json_are_shown_by_repr() -> None:
+    assert p._short({1, 2}) == "{1, 2}"
+    assert p._short("x" * 100) == json.dumps("x" * 100)[:57] + "..."
