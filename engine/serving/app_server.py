@@ -90,7 +90,12 @@ class LocalApiServer:
             if not request.enabled:
                 event = self.state()
             else:
-                event = self._start(request)
+                try:
+                    event = self._start(request)
+                except Exception as exc:  # the app waits for this answer: never leave it without one
+                    log.exception("the local API server could not start")
+                    event = self.state(error=f"could not start the server on {request.host}:{request.port}: "
+                                             f"{type(exc).__name__}: {exc}")
         self._emit(event)
         return event
 
@@ -109,18 +114,21 @@ class LocalApiServer:
         if not is_loopback(request.host):
             log.warning("serving on %s: other machines that can reach it can use the model%s", request.host,
                         "" if request.api_key else " (no API key is set)")
+        sock: socket.socket | None = None
         try:
             family = socket.AF_INET6 if ":" in request.host else socket.AF_INET
-            sock = socket.socket(family, socket.SOCK_STREAM)
+            sock = socket.socket(family, socket.SOCK_STREAM)  # fails where the family is off (no IPv6)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind((request.host, request.port))
             sock.listen(128)
-        except OSError as exc:
-            sock.close()
-            why = "the port is in use by another program" if exc.errno == errno.EADDRINUSE else (exc.strerror or str(exc))
+        except (OSError, UnicodeError, TypeError) as exc:  # (an unknown host name is a socket.gaierror, an OSError)
+            if sock is not None:
+                sock.close()
+            if isinstance(exc, OSError):
+                why = "the port is in use by another program" if exc.errno == errno.EADDRINUSE else (exc.strerror or str(exc))
+            else:  # a host name IDNA cannot encode: CPython raises TypeError("encoding of hostname failed")
+                why = f"the host name cannot be used ({exc})"
             return self.state(error=f"could not listen on {request.host}:{request.port}: {why}")
-        except (socket.gaierror, UnicodeError) as exc:
-            return self.state(error=f"could not listen on {request.host}:{request.port}: {exc}")
         app = _ModelFollowingApp(self.service, request.api_key or None, self._count,
                                  tuple(allowed_host_names(request.host)))
         config = uvicorn.Config(app, log_level="warning", lifespan="off")
