@@ -23,7 +23,7 @@ import engine.serving.http_server as http_server
 from engine.serving.http_server import DEFAULT_MAX_BODY_BYTES, _read_json, _run_turn, create_app
 from engine.serving.openai_format import APIError, parse_completion_request
 from engine.serving.protocol import DoneEvent, LoadRequest, TokenTextEvent
-from engine.serving.service import EngineService, NotLoadedError
+from engine.serving.service import EngineService
 
 BODY = {"model": "m", "messages": [{"role": "user", "content": "go"}], "max_tokens": 50}
 
