@@ -42,7 +42,10 @@ def _pread_full(fd: int, buffers: list[memoryview], offset: int, path: Path) -> 
                 continue
             bufs.append(b[skip:] if skip else b)
             skip = 0
-        n = os.preadv(fd, bufs, offset + done)
+        try:
+            n = os.preadv(fd, bufs, offset + done)
+        except OSError as e:  # (EIO on a failing disk): say which file, where
+            raise OSError(e.errno, f"{path}: {e.strerror or e} at byte {offset + done}") from e
         if n <= 0:
             raise ExpertReadError(
                 f"{path}: short read at byte {offset + done} ({done} of {want} bytes); the file is truncated"
