@@ -77,8 +77,9 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefill-memory-mb", type=float, default=None,
                    help="working memory of one prefill pass (default: min(2048, RAM / 8))")
     p.add_argument("--prefetch", action="store_true", help="predict and read the next layer's experts")
-    p.add_argument("--cache-policy", default="lru-layer",
-                   help="expert cache policy: lru-layer (default), lru, lrfu, lfu, lrfu:HALF_LIFE")
+    p.add_argument("--cache-policy", default=EngineOptions.cache_policy,
+                   help=f"expert cache policy: {EngineOptions.cache_policy} (default), lru-layer, lru, arc, wtinylfu, lrfu, lfu, "
+                        "lrfu:HALF_LIFE, NAME@layer (see engine/model/cache_policies.py)")
     p.add_argument("--hot-set-dir", default="", help="keep the cached experts' ids here and read them back after a load")
     p.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto",
                    help="where the model computes (auto: the GPU when MLX has one)")

@@ -29,8 +29,9 @@ class EngineOptions:
     prefill_pass_tokens: int = 0
     prefill_memory_mb: float | None = None  # working memory of one pass; None: min(2 GiB, RAM / 8)
     prefetch: bool = False  # read layer l+1's predicted experts while layer l computes
-    # expert cache replacement policy (engine.model.cache_policies: lru-layer, lru, lrfu, lfu, lrfu:HALF_LIFE)
-    cache_policy: str = "lru-layer"
+    # expert cache replacement policy (engine.model.cache_policies: wtinylfu-ghost@layer, lru-layer,
+    # lru, arc, wtinylfu, lrfu, lfu, lrfu:HALF_LIFE, NAME@layer, ...)
+    cache_policy: str = "wtinylfu-ghost@layer"
     # folder of the per-model hot sets (warm start: the cached experts' ids, read back after a
     # load); "" keeps none
     hot_set_dir: str = ""

@@ -13,7 +13,10 @@ by pending compute).
   over all its past uses, whether resident or not, with ``age`` counted in lookups of the cache
   and the half-life a multiple of the cache's slot count (so one setting fits every size). A long
   half-life is LFU with ageing (a pinned hot set emerges); a short one is LRU.
-* ``arc``, ``wtinylfu``, ``lru-adaptive``: see cache_policies_adaptive.
+* ``arc``, ``wtinylfu``, ``wtinylfu-ghost`` (the default, per layer: ``wtinylfu-ghost@layer``),
+  ``wtinylfu-adaptive``, ``lru-adaptive``: see cache_policies_adaptive.
+* ``lrfu-layer``: LRFU aged by each layer's own lookups.
+* ``NAME@layer``: policy NAME run in each layer on an equal share of the pool.
 * ``belady``: the offline optimum (evict the key used furthest in the future), for the replay tool:
   it needs the whole trace (``BeladyPolicy.next_use``).
 
@@ -355,8 +358,9 @@ class PerLayerPolicy:
 
 PolicyFactory = Callable[[int, int], ReplacementPolicy]  # (slots, layers sharing them)
 
-# Engine policies by name; each takes the cache's slot count. "lrfu" is the default: chosen by
-# replaying traces with ``moebar-engine cache-sim`` (see BENCHMARKS.md, "Expert cache policy").
+# Engine policies by name; each takes the cache's slot count and the number of layers sharing it.
+# The default (DEFAULT_POLICY, below) was chosen by replaying traces with ``moebar-engine
+# cache-sim`` (see BENCHMARKS.md, "Expert cache policy").
 POLICIES: dict[str, PolicyFactory] = {
     "lru": lambda n, layers: LRUPolicy(n),
     "lru-layer": LayerLRUPolicy,
@@ -401,7 +405,7 @@ def make_policy(name: str, n_slots: int, layers: int = 1) -> ReplacementPolicy:
         )
     return POLICIES[base](n_slots, layers)
 
-DEFAULT_POLICY = "lru-layer"  # the engine's policy, chosen with cache-sim (BENCHMARKS.md, "Expert cache policy")
+DEFAULT_POLICY = "wtinylfu-ghost@layer"  # the engine's policy, chosen with cache-sim (BENCHMARKS.md, "Expert cache policy")
 
 
 def is_policy_name(name: str) -> bool:

@@ -16,7 +16,7 @@ from engine.cli import main as cli_main
 from engine.diagnostics.cache_sim import compare, replay
 from engine.diagnostics.synthetic_traces import RoutingModel, layer_overlap, routing, write_trace
 from engine.diagnostics.traces import TraceError, TraceHeader, TraceRecorder, read_trace
-from engine.model.cache_policies import LRFUPolicy, LRUPolicy, is_policy_name, make_policy
+from engine.model.cache_policies import DEFAULT_POLICY, LRFUPolicy, LRUPolicy, is_policy_name, make_policy
 from engine.model.expert_cache import ExpertCache, SlotPool
 
 import numpy as np
@@ -237,7 +237,7 @@ def test_cache_sim_cli_json_and_errors(tmp_path: Path, capsys: pytest.CaptureFix
     path = write_trace(tmp_path / "s.jsonl", RoutingModel(moe_layers=3, experts_per_layer=32, experts_per_token=4), 60, 5)
     assert cli_main(["cache-sim", str(path), "--cache-experts", "8", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["policy"] == "lru-layer" and out["cache_experts"] == 8
+    assert out["policy"] == DEFAULT_POLICY and out["cache_experts"] == 8
     assert 0 <= out["lru_hit_rate"] <= out["optimal_hit_rate"] <= 1
     assert 0 <= out["hit_rate"] <= out["optimal_hit_rate"]
     assert cli_main(["cache-sim", str(path), "--cache-experts", "25%", "--policy", "lru"]) == 0
@@ -304,7 +304,7 @@ def test_load_request_carries_the_cache_options() -> None:
     req = p.decode_request(line)
     assert isinstance(req, p.LoadRequest)
     assert (req.options.cache_policy, req.options.hot_set_dir, req.options.trace_dir) == ("lru", "/h", "/t")
-    assert p.decode_request(json.dumps({"v": 1, "type": "load", "model_dir": "/m"})).options.cache_policy == "lru-layer"
+    assert p.decode_request(json.dumps({"v": 1, "type": "load", "model_dir": "/m"})).options.cache_policy == DEFAULT_POLICY
     bad = json.dumps({"v": 1, "type": "load", "model_dir": "/m", "options": {"cache_policy": "mru"}})
     with pytest.raises(p.ProtocolError, match="load.options.cache_policy"):
         p.decode_request(bad)

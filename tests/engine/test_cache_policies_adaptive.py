@@ -311,3 +311,11 @@ def test_per_layer_hot_keys_interleave_the_layers_rankings() -> None:
     for key in [(0, 1), (0, 1), (0, 1), (0, 2), (1, 5), (1, 6), (1, 6)]:
         _use(cache, key)
     assert cache.hot_keys() == [(0, 1), (1, 6), (0, 2), (1, 5)]
+
+
+def test_engine_default_is_the_chosen_policy() -> None:
+    from engine.model.cache_policies import DEFAULT_POLICY, PerLayerPolicy
+    from engine.types import EngineOptions
+
+    assert EngineOptions().cache_policy == DEFAULT_POLICY == "wtinylfu-ghost@layer"
+    assert isinstance(make_policy(DEFAULT_POLICY, 60, 6), PerLayerPolicy)

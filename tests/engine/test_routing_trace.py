@@ -150,9 +150,9 @@ def test_hot_set_of_another_model_is_ignored(model: Path, tmp_path: Path, caplog
 
 
 def test_the_cache_policy_option_reaches_every_pool(model: Path) -> None:
-    from engine.model.cache_policies import LayerLRUPolicy, LRUPolicy
+    from engine.model.cache_policies import LayerLRUPolicy, LRUPolicy, PerLayerPolicy
 
-    for name, kind in (("lru", LRUPolicy), (EngineOptions().cache_policy, LayerLRUPolicy)):
+    for name, kind in (("lru", LRUPolicy), ("lru-layer", LayerLRUPolicy), (EngineOptions().cache_policy, PerLayerPolicy)):
         engine = Engine.load(model, EngineOptions(cache_mb=cache_mb(model, "partial"), cache_policy=name), measure_disk=False)
         try:
             assert all(type(c.policy) is kind for c in engine._loaded.streamer.caches), name
