@@ -100,8 +100,11 @@ def load_fast_blas(
         if coretype:
             os.environ["OPENBLAS_CORETYPE"] = coretype
     errors = []
+    chosen = env.get(ENV_VAR, "").strip()
     for path in _candidates(env):
         if not exists(path):
+            if path == chosen:  # the user named it: say so rather than suggest installing OpenBLAS
+                errors.append(f"{path}: no such file ({ENV_VAR})")
             continue
         try:
             lib = opener(path)

@@ -106,3 +106,21 @@ def test_openblas_kernel_family_follows_the_cpu_flags() -> None:
     assert fast_blas.openblas_coretype("flags : fpu sse2 avx avx2 fma avx512f\n") == "Haswell"  # not all of SKX's
     assert fast_blas.openblas_coretype("flags : fpu sse2 avx\n") is None
     assert fast_blas.openblas_coretype("Features : fp asimd\n") is None  # aarch64: left to OpenBLAS
+
+
+def test_an_unreadable_cpuinfo_gives_no_kernel_hint(monkeypatch: pytest.MonkeyPatch) -> None:
+    class NoProc(type(Path())):  # type: ignore[misc]
+        def read_text(self, *args: Any, **kwargs: Any) -> str:
+            raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(fast_blas, "Path", NoProc)
+    assert fast_blas._cpuinfo() == ""
+
+
+def test_a_chosen_library_that_is_not_there_is_named_in_the_reason(tmp_path: Path) -> None:
+    missing = str(tmp_path / "libopenblas.so.0")
+    opened: list[str] = []
+    path = fast_blas.load_fast_blas(platform="linux", env={"MOEBAR_BLAS": missing}, modules=[],
+                                    opener=lambda p: opened.append(p) or _Lib(True))  # fmt: skip
+    assert path is None and opened == []  # not opened: the file does not exist
+    assert fast_blas.fast_blas_status("linux") == (False, f"{missing}: no such file (MOEBAR_BLAS)")
