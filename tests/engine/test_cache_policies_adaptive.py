@@ -319,3 +319,31 @@ def test_engine_default_is_the_chosen_policy() -> None:
 
     assert EngineOptions().cache_policy == DEFAULT_POLICY == "wtinylfu-ghost@layer"
     assert isinstance(make_policy(DEFAULT_POLICY, 60, 6), PerLayerPolicy)
+
+
+def test_working_set_calibration_only_moves_downhill() -> None:
+    from engine.diagnostics import synthetic_traces as st
+
+    report = st.calibrate_working_set(layers=2, tokens=40, rounds=1)
+    errors = [step["rms_error"] for step in report["path"]]
+    assert errors == sorted(errors, reverse=True)  # each accepted move lowered the error
+    assert report["rms_error"] == errors[-1] <= report["start"]["rms_error"]
+    assert len(report["other_starts"]) == len(st.WS_STARTS) - 1
+    assert report["rms_error"] <= min(run["rms_error"] for run in report["other_starts"])
+    assert set(report["fitted"]) == set(st._WS_STEPS) and report["generator"] == "working-set"
+
+
+def test_calibrate_cli_keeps_the_other_generators_fit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from engine.diagnostics import synthetic_traces as st
+
+    fake = {"fitted": {"zipf_s": 1.0}, "rms_error": 0.5, "measured": {}}
+    monkeypatch.setattr(st, "calibrate_working_set", lambda: {**fake, "generator": "working-set"})
+    monkeypatch.setattr(st, "calibrate", lambda: {**fake, "generator": "drift"})
+    out = tmp_path / "calibration.json"
+    out.write_text(json.dumps({"fitted": {"zipf_s": 0.35}, "rms_error": 0.08}))  # the first fit's file
+    assert st.main([str(out), "--calibrate"]) == 0
+    saved = json.loads(out.read_text())
+    assert saved["drift"]["fitted"] == {"zipf_s": 0.35} and saved["working-set"]["generator"] == "working-set"
+    assert st.main([str(out), "--calibrate", "--generator", "drift"]) == 0
+    saved = json.loads(out.read_text())
+    assert saved["drift"]["generator"] == "drift" and saved["working-set"]["generator"] == "working-set"
