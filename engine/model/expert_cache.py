@@ -175,33 +175,36 @@ class ExpertCache:
                     return slot
             self.settle(key)
 
-    def assign(self, key: Key, pinned: set[Key], *, wait: bool = False) -> int:
-        """Give ``key`` a slot (free, or evicted from an unpinned key); the caller fills it.
-
-        When every unpinned slot is being filled by the warm start, ``wait=True`` (a layer call,
-        which must have its experts) waits for one of those reads, whose key then becomes an
-        ordinary victim; otherwise (a prefetch, which never waits) that is refused like a pool
-        whose every slot is pinned.
-        """
-        while True:
-            with self._lock:
-                if self._free:
-                    slot = self._free.pop()
-                    self._place(key, slot)
-                    return slot
+    def assign(self, key: Key, pinned: set[Key]) -> int:
+        """Give ``key`` a slot (free, or evicted from an unpinned key); the caller fills it."""
+        with self._lock:
+            if self._free:
+                slot = self._free.pop()
+            else:
                 victim = self.policy.victim(pinned | self.pending.keys() if self.pending else pinned)
-                if victim is not None:
-                    slot = self._slot_of.pop(victim)
-                    self.policy.remove(victim)
-                    del self._key_of[slot]
-                    self._count(victim, -1)
-                    self._place(key, slot)
-                    return slot
-                filling = next((k for k in self.pending if k not in pinned), None) if wait else None
-                if filling is None:
+                if victim is None:
                     raise RuntimeError(
                         f"expert cache: all {self.pool.n_slots} slots are pinned; cannot place {key}"
                     )
+                slot = self._slot_of.pop(victim)
+                self.policy.remove(victim)
+                del self._key_of[slot]
+                self._count(victim, -1)
+            self._place(key, slot)
+            return slot
+
+    def assign_or_wait(self, key: Key, pinned: set[Key]) -> int:
+        """``assign`` for a layer call, which must have its experts: when every unpinned slot is
+        being filled by the warm start, wait for one of those reads (its key then becomes an
+        ordinary victim, or its slot free if the read failed) instead of refusing."""
+        while True:
+            try:
+                return self.assign(key, pinned)
+            except RuntimeError:
+                with self._lock:
+                    filling = next((k for k in self.pending if k not in pinned), None)
+                if filling is None:
+                    raise
             self.settle(filling)  # outside the lock: the read's completion callback takes it
 
     def _place(self, key: Key, slot: int) -> None:

@@ -212,7 +212,7 @@ class ExpertStreamer:
             cache.misses += 1
             self.figures.cache_misses += 1
             self._prefetched.discard(key)
-            slot = cache.assign(key, self._pinned, wait=True)  # (waits for a warm-start read if it must)
+            slot = cache.assign_or_wait(key, self._pinned)  # (waits for a warm-start read if it must)
             slots[i] = slot
             filled.append(slot)
             waits.append((key, self.store.submit(layer, key[1], cache.pool.dests(slot))))

@@ -145,7 +145,7 @@ def test_a_pool_with_every_slot_pinned_refuses_naming_its_size_and_the_key() -> 
 @pytest.mark.parametrize("fails", [False, True], ids=["read", "read-fails"])
 def test_a_layer_call_waits_for_a_warm_start_read_holding_the_slot_it_needs(fails: bool) -> None:
     """Every unpinned slot being filled by the warm start: the call waits for a read, then takes
-    that slot (a failed read frees it); a prefetch (wait=False) is refused instead of waiting."""
+    that slot (a failed read frees it); a prefetch (plain ``assign``) is refused instead of waiting."""
     cache = ExpertCache(SlotPool(PARAMS, 2), "lru", layer_experts={0: 8, 1: 8})
     log: list[str] = []
 
@@ -159,7 +159,7 @@ def test_a_layer_call_waits_for_a_warm_start_read_holding_the_slot_it_needs(fail
     with pytest.raises(RuntimeError, match="all 2 slots are pinned"):
         cache.assign((0, 3), {(0, 2), (0, 3)})  # a prefetch does not wait
     assert log == [] and (1, 6) in cache.pending
-    slot = cache.assign((0, 3), {(0, 2), (0, 3)}, wait=True)
+    slot = cache.assign_or_wait((0, 3), {(0, 2), (0, 3)})
     assert log == ["waited"] and not cache.pending
     assert set(cache.resident()) == {(0, 2), (0, 3)} and cache.lookup((0, 3)) == slot
 
