@@ -30,6 +30,7 @@ from engine.diagnostics.cache_sweep import format_sweep, parse_fractions, run_ca
 from engine.diagnostics.cgroup_sweep import format_cgroup_sweep, run_cgroup_sweep
 from engine.platform.cgroup import memory_cgroup_root
 from engine.platform.page_cache import eviction_method
+from engine.types import EngineOptions
 
 
 def _model_dir(args: argparse.Namespace) -> Path:
@@ -325,7 +326,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "pass and in passes of --prefill-chunk tokens, against the one-pass bound")
     p.add_argument("--long-prompt-compute", choices=["warm", "none"], default="warm",
                    help="the bound's compute: the same prompt with every expert resident (warm), or none")
-    p.add_argument("--cache-policy", default="lru-layer", help="expert cache policy (lru-layer, lru, lrfu, lfu, lrfu:HALF_LIFE)")
+    p.add_argument("--cache-policy", default=EngineOptions.cache_policy,
+                   help=f"expert cache policy (default {EngineOptions.cache_policy}; see moebar-engine generate --help)")
     p.add_argument("--trace", default=None, metavar="FILE", help="record the cold decode run's routing here")
     p.add_argument("--cache-sweep", type=parse_fractions, default=None, metavar="FRACTIONS",
                    help="instead of the phases: decode at these expert-cache sizes (fractions of all "

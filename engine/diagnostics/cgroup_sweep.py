@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from engine.platform.cgroup import MemoryCgroup, add_to_cgroup, memory_cgroup_root
+from engine.types import EngineOptions
 
 MIB = 2**20
 # Projection to a Mac (stated in BENCHMARKS.md): an M3 Max's cold SSD reads (DESIGN.md) and an
@@ -280,7 +281,7 @@ def _row_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--io-threads", type=int, default=4)
-    p.add_argument("--cache-policy", default="lru-layer")
+    p.add_argument("--cache-policy", default=EngineOptions.cache_policy)
     p.add_argument("--layout", choices=["packed", "safetensors"], default="packed")
     return p
 

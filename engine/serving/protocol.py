@@ -157,7 +157,8 @@ class LoadRequest:
         _require(
             is_policy_name(o.cache_policy),
             "load.options.cache_policy",
-            f"must be lru-layer, lru, lrfu, lfu or lrfu:HALF_LIFE, got {o.cache_policy!r}",
+            f"must be a cache policy (wtinylfu-ghost@layer, lru-layer, lru, arc, wtinylfu, lrfu, lfu, lrfu:HALF_LIFE "
+            f"or NAME@layer), got {o.cache_policy!r}",
         )
 
 
