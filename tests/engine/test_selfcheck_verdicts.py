@@ -1,0 +1,56 @@
+"""The self-check's verdicts when something is wrong (engine/diagnostics/selfcheck.py), driven by
+fakes so that each failure is certain: streamed tokens that differ from mlx-lm's are reported at
+the first differing token, a page cache that cannot be evicted fails the disk check, one that
+keeps nothing skips it, and Linux without PSI says what stands in."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from engine import platform_info
+from engine.diagnostics import selfcheck
+from engine.platform import page_cache
+
+
+def test_streamed_tokens_that_differ_are_reported_at_the_first_difference(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(selfcheck, "build_check_model", lambda root, dtype: root / "m")
+    monkeypatch.setattr(selfcheck, "mlx_lm_tokens", lambda model, prompt, n, dtype: [1, 2, 3, 4, 5, 6, 7])
+    got = [1, 2, 3, 9, 5, 6, 7]
+    monkeypatch.setattr(selfcheck, "streamed_tokens",
+                        lambda model, prompt, n, dtype, cache_fraction: (got, {"cache_hits": 3, "cache_misses": 4}))
+    result = selfcheck.check_exactness(tmp_path, "float32")
+    assert result.status == "FAIL"
+    assert result.detail == f"token 3 differs: streamed [9, 5, 6, 7] vs mlx-lm [4, 5, 6, 7] ({len(selfcheck._prompt())}-token prompt)"
+    got[:] = [1, 2, 3]  # a generation that stopped early differs where it ended
+    assert selfcheck.check_exactness(tmp_path, "float32").detail.startswith("token 3 differs: streamed [] vs mlx-lm [4, 5, 6, 7]")
+    got[:] = [1, 2, 3, 4, 5, 6, 7]
+    ok = selfcheck.check_exactness(tmp_path, "float32")
+    assert ok.status == "PASS" and ok.detail == "7 tokens equal mlx-lm's; cache 3 hits, 4 misses"
+
+
+def test_a_page_cache_that_cannot_be_evicted_fails_the_disk_check(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(page_cache, "cached_fraction", lambda path, libc=None: 1.0)
+    result = selfcheck.check_disk(tmp_path, size=4 << 20)
+    assert result.status == "FAIL"
+    assert "cached 100% -> 100%: eviction did not work, cold figures would be warm" in result.detail
+
+
+def test_a_filesystem_without_page_cache_skips_the_disk_check(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(page_cache, "cached_fraction", lambda path, libc=None: 0.0)
+    result = selfcheck.check_disk(tmp_path, size=4 << 20)
+    assert result.status == "SKIP" and result.detail.endswith("(this filesystem keeps no page cache to evict)")
+
+
+def test_linux_without_psi_says_available_ram_stands_in(monkeypatch: pytest.MonkeyPatch) -> None:
+    reading = platform_info.MemoryPressure("normal", 0.42, "psutil.virtual_memory")
+    monkeypatch.setattr(platform_info, "memory_pressure", lambda platform: reading)
+    result = selfcheck.check_memory_pressure("linux")
+    assert result.status == "PASS"
+    assert result.detail == "normal (raw 0.42 from psutil.virtual_memory) (this kernel has no PSI; available RAM stands in)"
+
+
+def test_an_uninstalled_package_is_reported_as_unknown_version() -> None:
+    assert selfcheck._version("no-such-package-moebar") == "?"
+    assert selfcheck._version("mlx") not in ("", "?")
