@@ -243,3 +243,42 @@ def test_stop_while_waiting_for_a_generation_to_end() -> None:
     assert waiting.wait(timeout=30)
     warmer.stop()
     assert not warmer._thread.is_alive() and warmer.started == 0 and store.submitted == []
+
+
+class _FifoWithoutRanking:
+    """A replacement policy with no ``ranking`` (as a policy object given by a replay tool may be)."""
+
+    def __init__(self) -> None:
+        self.order: list[tuple[int, int]] = []
+
+    def touch(self, key: tuple[int, int]) -> None:
+        pass
+
+    def miss(self, key: tuple[int, int]) -> None:
+        pass
+
+    def insert(self, key: tuple[int, int]) -> None:
+        self.order.append(key)
+
+    def remove(self, key: tuple[int, int]) -> None:
+        self.order.remove(key)
+
+    def victim(self, exclude: set[tuple[int, int]]) -> tuple[int, int] | None:
+        return next((k for k in self.order if k not in exclude), None)
+
+
+def test_a_policy_without_ranking_saves_the_most_recently_placed_first(tmp_path: Path) -> None:
+    from engine.model.expert_cache import ExpertCache, SlotPool
+
+    store = FakeStore()
+    streamer = _streamer(store, slots=3)
+    cache = ExpertCache(SlotPool(PARAMS, 3), _FifoWithoutRanking(), layer_experts={0: 8, 1: 8})
+    streamer.caches = [cache]
+    streamer.cache_of_layer = [cache, cache]
+    for layer, e in [(0, 4), (1, 2), (0, 7)]:
+        streamer.ensure(layer, np.array([e]))
+        streamer.release_pins()
+    assert cache.hot_keys() == [(0, 7), (1, 2), (0, 4)]
+    path = tmp_path / "hot.json"
+    assert save_hot_set(streamer, path, "fifo") == 3
+    assert read_hot_set(path, _streamer(FakeStore(), slots=3)) == [(0, 7), (1, 2), (0, 4)]
