@@ -52,3 +52,30 @@ def test_long_prompt_phase_reads_each_touched_expert_once_and_reports_the_bound(
     assert "one_pass_read_vs_touched            1.000  (goal <= 1.1)  met" in text
     assert "fixed_passes_vs_one_pass_ttft" in text
     assert ("not measured" in text) == (compute == "none")
+
+
+def test_bench_long_prompt_mode_from_the_command_line(tiny_model, tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+    import shutil
+
+    from engine.diagnostics.bench import main as bench_main
+    from engine.storage.packed_layout import aligned
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model("qwen3_moe", 4), model)  # the bench packs the model it measures
+    out = tmp_path / "bench.json"
+    rc = bench_main(["--model", str(model), "--long-prompt", "48", "--prefill-chunk", "16", "--repeats", "1",
+                     "--long-prompt-compute", "none", "--disk-bytes", str(2**20), "--json", str(out)])  # fmt: skip
+    assert rc == 0
+    r = json.loads(out.read_text())
+    lp = r["long_prompt"]
+    assert lp["prompt_tokens"] == 48 and lp["chunk"] == 16 and lp["same_first_token"] is True
+    # cold, cache 0, packed: each touched expert read once, as whole aligned blobs (O_DIRECT)
+    one = lp["one_pass"]
+    stride = aligned(one["touched_bytes"] // one["touched_experts"])
+    assert one["bytes_read"] in (one["touched_experts"] * stride, one["touched_bytes"])
+    assert r["disk"] == {"raw_parallel_read_bytes_per_s": lp["raw_disk_bytes_per_s"]}
+    assert "cold" not in r and "warm" not in r  # the long-prompt mode runs nothing else
+    assert r["command"].startswith("moebar-engine bench")
+    table = capsys.readouterr().out
+    assert "long prompt: 48 tokens, cold, cache 0" in table and "compute not measured" in table
