@@ -203,6 +203,26 @@ class ExpertParallel:
     summed_layers: int = field(default=0)  # expert layers combined by the all_sum of every row
     combine: str = "auto"  # "auto" (fewer bytes), or "all_sum" / "gather" forced (bench-ranks compares them)
 
+    @staticmethod
+    def ranks_in_environment() -> int:
+        """How many ranks this process was started as one of (1 alone), from the environment only.
+
+        Read before joining (the memory budget sizes the cache to this rank's share of the
+        experts); an unreadable JACCL device file counts as 1 here and is reported when joining.
+        """
+        if _JOINED:
+            return _JOINED[0].size
+        if os.environ.get("MLX_RANK") is None and os.environ.get("JACCL_RANK") is None:
+            return 1
+        if os.environ.get("MLX_HOSTFILE"):
+            return max(1, len(hosts_from_file(os.environ["MLX_HOSTFILE"])))
+        devices = os.environ.get("JACCL_IBV_DEVICES") or os.environ.get("MLX_IBV_DEVICES")
+        try:
+            matrix = json.loads(Path(devices).read_text("utf-8")) if devices else None
+        except (OSError, ValueError):
+            return 1
+        return len(matrix) if isinstance(matrix, list) and matrix else 1
+
     @classmethod
     def from_environment(cls, timeout_s: float = COLLECTIVE_TIMEOUT_S) -> "ExpertParallel | None":
         """The group of this process when it was started as one of several ranks, else None.

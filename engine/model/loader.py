@@ -375,11 +375,12 @@ def load_streamed_model(model_dir: Path, options: EngineOptions, progress: Progr
             "answers will be worse (K<=3 often collapses)",
             file=sys.stderr,
         )
-    budget = memory_budget_for(inspected, options, device)
+    share = read_rank_share(model_dir)
+    ranks = share.ranks if share is not None else ExpertParallel.ranks_in_environment()
+    budget = memory_budget_for(inspected, options, device, ranks=ranks)
     apply_mlx_limits(budget)
     # the store holds each file open once (twice in cold mode: O_DIRECT), plus the process's own
     raise_open_files_limit(2 * _shard_files(layers) + options.io_threads + 64)
-    share = read_rank_share(model_dir)
     packed: list[PackedLayer] | None
     if share is not None:  # only this rank's experts are in the folder
         packed = share.packed_layers(layers)
@@ -444,8 +445,12 @@ def _shard_files(layers: list[LayerExperts]) -> int:
     return len({s.file for layer in layers for s in layer.sources})
 
 
-def memory_budget_for(inspected: "ModelExperts", options: EngineOptions, device: str) -> MemoryBudget:
-    """The memory budget of this load: the expert cache from options and this machine (see memory_budget)."""
+def memory_budget_for(inspected: "ModelExperts", options: EngineOptions, device: str, ranks: int = 1) -> MemoryBudget:
+    """The memory budget of this load: the expert cache from options and this machine (see memory_budget).
+
+    As one of ``ranks`` ranks the cache holds only this rank's experts (e % ranks == rank), so
+    "every expert" is at most a ``1/ranks`` share of each layer's.
+    """
     from engine.platform_info import memory_info, process_rss_bytes
 
     on_cpu = device == "cpu"
@@ -468,7 +473,7 @@ def memory_budget_for(inspected: "ModelExperts", options: EngineOptions, device:
     return plan_budget(
         needs=needs,
         # what every expert takes in the slot pools (16-bit scales widened to fp32 where slots do)
-        expert_bytes_total=sum(slot_bytes_per_expert(l, widen) * l.num_experts for l in inspected.layers),
+        expert_bytes_total=sum(slot_bytes_per_expert(l, widen) * -(-l.num_experts // max(1, ranks)) for l in inspected.layers),
         ram_total=ram.total_bytes,
         ram_available=ram.available_bytes,
         cache_mb=options.cache_mb,

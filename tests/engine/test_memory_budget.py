@@ -208,3 +208,38 @@ def test_a_prefill_pass_fits_what_the_budget_set_aside_under_a_limit(tiny_model)
         assert engine.layer_major_prefill and engine.prefill_pass_tokens == expected
     finally:
         engine.close()
+
+
+def test_as_one_of_several_ranks_every_expert_means_this_ranks_share(tiny_model) -> None:  # type: ignore[no-untyped-def]
+    from engine.model.loader import inspect_experts, memory_budget_for
+    from engine.types import EngineOptions
+
+    inspected = inspect_experts(tiny_model())
+    alone = memory_budget_for(inspected, EngineOptions(cache_mb=None), "cpu")
+    two = memory_budget_for(inspected, EngineOptions(cache_mb=None), "cpu", ranks=2)
+    three = memory_budget_for(inspected, EngineOptions(cache_mb=None), "cpu", ranks=3)
+    assert "every expert" in alone.reason and "every expert" in two.reason  # the tiny model fits either way
+    assert two.cache_bytes * 2 == alone.cache_bytes  # an even expert count: exactly half
+    per_layer = [l.num_experts for l in inspected.layers]
+    assert three.cache_bytes == alone.cache_bytes * sum(-(-n // 3) for n in per_layer) // sum(per_layer)
+
+
+def test_ranks_in_environment_reads_the_hostfile_or_the_rdma_devices(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from engine.model.expert_parallel import ExpertParallel
+
+    for var in ("MLX_RANK", "JACCL_RANK", "MLX_HOSTFILE", "MLX_IBV_DEVICES", "JACCL_IBV_DEVICES"):
+        monkeypatch.delenv(var, raising=False)
+    assert ExpertParallel.ranks_in_environment() == 1
+    hosts = tmp_path / "hosts.json"
+    hosts.write_text(json.dumps([["127.0.0.1:5001"], ["127.0.0.1:5002"], ["127.0.0.1:5003"]]))
+    monkeypatch.setenv("MLX_HOSTFILE", str(hosts))
+    assert ExpertParallel.ranks_in_environment() == 1  # a hostfile without a rank: not started as a rank
+    monkeypatch.setenv("MLX_RANK", "1")
+    assert ExpertParallel.ranks_in_environment() == 3
+    monkeypatch.delenv("MLX_HOSTFILE")
+    devices = tmp_path / "devices.json"
+    devices.write_text(json.dumps([[None, "rdma_en2"], ["rdma_en2", None]]))
+    monkeypatch.setenv("MLX_IBV_DEVICES", str(devices))
+    assert ExpertParallel.ranks_in_environment() == 2
+    devices.write_text("not json")
+    assert ExpertParallel.ranks_in_environment() == 1  # reported when joining, not here
