@@ -124,3 +124,11 @@ def test_a_chosen_library_that_is_not_there_is_named_in_the_reason(tmp_path: Pat
                                     opener=lambda p: opened.append(p) or _Lib(True))  # fmt: skip
     assert path is None and opened == []  # not opened: the file does not exist
     assert fast_blas.fast_blas_status("linux") == (False, f"{missing}: no such file (MOEBAR_BLAS)")
+
+
+def test_a_second_load_keeps_the_first_library() -> None:
+    opened: list[str] = []
+    first = _load(opener=lambda p: opened.append(p) or _Lib(True))
+    assert first == fast_blas.CANDIDATES[0]
+    assert _load(env={"MOEBAR_BLAS": "/opt/other/libblas.so"}, opener=lambda p: opened.append(p) or _Lib(True)) == first
+    assert opened == [first]  # loaded once: a BLAS cannot be swapped under a running MLX
