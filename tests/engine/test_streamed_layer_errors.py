@@ -162,6 +162,24 @@ def test_a_layer_call_waits_for_a_warm_start_read_holding_the_slot_it_needs(fail
     slot = cache.assign_or_wait((0, 3), {(0, 2), (0, 3)})
     assert log == ["waited"] and not cache.pending
     assert set(cache.resident()) == {(0, 2), (0, 3)} and cache.lookup((0, 3)) == slot
+    # nothing being read and every slot pinned: a layer call is refused too (no endless wait)
+    with pytest.raises(RuntimeError, match=r"all 2 slots are pinned; cannot place \(1, 1\)"):
+        cache.assign_or_wait((1, 1), {(0, 2), (0, 3)})
+
+
+def test_a_lookup_of_an_expert_being_read_by_the_warm_start_waits_for_the_read() -> None:
+    cache = ExpertCache(SlotPool(PARAMS, 2), "lru", layer_experts={0: 8})
+    log: list[str] = []
+    assert cache.claim_free((0, 6), lambda slot: _ReadOnDemand(lambda: 144, log))
+    slot = cache.lookup((0, 6))
+    assert log == ["waited"] and slot is not None and not cache.pending  # never a half-filled slot
+    failed = ExpertCache(SlotPool(PARAMS, 2), "lru", layer_experts={0: 8})
+
+    def eio() -> int:
+        raise ExpertReadError("layer 0 expert 6: simulated read failure (EIO)")
+
+    assert failed.claim_free((0, 6), lambda slot: _ReadOnDemand(eio, log))
+    assert failed.lookup((0, 6)) is None and failed.free_slots == 2  # a miss: the request reads it
 
 
 class _FakeStore:
