@@ -54,3 +54,31 @@ def test_linux_without_psi_says_available_ram_stands_in(monkeypatch: pytest.Monk
 def test_an_uninstalled_package_is_reported_as_unknown_version() -> None:
     assert selfcheck._version("no-such-package-moebar") == "?"
     assert selfcheck._version("mlx") not in ("", "?")
+
+
+def test_a_kernel_whose_rows_depend_on_the_batch_fails_row_independence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mlx_lm.models.switch_layers import SwitchGLU
+
+    real = SwitchGLU.__call__
+
+    def batch_dependent(self: SwitchGLU, x, indices):  # type: ignore[no-untyped-def]
+        return real(self, x, indices) + (x.shape[0] - 1) * 1e-3  # each row shifted by the batch size
+
+    monkeypatch.setattr(SwitchGLU, "__call__", batch_dependent)
+    result = selfcheck.check_row_independence(tmp_path)
+    assert result.status == "FAIL" and result.detail == "rows differ with their batch (max |diff| 0.023)"
+
+
+def test_a_slot_reuse_check_that_never_evicted_proves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import dataclasses
+
+    from engine.engine import Engine
+
+    real_load = Engine.load.__func__  # type: ignore[attr-defined]
+
+    def roomy(cls, path, options, **kwargs):  # type: ignore[no-untyped-def]
+        return real_load(cls, path, dataclasses.replace(options, cache_mb=1024.0), **kwargs)  # every expert fits
+
+    monkeypatch.setattr(Engine, "load", classmethod(roomy))
+    result = selfcheck.check_slot_reuse(tmp_path)
+    assert result.status == "FAIL" and result.detail == "the smallest cache never evicted: the check proved nothing"
