@@ -66,3 +66,22 @@ def test_cold_bound_uses_the_compute_of_a_step_with_host_syncs() -> None:
     assert t["bounds"]["compute_s_per_token"] == pytest.approx(0.4)
     assert t["cold_decode_vs_serial_bound"]["value"] == pytest.approx(0.5)  # 1 tok/s against 1/(0.1 + 0.4)
     assert t["bounds"]["cold_decode_vs_serial_bound_device_routed"] == pytest.approx(0.4)
+
+
+def test_bench_builds_its_preset_model_once_and_reuses_it(tmp_path) -> None:
+    import json
+
+    from engine.demo.demo_model import is_random_weight_model
+    from engine.diagnostics.bench import _model_dir, build_parser
+    from engine.model.loader import inspect_experts
+
+    args = build_parser().parse_args(["--preset", "tiny", "--layers", "2", "--experts", "8", "--work-dir", str(tmp_path)])
+    path = _model_dir(args)
+    assert path == tmp_path / "tiny-L2-E8" and is_random_weight_model(path)
+    layers = inspect_experts(path).layers
+    assert len(layers) == 2 and layers[0].num_experts == 8
+    stamp = (path / "config.json").stat().st_mtime_ns
+    assert _model_dir(args) == path and (path / "config.json").stat().st_mtime_ns == stamp  # not rebuilt
+    assert json.loads((path / "config.json").read_text())["model_type"] == "qwen3_moe"
+    given = build_parser().parse_args(["--model", str(path)])
+    assert _model_dir(given) == path.resolve()

@@ -79,3 +79,4 @@ def test_bench_long_prompt_mode_from_the_command_line(tiny_model, tmp_path, caps
     assert r["command"].startswith("moebar-engine bench")
     table = capsys.readouterr().out
     assert "long prompt: 48 tokens, cold, cache 0" in table and "compute not measured" in table
+
