@@ -336,3 +336,14 @@ def test_mlx_arrays_that_do_not_share_memory_with_numpy_are_refused(monkeypatch:
     monkeypatch.setattr(expert_cache, "mx", CopyingMx())
     with pytest.raises(RuntimeError, match="do not share memory with their NumPy views"):
         SlotPool(PARAMS, 2)
+
+
+def test_preload_on_a_rank_reads_only_its_own_share_of_the_experts() -> None:
+    from types import SimpleNamespace
+
+    store = _FakeStore()
+    streamer = _streamer(16, store)  # 2 layers x 8 experts: the pool holds them all
+    assert streamer.caches[0].holds_all
+    streamer.parallel = SimpleNamespace(owns=lambda e: int(e) % 2 == 1)  # rank 1 of 2
+    assert streamer.preload() == 8 * sum(p.nbytes for p in PARAMS)
+    assert sorted(store.submitted) == [(layer, e) for layer in range(2) for e in range(1, 8, 2)]
