@@ -327,7 +327,9 @@ class PerLayerPolicy:
         self._of(key[0]).miss(key)
 
     def insert(self, key: Key) -> None:
-        """Resident, in the key's layer."""
+        """Resident, in the key's layer (the miss it answered, if any, is settled)."""
+        if key == self._incoming:
+            self._incoming = None  # a later assign without a miss (prefetch) must not evict for it
         self._of(key[0]).insert(key)
         self._count[key[0]] += 1
 

@@ -241,10 +241,17 @@ class GhostWTinyLFUPolicy(WTinyLFUPolicy):
             self._set_window(self.window_cap - max(1, round(len(self.ghost_w) / max(1, len(self.ghost_m)))))
         super().miss(key)
 
+    def insert(self, key: Key) -> None:
+        """Resident: no longer a ghost (a slot filled without a miss first: prefetch, warm start)."""
+        self.ghost_w.pop(key, None)
+        self.ghost_m.pop(key, None)
+        super().insert(key)
+
     def remove(self, key: Key) -> None:
-        """``key`` left: a ghost of the window or of the main area."""
-        ghosts = self.ghost_w if key in self.window else self.ghost_m
+        """``key`` left: a ghost of the window or of the main area (of one of them only)."""
+        ghosts, other = (self.ghost_w, self.ghost_m) if key in self.window else (self.ghost_m, self.ghost_w)
         super().remove(key)
+        other.pop(key, None)
         ghosts[key] = None
         while len(ghosts) > self.n:
             ghosts.popitem(last=False)

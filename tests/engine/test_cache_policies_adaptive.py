@@ -272,6 +272,43 @@ def test_per_layer_wrapper() -> None:
         assert not is_policy_name(bad), bad
 
 
+def test_per_layer_policies_evict_for_a_prefetch_as_lru_layer_does() -> None:
+    """A slot assigned without a miss first (prefetch) comes from the layer furthest over its share,
+    not from whichever layer missed last."""
+    from engine.model.expert_cache import ExpertCache, SlotPool
+
+    def after_prefetch(name: str) -> list[tuple[int, int]]:
+        cache = ExpertCache(SlotPool([], 6), name, layer_experts={0: 16, 1: 16, 2: 16})
+        for key in [(2, 1), (2, 2), (2, 3), (1, 1), (0, 1), (0, 2)]:  # layer 2 holds 3 of its share of 2
+            cache.lookup(key)
+            cache.assign(key, {key})
+        cache.assign((1, 3), set())  # a prefetch into layer 1: no lookup, no miss
+        return sorted(cache.resident())  # type: ignore[arg-type]
+
+    expected = after_prefetch("lru-layer")
+    assert (2, 1) not in expected and (0, 2) in expected
+    assert after_prefetch("lru@layer") == expected
+    ghost = after_prefetch("wtinylfu-ghost@layer")  # its own pick inside layer 2, but from layer 2
+    assert sum(k[0] == 2 for k in ghost) == 2 and sum(k[0] == 0 for k in ghost) == 2 and (1, 3) in ghost
+
+
+def test_ghost_wtinylfu_keeps_no_ghost_of_a_resident_key() -> None:
+    from engine.model.cache_policies_adaptive import GhostWTinyLFUPolicy
+
+    policy = GhostWTinyLFUPolicy(6, window=0.5)
+    for e in range(4):
+        policy.miss((0, e))
+        policy.insert((0, e))
+    policy.remove((0, 3))  # a ghost now
+    assert (0, 3) in policy.ghost_w or (0, 3) in policy.ghost_m
+    policy.insert((0, 3))  # back without a miss (warm start, prefetch)
+    assert (0, 3) not in policy.ghost_w and (0, 3) not in policy.ghost_m
+    for _ in range(3):  # in and out again, from either area: a ghost of one list at a time
+        policy.remove((0, 3))
+        assert ((0, 3) in policy.ghost_w) != ((0, 3) in policy.ghost_m)
+        policy.insert((0, 3))
+
+
 def test_ghost_wtinylfu_sizes_its_window_by_ghost_hits() -> None:
     from engine.model.cache_policies_adaptive import GhostWTinyLFUPolicy
 
