@@ -197,6 +197,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from engine.model.loader import _load_tokenizer, inspect_experts, memory_budget_for, pick_device
     from engine.model.family_support import folder_support
     from engine.storage.packed_layout import open_packed_layout
+    from engine.model.expert_parallel import ExpertParallel
     from engine.storage.rank_folder import read_rank_share
     from engine.model.plan import make_plan
 
@@ -212,8 +213,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
     # the same budget a load would choose: a load has the tokenizer in memory when it measures the
     # runtime (about 0.2 GiB of the footprint), so the plan loads it too
     _load_tokenizer(model_dir, inspected.config)
-    budget = memory_budget_for(inspected, options, device)
     share = read_rank_share(model_dir)  # (a rank's share: its own experts, packed)
+    budget = memory_budget_for(inspected, options, device,
+                               ranks=share.ranks if share else ExpertParallel.ranks_in_environment())
     disk = measure_expert_read_speed(layers, io_threads=args.io_threads, samples=args.samples,
                                      packed=share.packed_layers(layers) if share else None)
     packed = share.packed_layers(layers) if share else open_packed_layout(model_dir, layers)

@@ -242,3 +242,16 @@ def test_the_cli_packs_a_share(tiny_model: Any, tmp_path: Path) -> None:
     bad = subprocess.run([sys.executable, "-m", "engine.cli", "pack", str(model), "--rank", "1"], capture_output=True,
                          text=True, timeout=120, cwd=HERE.parents[1])
     assert bad.returncode == 2 and "give --rank and --ranks together" in bad.stderr
+
+
+def test_plan_on_a_share_sizes_the_cache_as_a_load_of_it_does(tiny_model: Any, shares: dict[str, Path],
+                                                              capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    from engine.cli import main
+
+    assert main(["plan", str(tiny_model("qwen3_moe", 4)), "--json", "--samples", "2", "--device", "cpu"]) == 0
+    whole = json.loads(capsys.readouterr().out)
+    assert main(["plan", str(shares["r1of2"]), "--json", "--samples", "2", "--device", "cpu"]) == 0
+    share = json.loads(capsys.readouterr().out)
+    # the tiny model's experts all fit: "every expert" is the whole model's there, half of them on a share of 2
+    assert "every expert" in whole["cache_reason"] and "every expert" in share["cache_reason"]
+    assert share["cache_budget_bytes"] * 2 == whole["cache_budget_bytes"]
