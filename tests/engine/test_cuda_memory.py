@@ -59,7 +59,11 @@ def _buffers() -> list[np.ndarray]:
 
 def test_off_cuda_nothing_is_placed_and_no_runtime_is_loaded(monkeypatch: pytest.MonkeyPatch) -> None:
     loaded: list[str] = []
-    monkeypatch.setattr(cuda_memory, "_library", lambda: loaded.append("cudart") or FakeRuntime())
+    def library() -> FakeRuntime:
+        loaded.append("cudart")
+        return FakeRuntime()
+
+    monkeypatch.setattr(cuda_memory, "_library", library)
     # this machine's MLX (CPU) and a Metal-like GPU without CUDA
     assert cuda_memory.active() is False
     metal = SimpleNamespace(default_device=lambda: "gpu", gpu="gpu", cuda=SimpleNamespace(is_available=lambda: False))

@@ -153,7 +153,7 @@ def test_warmer_skips_resident_experts_and_pools_that_hold_everything() -> None:
     assert store.submitted == [(0, 2)] and warmer.started == 1
     whole = _streamer(FakeStore(), slots=16)
     warmer = _warm(whole, [(0, 1), (1, 2)])
-    assert whole.store.submitted == [] and warmer.started == 0
+    assert whole.store.submitted == [] and warmer.started == 0  # type: ignore[attr-defined]
 
 
 def test_a_failed_warm_read_frees_its_slot_and_the_rest_go_on(caplog: pytest.LogCaptureFixture) -> None:
@@ -210,7 +210,7 @@ def test_warm_reads_pause_while_a_generation_runs(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setattr(HotSetWarmer, "IDLE_S", 0.0)  # idle as soon as the counter stops moving
     store = FakeStore()
     lx = [LayerExperts(i, f"model.layers.{i}.mlp.switch_mlp", 8, PARAMS) for i in range(2)]
-    streamer = _Generating(lx, store, cache_bytes=8 * EXPERT_BYTES, experts_per_token=2)
+    streamer = _Generating(lx, store, cache_bytes=8 * EXPERT_BYTES, experts_per_token=2)  # type: ignore[arg-type]
     during: list[int] = []
 
     def submit(layer: int, expert: int) -> None:
@@ -228,7 +228,7 @@ def test_warm_reads_pause_while_a_generation_runs(monkeypatch: pytest.MonkeyPatc
 def test_stop_while_waiting_for_a_generation_to_end() -> None:
     store = FakeStore()
     lx = [LayerExperts(i, f"model.layers.{i}.mlp.switch_mlp", 8, PARAMS) for i in range(2)]
-    streamer = _Generating(lx, store, cache_bytes=8 * EXPERT_BYTES, experts_per_token=2)
+    streamer = _Generating(lx, store, cache_bytes=8 * EXPERT_BYTES, experts_per_token=2)  # type: ignore[arg-type]
     waiting = threading.Event()
     warmer = HotSetWarmer(streamer, [(0, e) for e in range(4)], 4)
     real_wait = warmer._wait_idle

@@ -210,7 +210,7 @@ def test_prefetch_never_takes_a_slot_the_warm_start_is_filling() -> None:
     assert cache.pool.n_slots == 4 and cache is streamer.cache_of_layer[1]
     warm: dict[tuple[int, int], Future[int]] = {}
     for key in [(1, 6), (1, 7)]:  # the warm start reads two experts; their reads are still running
-        assert cache.claim_free(key, lambda slot, key=key: warm.setdefault(key, Future()))
+        assert cache.claim_free(key, lambda slot, key=key: warm.setdefault(key, Future()))  # type: ignore[misc]
     slots = streamer.begin(0, np.array([2, 3]))  # a layer call pins the other two
     streamer.finish(slots)
     streamer.prefetch_experts(1, np.array([5]))  # a prediction finds no slot it may take
@@ -344,6 +344,6 @@ def test_preload_on_a_rank_reads_only_its_own_share_of_the_experts() -> None:
     store = _FakeStore()
     streamer = _streamer(16, store)  # 2 layers x 8 experts: the pool holds them all
     assert streamer.caches[0].holds_all
-    streamer.parallel = SimpleNamespace(owns=lambda e: int(e) % 2 == 1)  # rank 1 of 2
+    streamer.parallel = SimpleNamespace(owns=lambda e: int(e) % 2 == 1)  # type: ignore[assignment]  # rank 1 of 2
     assert streamer.preload() == 8 * sum(p.nbytes for p in PARAMS)
     assert sorted(store.submitted) == [(layer, e) for layer in range(2) for e in range(1, 8, 2)]
