@@ -34,7 +34,9 @@ GIB = 2**30
 # drop under pressure (anonymous memory is compressed or swapped instead) and would put the 397B's
 # MLX buffers above Metal's recommended working set on a 48 GB Mac, neither of which the
 # projection counts; 75% keeps a quarter as that reserve. On Metal the cache is also held under the
-# GPU's recommended working set (plan_budget's gpu_working_set_bytes).
+# GPU's recommended working set (plan_budget's gpu_working_set_bytes). Both the sweep and the
+# simulation ran the in-process cache as LRU (per layer); the default policy now hits 1-3 points more
+# at 5-40% (BENCHMARKS.md, 'Expert cache policy'), which only favours the in-process side further.
 CACHE_SHARE_OF_SPARE = 0.75
 # RAM the OS and other apps keep when no limit is given (the budget never plans to use it).
 OS_RESERVE_BYTES = 2 * GIB
