@@ -307,6 +307,8 @@ class ExpertParallel:
         self.bytes_sent += plan.gather_bytes if gather else plan.all_sum_bytes
         if gather:  # only the owned rows travel, padded to the busiest rank's count
             self.gathered_layers += 1
+            if not flat.size:  # no rows on any rank (each sees the same routing): nothing to gather
+                return mx.zeros((*host_idx.shape, d), dtype=x.dtype)
             pad = plan.padded_rows - owned.size
             parts = ([y] if y is not None else []) + ([mx.zeros((pad, d), dtype=x.dtype)] if pad else [])
             mine = parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=0)
