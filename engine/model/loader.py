@@ -29,7 +29,7 @@ from engine.storage.expert_layout import LayerExperts, layer_experts_from_index
 from engine.storage.expert_store import ExpertStore
 from engine.fast_blas import fast_blas_status
 from engine.storage.packed_layout import PackedLayer, open_packed_layout
-from engine.storage.rank_folder import read_rank_share
+from engine.storage.rank_folder import RANK_MANIFEST, SHARE_DTYPES, read_rank_share
 from engine.model.expert_parallel import ExpertParallel
 from engine.storage.safetensors_index import TensorLocation, read_model_index
 from engine.model.streamed_moe import ExpertStreamer, StreamedSwitch
@@ -278,14 +278,13 @@ def inspect_experts(model_dir: Path, experts_per_token: int | None = None) -> Mo
         layers = share.layer_experts(found)
     else:
         layers = [layer_experts_from_index(i, path, keys, index) for i, (path, _, keys) in enumerate(found)]
-    _check_shapes(found, layers)
+    _check_shapes(found, layers, model_dir)
     expert_names = {s.name for layer in layers for s in layer.sources}
     dense = sum(loc.nbytes for name, loc in index.items() if name not in expert_names)
     return ModelExperts(model, config, found, layers, dense, trained_k, k)
 
 
-_MX_DTYPES = {"BOOL": "bool_", "U8": "uint8", "I8": "int8", "U16": "uint16", "I16": "int16", "F16": "float16",
-              "BF16": "bfloat16", "U32": "uint32", "I32": "int32", "F32": "float32", "U64": "uint64", "I64": "int64"}
+_MX_DTYPES = SHARE_DTYPES  # (the manifest is checked to name only these)
 
 
 def _with_stand_ins(stand_ins: dict[str, tuple[tuple[int, ...], str]]) -> Callable[[dict[str, Any]], Any]:
@@ -482,8 +481,8 @@ def memory_budget_for(inspected: "ModelExperts", options: EngineOptions, device:
     )
 
 
-def _check_shapes(found: list[tuple[str, nn.Module, list[str]]], layers: list[LayerExperts]) -> None:
-    """The module built from config.json must match the expert tensors on disk."""
+def _check_shapes(found: list[tuple[str, nn.Module, list[str]]], layers: list[LayerExperts], model_dir: Path) -> None:
+    """The module built from config.json must match the expert tensors on disk (or a share's manifest)."""
     for (path, module, keys), layer in zip(found, layers):
         declared = dict(tree_flatten(module.parameters()))
         for key, param in zip(keys, layer.params):
@@ -491,7 +490,7 @@ def _check_shapes(found: list[tuple[str, nn.Module, list[str]]], layers: list[La
             got = (layer.num_experts, *param.shape)
             if want != got:
                 i = layer.params.index(param)
-                src = layer.sources[i].file if layer.sources else "moebar-rank.json"
+                src = layer.sources[i].file if layer.sources else model_dir / RANK_MANIFEST
                 raise CorruptModelError(
                     f"{src}: tensor '{path}.{key}' has shape {list(got)} but config.json implies {list(want)}"
                 )

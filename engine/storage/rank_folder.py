@@ -26,11 +26,17 @@ from typing import Any
 
 from engine.errors import CorruptModelError
 from engine.storage.expert_layout import ExpertParam, LayerExperts
-from engine.storage.packed_layout import PackedLayer
+from engine.storage.packed_layout import ALIGNMENT, PackedLayer
+from engine.storage.safetensors_index import DTYPE_BYTES
 
 RANK_MANIFEST = "moebar-rank.json"
 RANK_FORMAT_VERSION = 1
 EXPERTS_DIRNAME = "experts"
+
+# the safetensors dtypes an expert param of a share may have -> the mlx dtype its stand-in is built as
+SHARE_DTYPES = {"BOOL": "bool_", "U8": "uint8", "I8": "int8", "U16": "uint16", "I16": "int16", "F16": "float16",
+                "BF16": "bfloat16", "U32": "uint32", "I32": "int32", "F32": "float32", "U64": "uint64",
+                "I64": "int64"}
 
 
 SAMPLE_BYTES = 65536  # read from each end of each weight file for the identity
@@ -197,24 +203,61 @@ def read_rank_share(folder: Path) -> RankShare | None:
 
 
 def _check_layer_entry(entry: Any, i: int, rank: int, ranks: int, path: Path) -> None:
+    """One ``experts.layers`` entry: types, expert count, params (dtype, shape, bytes), stride, checksums."""
     where = f"{path}: field 'experts.layers[{i}]'"
     if not isinstance(entry, dict):
         raise CorruptModelError(f"{where} is not an object")
     for name, kind in (("module_path", str), ("file", str), ("num_experts", int), ("stride", int),
                        ("params", list), ("checksums", list)):
-        if not isinstance(entry.get(name), kind):
-            raise CorruptModelError(f"{where}: field {name!r} is missing or not {kind.__name__}")
+        if not isinstance(entry.get(name), kind) or isinstance(entry.get(name), bool):
+            raise CorruptModelError(f"{where}: field {name!r} is missing or not {kind.__name__}: {entry.get(name)!r}")
     if "/" in entry["file"] or entry["file"].startswith("."):
         raise CorruptModelError(f"{where}: field 'file' is not a file name: {entry['file']!r}")
+    if entry["num_experts"] < 1:
+        raise CorruptModelError(f"{where}: field 'num_experts' is {entry['num_experts']}, expected 1 or more")
+    if ranks > entry["num_experts"]:
+        raise CorruptModelError(
+            f"{path}: field 'ranks' is {ranks}, more than the {entry['num_experts']} experts of layer {i} "
+            f"(field 'experts.layers[{i}].num_experts'): some ranks would own none; pack with --ranks "
+            f"{entry['num_experts']} or fewer"
+        )
     owned = len(range(rank, entry["num_experts"], ranks))
     if len(entry["checksums"]) != owned:
         raise CorruptModelError(
             f"{where}: field 'checksums' has {len(entry['checksums'])} entries, rank {rank} of {ranks} owns {owned} "
             f"of {entry['num_experts']} experts"
         )
-    for p in entry["params"]:
-        if not (isinstance(p, dict) and isinstance(p.get("key"), str) and isinstance(p.get("dtype"), str)
-                and isinstance(p.get("shape"), list) and isinstance(p.get("nbytes"), int)):
-            raise CorruptModelError(f"{where}: field 'params' has a malformed entry {p!r}")
+    if not entry["params"]:
+        raise CorruptModelError(f"{where}: field 'params' is empty")
+    for j, p in enumerate(entry["params"]):
+        _check_param(p, f"{where}: field 'params[{j}]'")
     if entry["stride"] < sum(p["nbytes"] for p in entry["params"]):
         raise CorruptModelError(f"{where}: field 'stride' ({entry['stride']}) is smaller than one expert")
+    if entry["stride"] % ALIGNMENT:
+        raise CorruptModelError(
+            f"{where}: field 'stride' is {entry['stride']}, not a multiple of {ALIGNMENT} (experts must start "
+            "page-aligned for direct reads); pack this rank's share again"
+        )
+
+
+def _check_param(p: Any, where: str) -> None:
+    """One param of a layer entry: key, a known dtype, a shape of non-negative ints, nbytes matching both."""
+    if not (isinstance(p, dict) and isinstance(p.get("key"), str) and isinstance(p.get("dtype"), str)
+            and isinstance(p.get("shape"), list) and isinstance(p.get("nbytes"), int)
+            and not isinstance(p.get("nbytes"), bool)):
+        raise CorruptModelError(f"{where} is malformed (expected key, dtype, shape, nbytes): {p!r}")
+    if p["dtype"] not in SHARE_DTYPES:
+        raise CorruptModelError(
+            f"{where}: field 'dtype' is {p['dtype']!r}, expected one of {', '.join(SHARE_DTYPES)}"
+        )
+    shape = p["shape"]
+    if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape):
+        raise CorruptModelError(f"{where}: field 'shape' is {shape!r}, expected a list of non-negative integers")
+    count = 1
+    for n in shape:
+        count *= n
+    want = count * DTYPE_BYTES[p["dtype"]]
+    if p["nbytes"] != want:
+        raise CorruptModelError(
+            f"{where}: field 'nbytes' is {p['nbytes']}, but shape {shape} of {p['dtype']} is {want} bytes"
+        )

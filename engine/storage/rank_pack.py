@@ -101,6 +101,10 @@ def pack_rank(model_dir: str | Path, rank: int, ranks: int, out: str | Path | No
         raise ModelError(f"--out {final}: exists and is not a rank's share; choose another folder or remove it")
     inspected = inspect_experts(model_dir)
     layers = inspected.layers
+    fewest = min(l.num_experts for l in layers)
+    if ranks > fewest:
+        raise ModelError(f"--ranks {ranks}: {model_dir} has {fewest} experts in its smallest expert layer; "
+                         f"every rank must own at least one, so use --ranks {fewest} or fewer")
     dense = _dense_tensors(model_dir, layers)
     shards = _shards(dense, max_shard_bytes)
     owned = [list(range(rank, l.num_experts, ranks)) for l in layers]
