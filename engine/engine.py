@@ -15,7 +15,7 @@ from engine.storage.expert_layout import LayerExperts
 from engine.storage.expert_store import ExpertStore
 from engine.storage.packed_layout import PackedLayer
 from engine.errors import RequestError
-from engine.model.expert_parallel import attach_expert_parallel
+from engine.model.expert_parallel import ExpertParallel, attach_expert_parallel
 from engine.model.generate import generate_tokens
 from engine.model.layer_prefill import context_length, pass_shape, pass_tokens, prefill_memory_bytes, supports_layer_major
 from engine.model.prefill_progress import ProgressFn as PrefillProgressFn
@@ -40,12 +40,12 @@ def measure_expert_read_speed(
     """
     rng = random.Random(seed)
     store = ExpertStore(layers, io_threads=io_threads, cold=True, packed=packed)
-    picks = [(rng.randrange(len(layers)), 0) for _ in range(samples)]
-    picks = [(l, rng.randrange(layers[l].num_experts)) for l, _ in picks]
-    if packed:  # a rank's share: the same draws, mapped onto the experts it holds
-        held = [range(p.rank, layer.num_experts, p.ranks) for p, layer in zip(packed, layers)]
-        picks = [(l, e if store.holds(l, e) else held[l][e % len(held[l])]) for l, e in picks]
-    try:
+    try:  # (from here on, whatever raises still closes the store's files and I/O threads)
+        picks = [(rng.randrange(len(layers)), 0) for _ in range(samples)]
+        picks = [(l, rng.randrange(layers[l].num_experts)) for l, _ in picks]
+        if packed:  # a rank's share: the same draws, mapped onto the experts it holds
+            held = [range(p.rank, layer.num_experts, p.ranks) for p, layer in zip(packed, layers)]
+            picks = [(l, e if store.holds(l, e) else held[l][e % len(held[l])]) for l, e in picks]
         store.drop_page_cache()
         buffers = [[np.empty(p.nbytes, dtype=np.uint8) for p in layers[l].params] for l, _ in picks]
         t0 = time.perf_counter()
@@ -72,23 +72,38 @@ class Engine:
         self._trace_runs = 0  # generations recorded into options.trace_dir
         self._hot_set_saved_at = time.monotonic()
         self.warmer: HotSetWarmer | None = None
-        if options.hot_set_dir:
-            keys = read_hot_set(hot_set_path(options.hot_set_dir, model_dir), loaded.streamer)
-            if keys:  # read in the background into free slots; never in a request's way (hot_set)
-                self.warmer = HotSetWarmer(loaded.streamer, keys, options.io_threads).start()
-        self.context_length = context_length(loaded.config)  # 0 when config.json does not say
-        self.layer_major_prefill = supports_layer_major(loaded.model)
-        self.prefill_pass_tokens = self._pass_tokens()
-        self.parallel = attach_expert_parallel(
-            loaded.streamer,
-            model_dir,
-            {"k": loaded.k, "device": options.device, "prefill_matmul": options.prefill_matmul,
-             "prefill_chunk": options.prefill_chunk, "layer_major": self.layer_major_prefill},
-        )
-        if self.parallel is not None and self.prefill_pass_tokens:
-            # every rank must cut the prompt at the same places (same collectives, same sums)
-            agreed = mx.distributed.all_min(mx.array(self.prefill_pass_tokens), group=self.parallel.group)
-            self.prefill_pass_tokens = int(agreed.item())  # type: ignore[arg-type]
+        self.parallel: ExpertParallel | None = None
+        try:
+            self.context_length = context_length(loaded.config)  # 0 when config.json does not say
+            self.layer_major_prefill = supports_layer_major(loaded.model)
+            self.prefill_pass_tokens = self._pass_tokens()
+            self.parallel = attach_expert_parallel(
+                loaded.streamer,
+                model_dir,
+                {"k": loaded.k, "device": options.device, "prefill_matmul": options.prefill_matmul,
+                 "prefill_chunk": options.prefill_chunk, "layer_major": self.layer_major_prefill},
+            )
+            if self.parallel is not None and self.prefill_pass_tokens:
+                # every rank must cut the prompt at the same places (same collectives, same sums)
+                agreed = mx.distributed.all_min(mx.array(self.prefill_pass_tokens), group=self.parallel.group)
+                self.prefill_pass_tokens = int(agreed.item())  # type: ignore[arg-type]
+            if options.hot_set_dir:
+                # after joining the ranks: a rank warms only the experts it owns (read_hot_set)
+                keys = read_hot_set(hot_set_path(options.hot_set_dir, model_dir), loaded.streamer)
+                if keys:  # read in the background into free slots; never in a request's way (hot_set)
+                    self.warmer = HotSetWarmer(loaded.streamer, keys, options.io_threads).start()
+        except BaseException:  # a refused rank, a lost peer: release what the load opened
+            self._release()
+            raise
+
+    def _release(self) -> None:
+        """Stop the warm start and close the store's files and I/O threads (nothing saved)."""
+        try:
+            if self.warmer is not None:
+                self.warmer.stop()
+            self._loaded.streamer.drain_prefetch()
+        finally:
+            self._loaded.store.close()
 
     def _pass_tokens(self) -> int:
         """Tokens per layer-major prefill pass (0 where the family is prefilled chunk by chunk)."""
@@ -119,24 +134,28 @@ class Engine:
         options = options or EngineOptions()
         path = Path(model_dir).expanduser().resolve()
         loaded = load_streamed_model(path, options, progress)
-        disk = None
-        if measure_disk:
-            share = loaded.store.packed if loaded.store.packed and loaded.store.packed[0].ranks > 1 else None
-            disk = measure_expert_read_speed(loaded.layers, io_threads=options.io_threads, samples=16, packed=share)
-        plan = make_plan(
-            model_type=loaded.config["model_type"],
-            moe_layers=len(loaded.layers),
-            experts_per_layer=loaded.layers[0].num_experts,
-            k=loaded.k,
-            trained_k=loaded.trained_k,
-            dense_bytes=loaded.dense_bytes,
-            expert_bytes_total=loaded.expert_bytes_total,
-            expert_bytes=loaded.layers[0].expert_bytes,
-            budget=loaded.budget,
-            disk_read_bytes_per_s=disk,
-            layout=loaded.store.layout,
-        )
-        return cls(loaded, path, options, plan)
+        try:
+            disk = None
+            if measure_disk:
+                share = loaded.store.packed if loaded.store.packed and loaded.store.packed[0].ranks > 1 else None
+                disk = measure_expert_read_speed(loaded.layers, io_threads=options.io_threads, samples=16, packed=share)
+            plan = make_plan(
+                model_type=loaded.config["model_type"],
+                moe_layers=len(loaded.layers),
+                experts_per_layer=loaded.layers[0].num_experts,
+                k=loaded.k,
+                trained_k=loaded.trained_k,
+                dense_bytes=loaded.dense_bytes,
+                expert_bytes_total=loaded.expert_bytes_total,
+                expert_bytes=loaded.layers[0].expert_bytes,
+                budget=loaded.budget,
+                disk_read_bytes_per_s=disk,
+                layout=loaded.store.layout,
+            )
+        except BaseException:
+            loaded.store.close()
+            raise
+        return cls(loaded, path, options, plan)  # (which closes the store itself if it raises)
 
     @property
     def experts_per_token(self) -> int:

@@ -63,7 +63,13 @@ def save_hot_set(streamer: ExpertStreamer, path: Path, policy: str) -> int:
 
 def read_hot_set(path: Path, streamer: ExpertStreamer) -> list[Key]:
     """The saved keys, interleaved across layers best first; [] (with a warning) when the file is
-    absent, unreadable or from another model."""
+    absent, unreadable or from another model.
+
+    Only the experts this process holds (a rank's share) and, once it has joined its ranks
+    (``streamer.parallel``), only those its rank owns, even on the whole model: the others' experts
+    would take slots of a pool sized to this rank's share.
+    """
+    parallel = streamer.parallel
     if not path.is_file():
         return []
     try:
@@ -94,7 +100,8 @@ def read_hot_set(path: Path, streamer: ExpertStreamer) -> list[Key]:
         if not all(isinstance(e, int) and 0 <= e < sizes[layer] for e in ids):
             log.warning("%s: hot set ignored: layer %d lists an expert id out of range", path, layer)
             return []
-        per_layer.append([(layer, e) for e in ids if streamer.store.holds(layer, e)])  # (a rank's share: its own)
+        per_layer.append([(layer, e) for e in ids if streamer.store.holds(layer, e)
+                          and (parallel is None or e % parallel.size == parallel.rank)])
     keys: list[Key] = []
     for rank in range(max((len(p) for p in per_layer), default=0)):
         keys.extend(p[rank] for p in per_layer if rank < len(p))
