@@ -167,6 +167,13 @@ def _row_command(args: argparse.Namespace, model: Path, share: float, cgroup: Me
     ]  # fmt: skip
 
 
+def _text(out: str | bytes | None) -> str:
+    """A subprocess's captured output as text (TimeoutExpired holds bytes on POSIX even with text=True)."""
+    if isinstance(out, bytes):
+        return out.decode("utf-8", errors="replace")
+    return out or ""
+
+
 def run_cgroup_sweep(
     args: argparse.Namespace,
     model: Path,
@@ -186,6 +193,7 @@ def run_cgroup_sweep(
     for i, share in enumerate(shares):
         _evict_model(model)
         cgroup = make_cgroup(root, f"moebar-sweep-{os.getpid()}-{i}", limit)
+        row: dict[str, Any] | None = None
         try:
             cmd = _row_command(args, model, share, cgroup)
             t0 = time.perf_counter()
@@ -193,8 +201,8 @@ def run_cgroup_sweep(
                 proc = subprocess.run(cmd, capture_output=True, text=True, timeout=row_timeout_s)
                 rc, stdout, stderr = proc.returncode, proc.stdout, proc.stderr
             except subprocess.TimeoutExpired as e:  # the process is killed; thrashing looks like this
-                rc, stdout, stderr = None, "", str(e.stderr or "")
-            row: dict[str, Any] = {"share": share, "returncode": rc, "seconds": time.perf_counter() - t0}
+                rc, stdout, stderr = None, "", _text(e.stderr)
+            row = {"share": share, "returncode": rc, "seconds": time.perf_counter() - t0}
             lines = [l for l in stdout.splitlines() if l.startswith("{")]
             if rc == 0 and lines:
                 row.update(json.loads(lines[-1]))
@@ -206,7 +214,14 @@ def run_cgroup_sweep(
             row["cgroup_max_usage_bytes"] = cgroup.max_usage_bytes()
             row["cgroup_limit_bytes"] = cgroup.limit_bytes()
         finally:
-            cgroup.remove()
+            try:
+                cgroup.remove()
+            except OSError as e:  # (EBUSY after retries): the row stands; the cgroup is left to remove by hand
+                warning = f"{e.strerror or e}; remove it by hand once its processes have exited"
+                print(f"bench: warning: {warning}", file=sys.stderr, flush=True)
+                if row is not None:
+                    row["warning"] = warning
+        assert row is not None
         rows.append(row)
         print(f"bench: share {100 * share:.0f}%: " + (
             f"hit rate {row['hit_rate']:.2f}, disk {row['disk_bytes_per_token'] / MIB:.2f} MiB/token, "

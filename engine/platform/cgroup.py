@@ -10,8 +10,10 @@ it is missing or not writable (macOS, no root, cgroup v2 only), :func:`memory_cg
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,9 +67,17 @@ class MemoryCgroup:
         path = root / name
         try:
             path.mkdir()
-            (path / LIMIT_FILE).write_text(str(int(limit_bytes)))
         except OSError as e:
             raise CgroupUnavailable(f"cannot make memory cgroup {path}: {e}") from e
+        try:
+            (path / LIMIT_FILE).write_text(str(int(limit_bytes)))
+        except OSError as e:
+            left = ""
+            try:
+                path.rmdir()  # not left behind half made
+            except OSError as gone:
+                left = f"; it could not be removed either ({gone})"
+            raise CgroupUnavailable(f"cannot set {LIMIT_FILE} of memory cgroup {path} to {limit_bytes}: {e}{left}") from e
         return cls(path)
 
     @property
@@ -103,12 +113,22 @@ class MemoryCgroup:
         """Processes the kernel's OOM killer ended in this cgroup (``memory.oom_control``)."""
         return parse_memory_stat(self._read("memory.oom_control")).get("oom_kill", 0)
 
-    def remove(self) -> None:
-        """Delete the cgroup (its page cache moves to the parent); quiet if already gone."""
-        try:
-            self.path.rmdir()
-        except FileNotFoundError:
-            pass
+    def remove(self, attempts: int = 20, delay_s: float = 0.05) -> None:
+        """Delete the cgroup (its page cache moves to the parent); quiet if already gone.
+
+        While its last process is still exiting the kernel answers EBUSY: tried ``attempts`` times,
+        ``delay_s`` apart, then the OSError (naming the path) is raised.
+        """
+        for attempt in range(max(1, attempts)):
+            try:
+                self.path.rmdir()
+                return
+            except FileNotFoundError:
+                return
+            except OSError as e:
+                if e.errno != errno.EBUSY or attempt == max(1, attempts) - 1:
+                    raise OSError(e.errno, f"cannot remove memory cgroup {self.path}: {e.strerror}") from e
+                time.sleep(delay_s)
 
 
 def add_to_cgroup(procs_file: str | Path, pid: int) -> None:
