@@ -16,6 +16,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 from engine.errors import MoeBarError
 
@@ -58,6 +59,8 @@ class MemoryCgroup:
     """One memory cgroup directory (``create`` makes it; ``remove`` deletes it once its processes are gone)."""
 
     path: Path
+    REMOVE_ATTEMPTS: ClassVar[int] = 20  # rmdir tries while the kernel says EBUSY
+    REMOVE_DELAY_S: ClassVar[float] = 0.05
 
     @classmethod
     def create(cls, root: Path, name: str, limit_bytes: int) -> "MemoryCgroup":
@@ -113,22 +116,23 @@ class MemoryCgroup:
         """Processes the kernel's OOM killer ended in this cgroup (``memory.oom_control``)."""
         return parse_memory_stat(self._read("memory.oom_control")).get("oom_kill", 0)
 
-    def remove(self, attempts: int = 20, delay_s: float = 0.05) -> None:
+    def remove(self) -> None:
         """Delete the cgroup (its page cache moves to the parent); quiet if already gone.
 
-        While its last process is still exiting the kernel answers EBUSY: tried ``attempts`` times,
-        ``delay_s`` apart, then the OSError (naming the path) is raised.
+        While its last process is still exiting the kernel answers EBUSY: tried ``REMOVE_ATTEMPTS``
+        times, ``REMOVE_DELAY_S`` apart, then the OSError (naming the path) is raised.
         """
-        for attempt in range(max(1, attempts)):
+        attempts = max(1, self.REMOVE_ATTEMPTS)
+        for attempt in range(attempts):
             try:
                 self.path.rmdir()
                 return
             except FileNotFoundError:
                 return
             except OSError as e:
-                if e.errno != errno.EBUSY or attempt == max(1, attempts) - 1:
+                if e.errno != errno.EBUSY or attempt == attempts - 1:
                     raise OSError(e.errno, f"cannot remove memory cgroup {self.path}: {e.strerror}") from e
-                time.sleep(delay_s)
+                time.sleep(self.REMOVE_DELAY_S)
 
 
 def add_to_cgroup(procs_file: str | Path, pid: int) -> None:
