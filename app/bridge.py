@@ -32,6 +32,7 @@ from engine.serving.protocol import (
     HelloEvent,
     LoadedEvent,
     LoadRequest,
+    NoticeEvent,
     PrefillEvent,
     ProgressEvent,
     ServeRequest,
@@ -112,6 +113,7 @@ class EngineProcessWorker(QObject):
     protocol_error = Signal(str)
     server_state = Signal(object)  # ServerEvent: the local HTTP server's state
     peer_lost = Signal(str)  # another machine's rank stopped answering: the engine's own words
+    notice = Signal(object)  # NoticeEvent: e.g. memory pressure resized the expert cache
     stopped = Signal()
 
     def __init__(self, command: Sequence[str], log_path: Path | None) -> None:
@@ -344,6 +346,8 @@ class EngineProcessWorker(QObject):
             self._set_state(IDLE)
         elif isinstance(event, ServerEvent):
             self.server_state.emit(event)
+        elif isinstance(event, NoticeEvent):
+            self.notice.emit(event)
 
     def _on_error_event(self, event: ErrorEvent) -> None:
         if event.code == PEER_LOST:
@@ -444,6 +448,7 @@ class EngineBridge(QObject):
     protocol_error = Signal(str)
     server_state = Signal(object)  # ServerEvent: the local HTTP server (on/off, address, requests running)
     peer_lost = Signal(str)  # another machine's rank stopped answering (the engine's words)
+    notice = Signal(object)  # NoticeEvent: something to tell the user that is not an error
 
     _start_requested = Signal()
     _serve_requested = Signal(object)
@@ -473,7 +478,7 @@ class EngineBridge(QObject):
         self._worker.moveToThread(self._thread)
         self._thread.finished.connect(self._worker.deleteLater)
         for name in ("hello", "progress", "token", "prefill", "tool_call", "stats", "done", "error",
-                     "unloaded", "engine_lost", "restarting", "gave_up", "protocol_error", "peer_lost"):
+                     "unloaded", "engine_lost", "restarting", "gave_up", "protocol_error", "peer_lost", "notice"):
             getattr(self._worker, name).connect(getattr(self, name))
         self._worker.loaded.connect(self._on_loaded)
         self.server: ServerEvent | None = None  # the local server's last reported state

@@ -84,6 +84,9 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto",
                    help="where the model computes (auto: the GPU when MLX has one)")
     p.add_argument("--no-packed", action="store_true", help="ignore a packed expert layout")
+    p.add_argument("--shrink-cache-under-pressure", action=argparse.BooleanOptionalAction, default=True,
+                   help="halve the in-process expert cache under memory pressure and grow it back when "
+                        "the pressure has passed (default on; off keeps it at the budget's size)")
     p.add_argument(
         "--prefill-matmul", choices=["auto", "on", "off"], default="auto",
         help="CPU prefill chunks as dequantize + dense GEMM (auto: where MLX has a fast BLAS)",
@@ -108,6 +111,7 @@ def engine_options(args: argparse.Namespace) -> EngineOptions:
         device=args.device,
         use_packed=not args.no_packed,
         prefill_matmul=args.prefill_matmul,
+        shrink_cache_under_pressure=args.shrink_cache_under_pressure,
     )
 
 

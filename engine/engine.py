@@ -25,6 +25,7 @@ from engine.model.plan import MemoryPlan, make_plan
 from engine.types import EngineOptions, SamplingParams, TokenEvent
 from engine.diagnostics.traces import TraceHeader, TraceRecorder
 from engine.errors import MoeBarError
+from engine.model.cache_resize import CacheResizer, ResizeOutcome
 from engine.model.hot_set import HotSetWarmer, hot_set_path, read_hot_set, save_hot_set
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,7 @@ class Engine:
         self._hot_set_saved_at = time.monotonic()
         self.warmer: HotSetWarmer | None = None
         self.parallel: ExpertParallel | None = None
+        self.cache_resizer = CacheResizer(loaded.streamer, loaded.switches)  # memory pressure (service)
         try:
             self.context_length = context_length(loaded.config)  # 0 when config.json does not say
             self.layer_major_prefill = supports_layer_major(loaded.model)
@@ -279,6 +281,16 @@ class Engine:
         """Let fully resident layers route on the device (default), or force the host sync path."""
         self._loaded.streamer.device_routing = enabled
 
+    def resize_expert_cache(self, direction: str) -> ResizeOutcome | None:
+        """Halve ("shrink") or double ("grow", up to the budget's size) the in-process expert cache;
+        None when it cannot go further. Only between requests (the engine thread, no generation
+        running): the warm start is stopped first, so that no read fills a slot being dropped."""
+        if direction not in ("shrink", "grow"):
+            raise ValueError(f"direction must be 'shrink' or 'grow', got {direction!r}")
+        if self.warmer is not None:
+            self.warmer.stop()
+        return self.cache_resizer.shrink() if direction == "shrink" else self.cache_resizer.grow()
+
     def expert_counters(self) -> dict[str, int]:
         """Cumulative expert figures since load: bytes read, cache hits and misses, resident bytes."""
         s = self._loaded.streamer
@@ -291,6 +303,7 @@ class Engine:
             "device_routed_calls": s.device_routed_calls,
             "resident_bytes": s.resident_bytes + self._loaded.dense_bytes,
             "expert_cache_bytes": s.resident_bytes,
+            "expert_cache_full_bytes": self.cache_resizer.full_resident_bytes,  # before any pressure shrink
         }
 
     def close(self) -> None:

@@ -42,6 +42,10 @@ class EngineOptions:
     # long CPU calls (prefill chunks) as dequantize + dense GEMM: "auto" (where MLX has a fast
     # BLAS), "on" or "off"; see cpu_prefill
     prefill_matmul: str = "auto"
+    # give the in-process expert cache's memory back under memory pressure (halve it on "critical"
+    # or a lasting "warning", grow it back after a calm spell; engine.serving.pressure_policy);
+    # False keeps the cache at the budget's size whatever the pressure
+    shrink_cache_under_pressure: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         """Return the options as a JSON-ready dict."""

@@ -259,7 +259,10 @@ class GaugesPanel(QtWidgets.QFrame):
         self.pressure_bar.set_level(level)
         saved = f" · {human_bytes(figures.cache_saved_bytes)} saved" if figures.cache_saved_bytes else ""
         self._labels["cache"].setText(percent(figures.cache_hit_rate) + saved)  # reads the hits spared
-        self._labels["memory"].setText(f"{human_bytes(figures.rss_bytes)} · {human_bytes(figures.resident_bytes)}")
+        reduced = ""  # the expert cache below the budget's size (memory pressure gave some back)
+        if 0 < figures.expert_cache_bytes < figures.expert_cache_full_bytes:
+            reduced = f" · cache {human_bytes(figures.expert_cache_bytes)} of {human_bytes(figures.expert_cache_full_bytes)}"
+        self._labels["memory"].setText(f"{human_bytes(figures.rss_bytes)} · {human_bytes(figures.resident_bytes)}{reduced}")
         mlx = mlx_memory_text(figures)
         self._labels["mlx"].setText(mlx)
         self._labels["memory"].setToolTip(f"{GAUGE_TIPS['memory']}\nNow: {mlx if mlx != 'MLX —' else 'no MLX figures'}")

@@ -164,6 +164,7 @@ class MainWindow(QtWidgets.QMainWindow):
         b.stats.connect(self._on_stats)
         b.engine_lost.connect(self._on_engine_lost)
         b.gave_up.connect(self._on_gave_up)
+        b.notice.connect(lambda event: self.show_notice(event.level, event.message))  # e.g. the cache was reduced
 
     # ------------------------------------------------------------ notices and state
 

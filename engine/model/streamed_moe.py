@@ -40,6 +40,7 @@ class _Binding:
 
     inner: nn.Module
     streamer: "ExpertStreamer"
+    param_keys: list[str]
     next_router: Callable[[mx.array], mx.array] | None = None
     extra: tuple[tuple[Any, ...], dict[str, Any]] = ((), {})  # the current call's other arguments
 
@@ -95,15 +96,35 @@ class ExpertStreamer:
         self.caches: list[ExpertCache] = []  # one per bank
         self.cache_of_layer: list[ExpertCache] = [None] * len(layers)  # type: ignore[list-item]
         self.max_array_bytes = max_array_bytes()  # one stacked slot array at most (array_limits)
+        self.cache_bytes = cache_bytes  # the budget the pools are built for now (cache_resize changes it)
+        self.policy_name = policy
+        self.upcast_half = upcast_half
+        # hits, misses and saved bytes of pools dropped by a resize (the counters are since load)
+        self.retired_counts = (0, 0, 0)
         self._build_banks(cache_bytes, policy, upcast_half)
 
     def _build_banks(self, cache_bytes: int, policy: str, upcast_half: bool) -> None:
         """Split layers into banks of equal expert shapes; size each bank's pool from the budget."""
+        self.caches = []
+        self.cache_of_layer = [None] * len(self.layers)  # type: ignore[list-item]
+        self._luts.clear()
+        for bank_layers, slots in self.bank_plan(cache_bytes, upcast_half):
+            sizes = {l.layer: l.num_experts for l in bank_layers}
+            cache = ExpertCache(SlotPool(bank_layers[0].params, slots, upcast_half=upcast_half), policy, layer_experts=sizes)
+            if not cache.holds_all:
+                cache.pool.prefer_host()  # slots refilled all the time: read in place (CUDA)
+            self.caches.append(cache)
+            for layer in bank_layers:
+                self.cache_of_layer[layer.layer] = cache
+
+    def bank_plan(self, cache_bytes: int, upcast_half: bool) -> list[tuple[list[LayerExperts], int]]:
+        """The banks a budget of ``cache_bytes`` makes: (its layers, its slots) each; allocates nothing."""
         groups: dict[tuple, list[LayerExperts]] = {}
         for layer in self.layers:
             groups.setdefault(layer.signature, []).append(layer)
         total_bytes = sum(l.expert_bytes * l.num_experts for l in self.layers)
         working = self.k * (2 if self.prefetch else 1)
+        plan: list[tuple[list[LayerExperts], int]] = []
         for members in groups.values():
             per_expert = members[0].expert_bytes
             group_total = per_expert * members[0].num_experts * len(members)
@@ -119,13 +140,8 @@ class ExpertStreamer:
             for b in range(n_banks):
                 bank_layers = members[b::n_banks]
                 slots = max(working, min(max_per_bank, budget_slots * len(bank_layers) // len(members)))
-                sizes = {l.layer: l.num_experts for l in bank_layers}
-                cache = ExpertCache(SlotPool(members[0].params, slots, upcast_half=upcast_half), policy, layer_experts=sizes)
-                if not cache.holds_all:
-                    cache.pool.prefer_host()  # slots refilled all the time: read in place (CUDA)
-                self.caches.append(cache)
-                for layer in bank_layers:
-                    self.cache_of_layer[layer.layer] = cache
+                plan.append((bank_layers, slots))
+        return plan
 
     @property
     def resident_bytes(self) -> int:
@@ -135,17 +151,17 @@ class ExpertStreamer:
     @property
     def hits(self) -> int:
         """Expert lookups served without a read, since load."""
-        return sum(c.hits for c in self.caches)
+        return self.retired_counts[0] + sum(c.hits for c in self.caches)
 
     @property
     def misses(self) -> int:
         """Expert lookups that needed a read, since load."""
-        return sum(c.misses for c in self.caches)
+        return self.retired_counts[1] + sum(c.misses for c in self.caches)
 
     @property
     def saved_bytes(self) -> int:
         """Expert bytes the cache's hits did not have to read, since load."""
-        return sum(c.hits * sum(p.nbytes for p in c.pool.params) for c in self.caches)
+        return self.retired_counts[2] + sum(c.hits * sum(p.nbytes for p in c.pool.params) for c in self.caches)
 
     def take_figures(self) -> StepFigures:
         """Return the figures accumulated since the last call and start afresh."""
@@ -332,12 +348,18 @@ class StreamedSwitch(nn.Module):
 
     def __init__(self, inner: nn.Module, layer: int, streamer: ExpertStreamer, param_keys: list[str]) -> None:
         super().__init__()
-        self._binding = _Binding(inner, streamer)
+        self._binding = _Binding(inner, streamer, list(param_keys))
         self.layer = layer
-        cache = streamer.cache_of_layer[layer]
-        for key in param_keys:
+        self.bind_slots()
+
+    def bind_slots(self) -> None:
+        """Point the replaced module's expert tensors at this layer's slot arrays (again after a
+        cache resize has built new pools)."""
+        b = self._binding
+        cache = b.streamer.cache_of_layer[self.layer]
+        for key in b.param_keys:
             owner_name, attr = key.rsplit(".", 1)
-            owner = inner
+            owner = b.inner
             for part in owner_name.split("."):
                 owner = getattr(owner, part)
             setattr(owner, attr, cache.pool.arrays[key])

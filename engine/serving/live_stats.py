@@ -56,6 +56,8 @@ class LiveStats:
             cache_hit_rate=hits / (hits + misses) if hits + misses else 0.0,
             cache_saved_bytes=int(counters.get("cache_saved_bytes", 0)),
             resident_bytes=int(counters.get("resident_bytes", 0)),
+            expert_cache_bytes=int(counters.get("expert_cache_bytes", 0)),
+            expert_cache_full_bytes=int(counters.get("expert_cache_full_bytes", 0)),
             rss_bytes=platform_info.process_rss_bytes(),
             pressure_level=pressure.level,
             pressure_raw=pressure.detail or f"{pressure.raw:g}",

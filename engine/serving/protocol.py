@@ -4,7 +4,8 @@ Every line is a JSON object with ``"v"`` (PROTOCOL_VERSION), ``"type"`` and the 
 dataclass named by that type. Both sides import this module; it needs no MLX.
 
 Requests (app -> engine): load, chat, cancel, unload, shutdown.
-Events (engine -> app): hello, loaded, progress, token, tool_call, stats, done, error, unloaded.
+Events (engine -> app): hello, loaded, progress, token, tool_call, stats, done, error, unloaded,
+notice (something the user should know that is not an error, e.g. the expert cache was reduced).
 
 The engine answers in this order: `hello` first; `load` -> progress..., then `loaded` or an
 `error` with id null; `chat` -> token / tool_call / stats events, then exactly one `done` (after
@@ -91,6 +92,8 @@ class LiveFigures:
     mlx_active_bytes: int = 0  # MLX's buffers in use (weights, slots, KV, activations)
     mlx_cached_bytes: int = 0  # freed buffers MLX keeps for reuse (held small by the memory budget)
     mlx_peak_bytes: int = 0  # MLX's most active bytes since the engine started
+    expert_cache_bytes: int = 0  # the in-process expert cache's pools now (smaller while memory pressure reduced it)
+    expert_cache_full_bytes: int = 0  # the pools at the memory budget's size (before any reduction)
 
 
 @dataclass
@@ -352,6 +355,21 @@ class ErrorEvent:
 
 
 @dataclass
+class NoticeEvent:
+    """Something the user should know that is not a failure, sent when it happens (idle or not).
+
+    ``code`` says what it is about: "cache_reduced" / "cache_restored" (memory pressure resized
+    the expert cache; ``bytes`` is its new size).
+    """
+
+    TYPE: ClassVar[str] = "notice"
+    code: str
+    message: str
+    level: Literal["info", "warning"] = "info"
+    bytes: int = 0
+
+
+@dataclass
 class UnloadedEvent:
     """The model was unloaded (answer to unload)."""
 
@@ -382,6 +400,7 @@ Event = Union[
     ErrorEvent,
     UnloadedEvent,
     ServerEvent,
+    NoticeEvent,
 ]
 
 REQUEST_TYPES: dict[str, type] = {

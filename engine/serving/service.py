@@ -18,9 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from engine import platform_info
 from engine.serving.chat import ChatFormat, OutputSplitter, Piece, prompt_ends_in_reasoning, render_prompt
 from engine.errors import MoeBarError, RequestError
 from engine.serving.live_stats import LiveStats
+from engine.serving.pressure_policy import POLL_S, PressurePolicy, PressureWatcher
 from engine.serving.out_of_memory import is_out_of_memory, out_of_memory_message
 from engine.model.prompt_cache import PromptCache, cache_is_trimmable, cache_length, common_prefix_len, snapshot
 from engine.serving.protocol import (
@@ -34,6 +36,7 @@ from engine.serving.protocol import (
     LoadedEvent,
     LoadRequest,
     MessageFigures,
+    NoticeEvent,
     PrefillEvent,
     ProgressEvent,
     StatsEvent,
@@ -123,7 +126,17 @@ class _Turn:
 class EngineService:
     """Owns one Engine and serves load, chat and unload; thread-safe, one turn at a time."""
 
-    def __init__(self, loader: EngineLoader = _default_loader, live: LiveStats | None = None) -> None:
+    def __init__(
+        self,
+        loader: EngineLoader = _default_loader,
+        live: LiveStats | None = None,
+        *,
+        pressure_source: Callable[[], platform_info.MemoryPressure] = platform_info.memory_pressure,
+        clock: Callable[[], float] = time.monotonic,
+        pressure_poll_s: float | None = POLL_S,
+    ) -> None:
+        """``pressure_source``/``clock`` feed the memory-pressure policy (tests pass fakes);
+        ``pressure_poll_s`` None starts no watcher thread (tests call poll_memory_pressure)."""
         self._loader = loader
         self.engine: "Engine | None" = None
         self.loaded: LoadedEvent | None = None
@@ -134,6 +147,12 @@ class EngineService:
         self._turn: _Turn | None = None
         self._loading = False
         self.live = live or LiveStats()
+        self.notify: Emit | None = None  # where notices go when no request is running (the stdio server)
+        self._pressure_source = pressure_source
+        self._clock = clock
+        self._pressure_poll_s = pressure_poll_s
+        self._policy: PressurePolicy | None = None
+        self._watcher: PressureWatcher | None = None
 
     # ------------------------------------------------------------------ load / unload
 
@@ -164,6 +183,11 @@ class EngineService:
         self.prompt_cache = PromptCache(max_bytes=prompt_cache_bound(engine, req.prompt_cache_mb))
         self.live.attach(engine)
         self.loaded = _loaded_event(engine, self._fmt, time.perf_counter() - t0)
+        options = getattr(engine, "options", None)
+        if getattr(options, "shrink_cache_under_pressure", False) and hasattr(engine, "resize_expert_cache"):
+            self._policy = PressurePolicy()
+            if self._pressure_poll_s is not None:
+                self._watcher = PressureWatcher(self.poll_memory_pressure, self._pressure_poll_s).start()
         return self.loaded
 
     def unload(self) -> None:
@@ -171,6 +195,9 @@ class EngineService:
         self._run(self._unload_now)
 
     def _unload_now(self) -> None:
+        if self._watcher is not None:
+            self._watcher.stop()
+        self._watcher = self._policy = None
         self.prompt_cache.clear()
         self.live.attach(None)
         if self.engine is not None:
@@ -187,6 +214,44 @@ class EngineService:
     def busy(self) -> bool:
         """Whether a load or a chat turn is running."""
         return self._loading or self._turn is not None
+
+    # ------------------------------------------------------------------ memory pressure
+
+    def poll_memory_pressure(self) -> str | None:
+        """One memory-pressure check (the watcher's, every POLL_S): read the level and, when the
+        policy says so and no request is running, resize the expert cache on the engine thread
+        (between requests: a safe point). Returns "shrink"/"grow" when the cache changed."""
+        policy = self._policy
+        if policy is None or self.engine is None:
+            return None
+        reading = self._pressure_source()
+        now = self._clock()
+        action = policy.observe(reading.level, now)
+        if action is None or self.busy:
+            return None  # (busy: the condition persists, so the next idle poll decides again)
+        return self._run(self._resize_now, policy, action, now, reading.level)
+
+    def _resize_now(self, policy: PressurePolicy, action: str, now: float, level: str) -> str | None:
+        engine = self.engine
+        if engine is None or self._policy is not policy or self._turn is not None:
+            return None  # unloaded or replaced meanwhile
+        outcome = engine.resize_expert_cache(action)
+        policy.applied(action, now, outcome is not None)  # type: ignore[arg-type]
+        if outcome is None:
+            return None
+        size = _gb(outcome.new_bytes)
+        if action == "shrink":
+            event = NoticeEvent(code="cache_reduced", level="warning", bytes=outcome.new_bytes, message=(
+                f"Memory pressure ({level}): expert cache reduced to {size} (from {_gb(outcome.old_bytes)}); "
+                "the experts it dropped are read again from the SSD when needed."))  # fmt: skip
+        else:
+            full = " (its full size)" if outcome.level == 0 else ""
+            event = NoticeEvent(code="cache_restored", level="info", bytes=outcome.new_bytes,
+                                message=f"Memory pressure has eased: expert cache grown back to {size}{full}.")
+        log.info("%s", event.message)
+        if self.notify is not None:
+            self.notify(event)
+        return action
 
     # ------------------------------------------------------------------ live figures
 
@@ -386,6 +451,11 @@ def _prefill_reporter(request_id: str, emit: Emit) -> Callable[[Any], None]:
         )
 
     return report
+
+
+def _gb(n: int) -> str:
+    """Bytes as GB with one decimal (MB below 1 GB), as the notices say them."""
+    return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
 
 
 def bounded_sampling(sampling: SamplingParams, vocab: int, prompt_tokens: int, context: int) -> SamplingParams:

@@ -89,6 +89,7 @@ class StdioServer:
         self.service = service
         self.stdin = stdin
         self.emit = EventWriter(stdout)
+        service.notify = self.emit  # notices that come while idle (memory pressure resized the cache)
         self.stats_interval = stats_interval
         self.idle_stats_interval = idle_stats_interval
         self._jobs: queue.Queue[_Job | None] = queue.Queue()
