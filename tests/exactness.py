@@ -95,6 +95,17 @@ def check_cache_was_exercised(engine: Any, size: str) -> None:
         raise ValueError(f"unknown cache size {size!r}")
 
 
+_LONG_PROMPT_REFERENCES: dict[tuple[Path, int], list[int]] = {}
+
+
+def long_prompt_reference(path: Path, max_tokens: int) -> list[int]:
+    """mlx-lm's greedy tokens after ``long_prompt()`` for the model at ``path``, computed once per process."""
+    key = (Path(path), max_tokens)
+    if key not in _LONG_PROMPT_REFERENCES:
+        _LONG_PROMPT_REFERENCES[key] = mlx_lm_reference(path, long_prompt(), max_tokens)
+    return _LONG_PROMPT_REFERENCES[key]
+
+
 def mlx_lm_reference(
     path: Path,
     prompt: list[int],

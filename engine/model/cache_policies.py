@@ -144,6 +144,14 @@ class LayerLRUPolicy:
         return [lst[i] for i in range(max(map(len, lists), default=0)) for lst in lists if i < len(lst)]
 
 
+def _log2_add(old: float | None, now: float) -> float:
+    """log2(2**old + 2**now) without overflow (``now`` alone when there is no old score)."""
+    if old is None:
+        return now
+    high, low = (old, now) if old >= now else (now, old)
+    return high + math.log2(1.0 + 2.0 ** (low - high))
+
+
 class _LazyMinHeap:
     """Resident keys ordered by a priority that only grows; stale heap entries are skipped."""
 
@@ -200,14 +208,7 @@ class LRFUPolicy:
     def _use(self, key: Key) -> float:
         self._clock += 1
         now = self._clock * self._rate  # log2 of one use made now, in the shared frame
-        old = self._log_score.get(key)
-        if old is None:
-            new = now
-        elif old >= now:
-            new = old + math.log2(1.0 + 2.0 ** (now - old))
-        else:
-            new = now + math.log2(1.0 + 2.0 ** (old - now))
-        self._log_score[key] = new
+        new = self._log_score[key] = _log2_add(self._log_score.get(key), now)
         return new
 
     def touch(self, key: Key) -> None:
@@ -252,15 +253,7 @@ class LayerClockLRFUPolicy(LRFUPolicy):
     def _use(self, key: Key) -> float:
         clock = self._clocks.get(key[0], 0) + 1
         self._clocks[key[0]] = clock
-        now = clock * self._rate
-        old = self._log_score.get(key)
-        if old is None:
-            new = now
-        elif old >= now:
-            new = old + math.log2(1.0 + 2.0 ** (now - old))
-        else:
-            new = now + math.log2(1.0 + 2.0 ** (old - now))
-        self._log_score[key] = new
+        new = self._log_score[key] = _log2_add(self._log_score.get(key), clock * self._rate)
         return new
 
 

@@ -39,15 +39,17 @@ def _env(rank: int | None, hostfile: Path | None, **extra: str) -> dict[str, str
     return env
 
 
-def run_ranks(model: Path, tmp: Path, ranks: int, *, per_rank_args: dict[int, list[str]] | None = None,
+def run_ranks(model: Path | list[Path], tmp: Path, ranks: int, *, per_rank_args: dict[int, list[str]] | None = None,
               timeout: float = 420, **extra_env: str) -> list[tuple[int, dict[str, Any] | None, str]]:
-    """Start ``ranks`` workers; return (exit code, result or None, log) per rank."""
+    """Start ``ranks`` workers (rank r on ``model``, or on ``model[r]`` when a list is given);
+    return (exit code, result or None, log) per rank."""
+    models = model if isinstance(model, list) else [model] * ranks
     hostfile = _hostfile(tmp, ranks)
     procs = []
     for r in range(ranks):
         out = tmp / f"rank{r}.json"
         log = open(tmp / f"rank{r}.log", "w")
-        args = [sys.executable, str(WORKER), str(model), str(out), "--prompt", ",".join(map(str, PROMPT)),
+        args = [sys.executable, str(WORKER), str(models[r]), str(out), "--prompt", ",".join(map(str, PROMPT)),
                 "--max-tokens", str(TOKENS), *(per_rank_args or {}).get(r, [])]
         procs.append((subprocess.Popen(args, env=_env(r, hostfile, **extra_env), stdout=log, stderr=subprocess.STDOUT,
                                        cwd=HERE), out, log))

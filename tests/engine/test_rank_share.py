@@ -11,7 +11,6 @@ import json
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -24,31 +23,12 @@ from engine.storage.rank_folder import RANK_MANIFEST, read_rank_share
 from engine.storage.rank_pack import pack_rank
 from engine.storage.safetensors_index import read_header
 from exactness import mlx_lm_reference
-from test_expert_parallel import HERE, PROMPT, TOKENS, WORKER, _env, _hostfile, _logs
+from test_expert_parallel import HERE, PROMPT, TOKENS, _logs, run_ranks
 
 
 def _run(models: list[Path], tmp: Path, timeout: float = 300, **env: str) -> list[tuple[int, dict[str, Any] | None, str]]:
     """One rank per folder in ``models`` (rank r on models[r]); (exit code, result, log) per rank."""
-    hostfile = _hostfile(tmp, len(models))
-    procs = []
-    for r, model in enumerate(models):
-        out, log = tmp / f"rank{r}.json", open(tmp / f"rank{r}.log", "w")
-        cmd = [sys.executable, str(WORKER), str(model), str(out), "--prompt", ",".join(map(str, PROMPT)),
-               "--max-tokens", str(TOKENS)]
-        procs.append((subprocess.Popen(cmd, env=_env(r, hostfile, **env), stdout=log, stderr=subprocess.STDOUT,
-                                       cwd=HERE), out, log))
-    results = []
-    deadline = time.monotonic() + timeout
-    for proc, out, log in procs:
-        try:
-            code = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            for p, _, _ in procs:
-                p.kill()
-            code = -9
-        log.close()
-        results.append((code, json.loads(out.read_text()) if out.exists() else None, Path(log.name).read_text()))
-    return results
+    return run_ranks(models, tmp, len(models), timeout=timeout, **env)  # type: ignore[arg-type]
 
 
 def _expert_bytes(model: Path) -> dict[tuple[int, int], bytes]:

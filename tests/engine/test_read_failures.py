@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from concurrent.futures import Future
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,21 +16,14 @@ import pytest
 from engine.engine import Engine
 from engine.errors import ExpertReadError
 from engine.types import EngineOptions, SamplingParams
-from exactness import cache_mb, long_prompt, mlx_lm_reference, share_tokenizers
+from exactness import cache_mb, long_prompt, long_prompt_reference, share_tokenizers
 
 N_TOKENS = 16
-_refs: dict[Path, list[int]] = {}
 
 
 @pytest.fixture(autouse=True)
 def _shared_tokenizers(monkeypatch: pytest.MonkeyPatch) -> None:
     share_tokenizers(monkeypatch)
-
-
-def _reference(path: Path) -> list[int]:
-    if path not in _refs:
-        _refs[path] = mlx_lm_reference(path, long_prompt(), N_TOKENS)
-    return _refs[path]
 
 
 def _failing_submit(engine: Engine, fails: Callable[[int, int], bool]) -> list[tuple[int, int]]:
@@ -73,7 +65,7 @@ def test_read_failure_during_preload_is_raised_and_the_expert_read_again_later(t
         store.submit = real_submit  # type: ignore[method-assign]
         one_expert = streamer.layers[1].expert_bytes
         assert engine.preload_experts() == one_expert  # only the missing one is read
-        assert _tokens(engine) == _reference(path)
+        assert _tokens(engine) == long_prompt_reference(path, N_TOKENS)
     finally:
         engine.close()
 
@@ -90,7 +82,7 @@ def test_read_failure_of_a_needed_expert_fails_the_request_and_the_next_one_is_e
         assert failed and all(layer == 2 for layer, _ in failed)
         assert not any(key[0] == 2 for c in engine._loaded.streamer.caches for key in c.resident())
         store.submit = real_submit  # type: ignore[method-assign]
-        assert _tokens(engine) == _reference(path)
+        assert _tokens(engine) == long_prompt_reference(path, N_TOKENS)
     finally:
         engine.close()
 
@@ -112,7 +104,7 @@ def test_failed_prefetch_reads_cost_nothing(tiny_model) -> None:
 
         streamer.prefetch_experts = prefetch  # type: ignore[method-assign]
         failed = _failing_submit(engine, lambda layer, expert: prefetching[0])
-        assert _tokens(engine) == _reference(path)
+        assert _tokens(engine) == long_prompt_reference(path, N_TOKENS)
         assert failed  # predictions were made, and every one of their reads failed
         assert engine.expert_counters()["prefetched_hits"] == 0
     finally:

@@ -32,21 +32,14 @@ from engine.storage.expert_layout import ExpertParam, LayerExperts
 from engine.storage.pack import pack_model
 from engine.storage.packed_layout import open_packed_layout
 from engine.types import EngineOptions, SamplingParams
-from exactness import cache_mb, long_prompt, mlx_lm_reference, share_tokenizers
+from exactness import cache_mb, long_prompt, long_prompt_reference, share_tokenizers
 
 N_TOKENS = 16
-_refs: dict[Path, list[int]] = {}
 
 
 @pytest.fixture(autouse=True)
 def _shared_tokenizers(monkeypatch: pytest.MonkeyPatch) -> None:
     share_tokenizers(monkeypatch)
-
-
-def _reference(path: Path) -> list[int]:
-    if path not in _refs:
-        _refs[path] = mlx_lm_reference(path, long_prompt(), N_TOKENS)
-    return _refs[path]
 
 
 def _tokens(engine: Engine) -> list[int]:
@@ -67,7 +60,7 @@ def test_corrupt_packed_expert_fails_every_request_that_needs_it_until_repaired(
     try:  # an expert of layer 1 that the long prompt routes to
         touched: set[tuple[int, int]] = set()
         engine._loaded.streamer.touched = touched
-        assert _tokens(engine) == _reference(src)
+        assert _tokens(engine) == long_prompt_reference(src, N_TOKENS)
         expert = min(e for (layer, e) in touched if layer == 1)
     finally:
         engine.close()
@@ -89,7 +82,7 @@ def test_corrupt_packed_expert_fails_every_request_that_needs_it_until_repaired(
             assert str(victim.file) in message and f"layer 1 expert {expert}" in message and "corrupt" in message
             assert all((1, expert) not in c for c in engine._loaded.streamer.caches)
         _flip_byte(victim.file, where)  # repaired
-        assert _tokens(engine) == _reference(src)
+        assert _tokens(engine) == long_prompt_reference(src, N_TOKENS)
     finally:
         engine.close()
 
@@ -112,7 +105,7 @@ def test_bank_arguments_cannot_be_split_into_expert_groups(tiny_model) -> None:
         assert f"raise the expert cache to at least {experts} experts per layer" in str(refused.value)
         assert engine._loaded.store.reads == reads  # nothing read
         assert switch._binding.extra == ((), {})  # the next call is a plain one again
-        assert _tokens(engine) == _reference(path)
+        assert _tokens(engine) == long_prompt_reference(path, N_TOKENS)
     finally:
         engine.close()
 
@@ -277,7 +270,7 @@ def test_request_waits_for_an_expert_the_warm_start_is_reading(tiny_model, fails
                 return futures[-1]
 
             assert cache.claim_free((layer, e), fill)
-        assert _tokens(engine) == _reference(path)
+        assert _tokens(engine) == long_prompt_reference(path, N_TOKENS)
         waited = [key for key, f in zip(warm, futures) if f.done()]
         assert waited and len(log) == len(waited)
         for key in waited:
@@ -309,7 +302,7 @@ def test_prefetch_into_a_pool_that_holds_every_expert_is_exact(tiny_model) -> No
             real_drain()
 
         streamer.drain_prefetch = drain  # type: ignore[method-assign]
-        assert _tokens(engine) == _reference(path)
+        assert _tokens(engine) == long_prompt_reference(path, N_TOKENS)
         counters = engine.expert_counters()
         assert drains and counters["prefetched_hits"] > 0  # predictions were read and then used
         assert counters["device_routed_calls"] > 0  # the layers became whole and left the host path
