@@ -119,3 +119,19 @@ def test_the_load_option_crosses_the_protocol_and_is_checked() -> None:
         assert exc.field == "load.options.shrink_cache_under_pressure"
     else:
         raise AssertionError("a non-boolean shrink_cache_under_pressure was accepted")
+
+
+def test_critical_pressure_at_the_floor_changes_nothing_and_says_nothing(tiny_model) -> None:  # type: ignore[no-untyped-def]
+    path = tiny_model("qwen3_moe", 4)
+    fake = FakePressure()
+    service, notices = _service(fake)
+    try:
+        # the zero cache is the K working slots: the floor a shrink never goes below
+        service.load(LoadRequest(model_dir=str(path), options=EngineOptions(cache_mb=cache_mb(path, "zero"))), lambda e: None)
+        _, before = service.live_figures()
+        fake.level, fake.now = "critical", 10.0
+        assert service.poll_memory_pressure() is None
+        _, after = service.live_figures()
+        assert after.expert_cache_bytes == before.expert_cache_bytes and notices == []
+    finally:
+        service.close()
