@@ -47,11 +47,17 @@ def service(engine_io: tuple[InProcess, EngineService]) -> EngineService:
 
 
 def _serve(io: InProcess, **request: Any) -> ServerEvent:
-    """Send a serve request and return the server event that answers it (older events are dropped first)."""
+    """Send a serve request and return the server event that answers it (older events are dropped first).
+
+    A running server also sends a server event whenever an HTTP request ends, and the last one of a
+    test can arrive after the drop: the answer to a stop is the first event that says it is not running.
+    """
     while not io.events.queue.empty():
         io.events.queue.get_nowait()
     io.send({"type": "serve", **request})
-    return io.events.until(lambda ev: isinstance(ev, ServerEvent), timeout=60)[-1]  # type: ignore[return-value]
+    stopping = not request.get("enabled", True)
+    answered = io.events.until(lambda ev: isinstance(ev, ServerEvent) and not (stopping and ev.running), timeout=60)
+    return answered[-1]  # type: ignore[return-value]
 
 
 def _http_answer(base: str, max_tokens: int) -> tuple[str, str]:
