@@ -28,8 +28,10 @@ from dataclasses import replace
 import numpy as np
 
 from engine.diagnostics.cache_sim import ReplayResult, parse_size, replay
-from engine.diagnostics.synthetic_traces import CALIBRATED, DRIFT_CALIBRATED, GENERATORS, RoutingModel, routing_with_state
-from engine.diagnostics.traces import Trace, TraceHeader
+from engine.diagnostics.synthetic_traces import (
+    CALIBRATED, DRIFT_CALIBRATED, GENERATORS, RoutingModel, routing_with_state, trace_of,
+)  # fmt: skip
+from engine.diagnostics.traces import Trace
 from engine.model.cache_policies import Key
 
 
@@ -155,16 +157,7 @@ def fitted_budgets(trace: Trace, slots_per_layer: int) -> dict[int, int]:
 def synthetic_trace(model: RoutingModel, tokens: int, prompt_tokens: int) -> tuple[Trace, np.ndarray]:
     """A trace of ``prompt_tokens`` prefill then ``tokens`` decode tokens, and its routing state."""
     ids, state = routing_with_state(model, prompt_tokens + tokens)
-    T, L, K = ids.shape
-    header = TraceHeader("synthetic", L, model.experts_per_layer, K, model.expert_bytes)
-    trace = Trace(
-        header,
-        np.repeat(np.arange(T), L),
-        np.tile(np.arange(L, dtype=np.int32), T),
-        [tuple(sorted(int(e) for e in row)) for row in ids.reshape(T * L, K)],
-        np.repeat(np.arange(T) < prompt_tokens, L),
-    )
-    return trace, state
+    return trace_of(ids, model, prompt_tokens), state
 
 
 def bounds(trace: Trace, state: np.ndarray, size: int, policies: list[str]) -> list[ReplayResult]:

@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from engine.diagnostics.traces import TraceHeader
+from engine.diagnostics.traces import Trace, TraceHeader
 
 QWEN35_397B = dict(moe_layers=60, experts_per_layer=512, experts_per_token=10, expert_bytes=7_077_888)
 
@@ -202,20 +202,25 @@ def reuse_distances(ids: np.ndarray, max_distance: int = 8) -> np.ndarray:
     return counts / ids.size
 
 
-def lru_curve(ids: np.ndarray, model: RoutingModel, sizes: list[int]) -> dict[int, float]:
-    """LRU hit rate per size (experts per layer), replayed through the engine's cache."""
-    from engine.diagnostics.cache_sim import replay
-    from engine.diagnostics.traces import Trace
-
+def trace_of(ids: np.ndarray, model: RoutingModel, prompt_tokens: int = 0, *, sort: bool = True) -> Trace:
+    """The routing ``ids`` ``[tokens, layers, K]`` as an in-memory trace, the first ``prompt_tokens``
+    marked prefill; ``sort`` orders each row's experts as a written trace does (``write_trace``)."""
     T, L, K = ids.shape
     header = TraceHeader("synthetic", L, model.experts_per_layer, K, model.expert_bytes)
-    trace = Trace(
+    return Trace(
         header,
         np.repeat(np.arange(T), L),
         np.tile(np.arange(L, dtype=np.int32), T),
-        [tuple(int(e) for e in row) for row in ids.reshape(T * L, K)],
-        np.zeros(T * L, dtype=bool),
+        [tuple(sorted(int(e) for e in row) if sort else (int(e) for e in row)) for row in ids.reshape(T * L, K)],
+        np.repeat(np.arange(T) < prompt_tokens, L),
     )
+
+
+def lru_curve(ids: np.ndarray, model: RoutingModel, sizes: list[int]) -> dict[int, float]:
+    """LRU hit rate per size (experts per layer), replayed through the engine's cache."""
+    from engine.diagnostics.cache_sim import replay
+
+    trace = trace_of(ids, model, sort=False)  # (the calibration replays rows in the generator's order)
     return {n: replay(trace, n, "lru").hit_rate for n in sizes}
 
 

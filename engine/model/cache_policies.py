@@ -140,8 +140,7 @@ class LayerLRUPolicy:
 
     def ranking(self) -> list[Key]:
         """Resident keys, most recently used first within each layer, layers interleaved."""
-        lists = [list(reversed(order)) for order in self._order.values()]
-        return [lst[i] for i in range(max(map(len, lists), default=0)) for lst in lists if i < len(lst)]
+        return interleave([list(reversed(order)) for order in self._order.values()])
 
 
 def _log2_add(old: float | None, now: float) -> float:
@@ -347,8 +346,7 @@ class PerLayerPolicy:
 
     def ranking(self) -> list[Key]:
         """Each layer's ranking (where its policy has one), layers interleaved."""
-        lists = [list(getattr(p, "ranking", lambda: [])()) for p in self._layers.values()]
-        return [lst[i] for i in range(max(map(len, lists), default=0)) for lst in lists if i < len(lst)]
+        return interleave([list(getattr(p, "ranking", lambda: [])()) for p in self._layers.values()])
 
 
 PolicyFactory = Callable[[int, int], ReplacementPolicy]  # (slots, layers sharing them)
@@ -364,7 +362,7 @@ POLICIES: dict[str, PolicyFactory] = {
 }
 
 from engine.model.cache_policies_adaptive import (  # noqa: E402
-    AdaptiveLayerLRUPolicy, AdaptiveWTinyLFUPolicy, ARCPolicy, GhostWTinyLFUPolicy, WTinyLFUPolicy,
+    AdaptiveLayerLRUPolicy, AdaptiveWTinyLFUPolicy, ARCPolicy, GhostWTinyLFUPolicy, WTinyLFUPolicy, interleave,
 )  # fmt: skip
 
 POLICIES.update({

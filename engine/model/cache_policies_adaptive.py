@@ -37,6 +37,11 @@ def _oldest(order: "OrderedDict[Key, None]", exclude: set[Key]) -> Key | None:
     return None
 
 
+def interleave(lists: list[list[Key]]) -> list[Key]:
+    """The first of every list, then the second of every list, ... (layers' rankings into one)."""
+    return [lst[i] for i in range(max(map(len, lists), default=0)) for lst in lists if i < len(lst)]
+
+
 class ARCPolicy:
     """Adaptive Replacement Cache over ``n_slots`` (see the module docstring)."""
 
@@ -343,5 +348,4 @@ class AdaptiveLayerLRUPolicy:
 
     def ranking(self) -> list[Key]:
         """Resident keys, most recently used first within each layer, layers interleaved."""
-        lists = [list(reversed(order)) for order in self._order.values()]
-        return [lst[i] for i in range(max(map(len, lists), default=0)) for lst in lists if i < len(lst)]
+        return interleave([list(reversed(order)) for order in self._order.values()])
