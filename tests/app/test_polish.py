@@ -153,3 +153,30 @@ def test_action_icons_sit_below_the_text_at_any_width(qtbot, main_window) -> Non
                    if b.isVisible()]
         assert buttons and texts
         assert not any(b.intersects(t) for b in buttons for t in texts), width
+
+
+FULL_PLAN = {"dense_bytes": 11 * 10**9, "expert_bytes_total": 217 * 10**9, "expert_bytes_per_token": 4 * 10**9,
+             "cache_budget_bytes": 20 * 10**9, "cache_mode": "auto",
+             "cache_reason": "75% of the spare RAM after the dense weights, KV cache and page-cache reserve",
+             "memory_limit_bytes": 40 * 10**9, "footprint_bytes": 36 * 10**9,
+             "page_cache_reserve_bytes": 6 * 10**9, "ram_available_bytes": 44 * 10**9,
+             "disk_read_bytes_per_s": 5.5e9, "tps_bound_cold": 1.4, "experts_per_token": 10,
+             "trained_experts_per_token": 10, "family_support": "qwen3_5_moe: exact against mlx-lm"}
+
+
+def test_the_side_panel_scrolls_instead_of_squeezing_a_full_plan(qtbot, main_window) -> None:
+    panel = main_window.model_panel
+    panel.show_plan(FULL_PLAN)
+    main_window.resize(1100, 520)  # a small window: the plan and the gauges do not fit its height
+    qtbot.wait(100)
+    bar = panel.scroll.verticalScrollBar()
+    assert bar.maximum() > 0
+    gauges = panel.gauges
+    assert gauges.height() >= gauges.minimumSizeHint().height()  # rows keep their height, none overlap
+    bar.setValue(bar.maximum())
+    qtbot.wait(50)
+    bottom = gauges.mapTo(panel.scroll.viewport(), gauges.rect().bottomLeft()).y()
+    assert bottom <= panel.scroll.viewport().height()  # scrolled down, the last gauge is in view
+    main_window.resize(1100, 2000)
+    qtbot.wait(100)
+    assert bar.maximum() == 0  # room enough: no scrolling
