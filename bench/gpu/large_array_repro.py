@@ -5,13 +5,17 @@ experts (4 GiB per stacked weight array) the engine's logits were 1.02 off mlx-l
 pools of at most 1,024 slots (2 GiB) they were exact. This script looks for the cause against
 plain MLX, without the engine:
 
-- a stacked ``[S, 1024, 512]`` uint32 weight (2 MiB a slot, one Qwen3.5-397B expert projection)
-  with bf16 scales and biases, for S giving 1, 2, 3, 4 and 6 GiB (``--sizes``);
+- a stacked ``[S, 1024, 4096 * bits / 32]`` uint32 weight (2 MiB a slot at 4 bits, one
+  Qwen3.5-397B expert projection) with bf16 scales and biases, for S giving the sizes in GiB of
+  ``--sizes``, at 4 and 8 bits (``--bits``): a limit in bytes is the same for both, a 32-bit
+  offset counted in quantized elements (2**32 of them: 2 GiB at 4 bits, 4 GiB at 8) is not;
 - every slot holds one of 61 distinct patterns (61 is prime, so a read that wraps at a power of
   two lands on another pattern), and the reference for a slot is computed from its pattern's own
   small arrays, never from the large one;
 - ``gather_qmm`` on rows routed to slots spread over the whole array (both ends, the middle,
-  the 2 GiB and 4 GiB boundaries), in bf16 and fp32 activations, sorted and unsorted;
+  either side of every GiB), in bf16 and fp32 activations, sorted and unsorted, in one call for
+  all probes and in one call per probe (``--calls``: MLX's CUDA backend runs a gather-matvec
+  kernel below 8 rows x indices and a tiled gather-matmul kernel above, as in top-10 decode);
 - the same with the array built the engine's way: ``mx.zeros`` then written through a NumPy
   view (``SlotPool``), its pages moved to the GPU (``slots_to_device``) as for a full cache.
 
@@ -31,23 +35,32 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-ROWS, COLS_PACKED, GROUPS = 1024, 512, 64  # one expert projection: 1024 x 4096 at 4 bits, group 64
+ROWS, IN_DIM, GROUPS = 1024, 4096, 64  # one expert projection: 1024 x 4096, group 64
 PATTERNS = 61
-SLOT_BYTES = ROWS * COLS_PACKED * 4
 
 
-def _patterns(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def packed_cols(bits: int) -> int:
+    """uint32 words per weight row at ``bits`` bits."""
+    return IN_DIM * bits // 32
+
+
+def slot_bytes(bits: int) -> int:
+    """Bytes of one slot's weight at ``bits`` bits (2 MiB at 4 bits)."""
+    return ROWS * packed_cols(bits) * 4
+
+
+def _patterns(bits: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
-    w = rng.integers(0, 2**32, size=(PATTERNS, ROWS, COLS_PACKED), dtype=np.uint32)
-    scales = (rng.uniform(0.9, 1.0, size=(PATTERNS, ROWS, GROUPS)) * 2.0 / 15 / 64).astype(np.float32)
-    biases = (-7.5 * scales).astype(np.float32)
+    w = rng.integers(0, 2**32, size=(PATTERNS, ROWS, packed_cols(bits)), dtype=np.uint32)
+    scales = (rng.uniform(0.9, 1.0, size=(PATTERNS, ROWS, GROUPS)) * 2.0 / (2**bits - 1) / 64).astype(np.float32)
+    biases = (-(2**bits - 1) / 2 * scales).astype(np.float32)
     return w, scales, biases
 
 
-def _probe_slots(n_slots: int) -> list[int]:
-    """Slots spread over the array, including either side of every 2 GiB boundary."""
+def _probe_slots(n_slots: int, bits: int) -> list[int]:
+    """Slots spread over the array, including either side of every 1 GiB boundary."""
     picks = {0, 1, n_slots // 2, n_slots - 2, n_slots - 1}
-    per_gib = (1 << 30) // SLOT_BYTES
+    per_gib = (1 << 30) // slot_bytes(bits)
     for b in range(per_gib, n_slots, per_gib):
         picks.update({b - 1, b, min(n_slots - 1, b + 1)})
     return sorted(p for p in picks if 0 <= p < n_slots)
@@ -64,13 +77,13 @@ def _build_plain(n_slots: int, pats: tuple[np.ndarray, np.ndarray, np.ndarray]) 
     return big_w, big_s, big_b
 
 
-def _build_slot_pool(n_slots: int, pats: tuple[np.ndarray, np.ndarray, np.ndarray]) -> tuple[Any, mx.array, mx.array, mx.array]:
+def _build_slot_pool(n_slots: int, pats: tuple[np.ndarray, np.ndarray, np.ndarray], bits: int) -> tuple[Any, mx.array, mx.array, mx.array]:
     """The engine's way: zeros, written slot by slot through the pool's NumPy views, moved to the GPU."""
     from engine.model.expert_cache import SlotPool
     from engine.storage.expert_layout import ExpertParam
 
     params = [
-        ExpertParam("p.weight", "U32", (ROWS, COLS_PACKED), SLOT_BYTES),
+        ExpertParam("p.weight", "U32", (ROWS, packed_cols(bits)), slot_bytes(bits)),
         ExpertParam("p.scales", "BF16", (ROWS, GROUPS), ROWS * GROUPS * 2),
         ExpertParam("p.biases", "BF16", (ROWS, GROUPS), ROWS * GROUPS * 2),
     ]
@@ -95,20 +108,32 @@ def mx_bf16_bytes(a: np.ndarray) -> np.ndarray:
 
 
 def _case(big: tuple[mx.array, mx.array, mx.array], pats: tuple[np.ndarray, np.ndarray, np.ndarray],
-          n_slots: int, dtype: mx.Dtype, sort: bool, seed: int) -> dict[str, Any]:  # fmt: skip
-    """gather_qmm over probe slots against per-pattern quantized_matmul references."""
+          n_slots: int, dtype: mx.Dtype, sort: bool, seed: int, bits: int, single: bool) -> dict[str, Any]:  # fmt: skip
+    """gather_qmm over probe slots against per-pattern quantized_matmul references.
+
+    ``single``: one call per probed slot (one row, one index: MLX's CUDA backend takes its
+    gather-matvec kernel below 8 rows x indices), else one call for all of them (its tiled
+    gather-matmul kernel, as for top-10 decode and prefill).
+    """
     big_w, big_s, big_b = big
-    slots = _probe_slots(n_slots)
+    slots = _probe_slots(n_slots, bits)
     rng = np.random.default_rng(seed)
-    x_np = rng.standard_normal((len(slots), 1, 1, ROWS * 0 + COLS_PACKED * 8)).astype(np.float32)
+    x_np = rng.standard_normal((len(slots), 1, 1, IN_DIM)).astype(np.float32)
     x = mx.array(x_np).astype(dtype)
     idx = mx.array(np.array(slots, dtype=np.uint32).reshape(-1, 1))
-    if sort:  # mlx-lm's sorted call shape: rows [N, 1, D], indices [N]
-        y = mx.gather_qmm(x.reshape(len(slots), 1, -1), big_w, big_s, big_b, rhs_indices=idx.reshape(-1),
-                          transpose=True, group_size=64, bits=4, sorted_indices=True)  # fmt: skip
+
+    def gather(xs: mx.array, ids: mx.array) -> mx.array:
+        n = xs.shape[0]
+        if sort:  # mlx-lm's sorted call shape: rows [N, 1, D], indices [N]
+            return mx.gather_qmm(xs.reshape(n, 1, -1), big_w, big_s, big_b, rhs_indices=ids.reshape(-1),
+                                 transpose=True, group_size=64, bits=bits, sorted_indices=True)  # fmt: skip
+        return mx.gather_qmm(xs, big_w, big_s, big_b, rhs_indices=ids, transpose=True, group_size=64, bits=bits)
+
+    if single:
+        parts = [gather(x[i : i + 1], idx[i : i + 1]) for i in range(len(slots))]
+        y = np.concatenate([np.array(p.astype(mx.float32)).reshape(1, -1) for p in parts])
     else:
-        y = mx.gather_qmm(x, big_w, big_s, big_b, rhs_indices=idx, transpose=True, group_size=64, bits=4)
-    y = np.array(y.astype(mx.float32)).reshape(len(slots), -1)
+        y = np.array(gather(x, idx).astype(mx.float32)).reshape(len(slots), -1)
     w, s, b = pats
     worst = 0.0
     wrong: list[int] = []
@@ -116,7 +141,7 @@ def _case(big: tuple[mx.array, mx.array, mx.array], pats: tuple[np.ndarray, np.n
         p = slot % PATTERNS
         ref = mx.quantized_matmul(
             x[i].reshape(1, -1), mx.array(w[p]), mx.array(s[p]).astype(mx.bfloat16), mx.array(b[p]).astype(mx.bfloat16),
-            transpose=True, group_size=64, bits=4,
+            transpose=True, group_size=64, bits=bits,
         )  # fmt: skip
         diff = float(np.abs(np.array(ref.astype(mx.float32)).reshape(-1) - y[i]).max())
         worst = max(worst, diff)
@@ -129,44 +154,50 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="1,2,3,4,6", help="GiB per stacked weight array")
     ap.add_argument("--paths", default="plain,slot_pool", help="how the array is built")
+    ap.add_argument("--bits", default="4", help="weight bits to try, e.g. 4,8")
+    ap.add_argument("--calls", default="batched,single", help="one call for all probes, one call each")
     ap.add_argument("--atol", type=float, default=5e-2)
     ap.add_argument("--json", default=None)
     ap.add_argument("--device", choices=["gpu", "cpu"], default="gpu")
     args = ap.parse_args()
     mx.set_default_device(mx.gpu if args.device == "gpu" else mx.cpu)
-    pats = _patterns()
     results: list[dict[str, Any]] = []
     failed = False
-    for gib in [float(g) for g in args.sizes.split(",")]:
-        n_slots = int(gib * (1 << 30)) // SLOT_BYTES
-        for path in args.paths.split(","):
-            t0 = time.perf_counter()
-            try:
-                if path == "plain":
-                    big = _build_plain(n_slots, pats)
-                    holder: Any = None
-                else:
-                    holder, *arrays = _build_slot_pool(n_slots, pats)
-                    big = (arrays[0], arrays[1], arrays[2])
-            except Exception as e:  # an allocation the device refuses is a result too
-                results.append({"gib": gib, "path": path, "error": repr(e)})
-                print(f"{gib:g} GiB {path:9s}: could not build: {e!r}", flush=True)
-                continue
-            for dtype_name, dtype in (("bf16", mx.bfloat16), ("fp32", mx.float32)):
-                for sort in (False, True):
-                    r = _case(big, pats, n_slots, dtype, sort, seed=int(gib * 10))
-                    r.update(gib=gib, path=path, slots=n_slots, activations=dtype_name, sorted=sort,
-                             build_s=time.perf_counter() - t0)  # fmt: skip
-                    bad = r["max_abs_diff"] > args.atol or bool(r["wrong_slots"])
-                    failed |= bad
-                    results.append(r)
-                    print(
-                        f"{gib:g} GiB {path:9s} {dtype_name} {'sorted' if sort else 'plain '}: max |diff| "
-                        f"{r['max_abs_diff']:.3g}, wrong slots {r['wrong_slots'] or 'none'}  {'FAIL' if bad else 'ok'}",
-                        flush=True,
-                    )
-            del big, holder
-            mx.clear_cache()
+    for bits in [int(b) for b in args.bits.split(",")]:
+        pats = _patterns(bits)
+        for gib in [float(g) for g in args.sizes.split(",")]:
+            n_slots = int(gib * (1 << 30)) // slot_bytes(bits)
+            for path in args.paths.split(","):
+                t0 = time.perf_counter()
+                try:
+                    if path == "plain":
+                        big = _build_plain(n_slots, pats)
+                        holder: Any = None
+                    else:
+                        holder, *arrays = _build_slot_pool(n_slots, pats, bits)
+                        big = (arrays[0], arrays[1], arrays[2])
+                except Exception as e:  # an allocation the device refuses is a result too
+                    results.append({"gib": gib, "bits": bits, "path": path, "error": repr(e)})
+                    print(f"{gib:g} GiB {bits}-bit {path:9s}: could not build: {e!r}", flush=True)
+                    continue
+                for dtype_name, dtype in (("bf16", mx.bfloat16), ("fp32", mx.float32)):
+                    for call in args.calls.split(","):
+                        for sort in (False, True):
+                            r = _case(big, pats, n_slots, dtype, sort, seed=int(gib * 10), bits=bits,
+                                      single=call == "single")  # fmt: skip
+                            r.update(gib=gib, bits=bits, path=path, slots=n_slots, activations=dtype_name,
+                                     sorted=sort, call=call, build_s=time.perf_counter() - t0)  # fmt: skip
+                            bad = r["max_abs_diff"] > args.atol or bool(r["wrong_slots"])
+                            failed |= bad
+                            results.append(r)
+                            print(
+                                f"{gib:g} GiB {bits}-bit {path:9s} {dtype_name} {call:7s} "
+                                f"{'sorted' if sort else 'plain '}: max |diff| {r['max_abs_diff']:.3g}, "
+                                f"wrong slots {r['wrong_slots'] or 'none'} (of {n_slots})  {'FAIL' if bad else 'ok'}",
+                                flush=True,
+                            )
+                del big, holder
+                mx.clear_cache()
     if args.json:
         Path(args.json).write_text(json.dumps({"mlx": mx.__version__, "device": args.device, "results": results}, indent=2))
     return 1 if failed else 0
