@@ -8,6 +8,8 @@ Checks, each PASS / FAIL / SKIP with one line of detail:
   yet evaluated is chosen for a new expert;
 - row independence: one token's row of the expert matmul does not change with the other rows of
   its batch (bitwise), so chunked prefill equals token-by-token;
+- large array: ``gather_qmm`` reads the right slot across one stacked slot array as large as the
+  engine makes on this backend (2 GiB on a GPU; a 4 GiB one read wrong slots on CUDA);
 - disk: the cold read rate of a test file, that evicting its pages from the page cache works
   (the method this OS uses), and that the disk gauge's counters (the disk the folder maps to,
   on macOS the physical stores of its APFS volume) count that read;
@@ -181,6 +183,23 @@ def check_row_independence(root: Path) -> CheckResult:
     return CheckResult("row independence", "PASS", f"{n} rows x top-{k} bitwise equal alone and batched")
 
 
+def check_large_array() -> CheckResult:
+    """gather_qmm reads the right slot across one stacked array as large as the engine makes here."""
+    import psutil
+
+    from engine.diagnostics.large_array_check import array_bytes_to_check, check_stacked_array
+    from engine.model.array_limits import backend, max_array_bytes
+
+    where = backend()
+    size, why = array_bytes_to_check(where, max_array_bytes(where), int(psutil.virtual_memory().available))
+    r = check_stacked_array(size)
+    what = f"{r.array_bytes / 2**30:.2f} GiB of 4-bit slots ({r.slots}), {r.probed} probed ({why})"
+    if r.wrong:
+        return CheckResult("large array", "FAIL", f"{what}: slots {r.wrong[:6]} read wrong (max |diff| "
+                                                  f"{r.max_abs_diff:.3g}); report this with the MLX version")  # fmt: skip
+    return CheckResult("large array", "PASS", f"{what}: every probe equals its slot's own matmul")
+
+
 def check_disk(directory: Path, size: int = 64 << 20) -> CheckResult:
     """Cold read rate of a test file in ``directory``, and that evicting its cached pages works."""
     from engine.platform.page_cache import cached_fraction, eviction_method
@@ -273,6 +292,7 @@ def run_selfcheck(work_dir: Path, disk_dir: Path, model_dir: Path | None, skip: 
         ("exactness bfloat16", lambda: check_exactness(work_dir, "bfloat16")),
         ("slot reuse", lambda: check_slot_reuse(work_dir)),
         ("row independence", lambda: check_row_independence(work_dir)),
+        ("large array", check_large_array),
         ("disk", lambda: check_disk(disk_dir)),
         ("memory pressure", check_memory_pressure),
         ("memory budget", lambda: check_budget(model_dir or build_check_model(work_dir, "float32"))),
