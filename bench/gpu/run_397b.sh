@@ -7,7 +7,7 @@
 #   larger than one call may carry: see /work/shared/notes/gpu-notes.md). Without "install" in
 #   STEPS, /tmp/site from an earlier call on the same warm machine is used.
 # Steps (each writes under $OUT; a step that runs out of TIME_LIMIT is stopped, the rest go on):
-#   repro      bench/gpu/large_array_repro.py: gather_qmm on stacked arrays of 2-5 GiB, 4- and 8-bit, plain MLX
+#   repro      bench/gpu/large_array_repro.py: gather_qmm on stacked arrays of 2 and 5 GiB, 2-, 4- and 8-bit, plain MLX
 #              and the engine's slot-pool path (the cause of the wrong logits with a 4 GiB pool)
 #   selfcheck  moebar-engine selfcheck on the GPU (exactness in fp32 and bf16, slot reuse, rows)
 #   build      the qwen3.5-397b-shape model with LAYERS layers (4: 14.5 GB of experts), packed
@@ -68,7 +68,7 @@ rc=0
 
 if has repro; then
     log "large_array_repro"
-    run repro "$PY" bench/gpu/large_array_repro.py --device "$DEVICE" --sizes "${REPRO_SIZES:-2,3,5}" --bits "${REPRO_BITS:-4,8}" --json "$OUT/large_array.json" \
+    run repro "$PY" bench/gpu/large_array_repro.py --device "$DEVICE" --sizes "${REPRO_SIZES:-2,5}" --bits "${REPRO_BITS:-2,4,8}" --json "$OUT/large_array.json" \
         >"$OUT/large_array.log" 2>&1
     log "large_array_repro rc=$?"; cat "$OUT/large_array.log"
 fi
