@@ -1,19 +1,21 @@
 #!/usr/bin/env bash
 # Qwen3.5-397B's shape on the lent GPU (issue 13), in steps that one or two device calls can hold.
 #
-# Usage, from the repository root:  STEPS="install repro selfcheck build exact bench long" \
+# Usage, from the repository root:  STEPS="install selfcheck build exact repro bench long" \
 #     bash bench/gpu/run_397b.sh WHEEL_DIR [WHEEL_DIR...]
 #   WHEEL_DIRs as for bench/gpu/run_h200.sh (*.whl and NAME.whl.part-aa, -ab, ...; mlx-cuda-13 is
 #   larger than one call may carry: see /work/shared/notes/gpu-notes.md). Without "install" in
 #   STEPS, /tmp/site from an earlier call on the same warm machine is used.
-# Steps (each writes under $OUT; a step that runs out of TIME_LIMIT is stopped, the rest go on):
-#   repro      bench/gpu/large_array_repro.py: gather_qmm on stacked arrays of 2 and 5 GiB, 2-, 4- and 8-bit, plain MLX
-#              and the engine's slot-pool path (the cause of the wrong logits with a 4 GiB pool)
-#   selfcheck  moebar-engine selfcheck on the GPU (exactness in fp32 and bf16, slot reuse, rows)
+# Steps, run in this order (each writes under $OUT; a step that runs out of TIME_LIMIT is stopped,
+# the rest go on):
+#   selfcheck  moebar-engine selfcheck on the GPU (exactness in fp32 and bf16, slot reuse, rows,
+#              one 2 GiB stacked slot array)
 #   build      the qwen3.5-397b-shape model with LAYERS layers (4: 14.5 GB of experts), packed
 #   exact      bench/gpu/check_long_prefill.py: greedy tokens after a 2,100-token prompt equal
 #              mlx-lm's (three tiny families fp32+bf16; the built model in its bf16 with no cache
 #              and with every expert cached, pools split under engine.model.array_limits)
+#   repro      bench/gpu/large_array_repro.py: gather_qmm on stacked arrays of 2 and 5 GiB, 2-, 4- and 8-bit, plain MLX
+#              and the engine's slot-pool path (REPRO_SIZES, REPRO_BITS, REPRO_PATHS) (the cause of the wrong logits with a 4 GiB pool)
 #   bench      moebar-engine bench at that shape: warm decode against mlx-lm, cold decode against
 #              the serial bound, measured side by side
 #   long       moebar-engine bench --long-prompt LONG_PROMPT (4096): cold TTFT at cache 0 in one
@@ -23,7 +25,7 @@
 set -uo pipefail
 
 OUT=${OUT:-/tmp/moebar-gpu-out}
-STEPS=${STEPS:-"install repro selfcheck build exact bench long"}
+STEPS=${STEPS:-"install selfcheck build exact repro bench long"}
 LAYERS=${LAYERS:-4}
 LONG_PROMPT=${LONG_PROMPT:-4096}
 IO_THREADS=${IO_THREADS:-8}
@@ -66,12 +68,6 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>
 "$PY" -c "import mlx.core as mx; print('mlx', mx.__version__, 'cuda', mx.cuda.is_available())" | tee -a "$OUT/run_397b.log"
 rc=0
 
-if has repro; then
-    log "large_array_repro"
-    run repro "$PY" bench/gpu/large_array_repro.py --device "$DEVICE" --sizes "${REPRO_SIZES:-2,5}" --bits "${REPRO_BITS:-2,4,8}" --json "$OUT/large_array.json" \
-        >"$OUT/large_array.log" 2>&1
-    log "large_array_repro rc=$?"; cat "$OUT/large_array.log"
-fi
 if has selfcheck; then
     log "selfcheck"
     run selfcheck "$PY" -m engine.cli selfcheck --device "$DEVICE" --skip disk >"$OUT/selfcheck.log" 2>&1 || rc=1
@@ -91,6 +87,12 @@ if has exact; then
     run exact "$PY" bench/gpu/check_long_prefill.py --device "$DEVICE" "${extra[@]}" ${EXACT_ARGS:-} --json "$OUT/long_exact.json" \
         >"$OUT/long_exact.log" 2>&1 || rc=1
     cat "$OUT/long_exact.log"
+fi
+if has repro; then
+    log "large_array_repro"
+    run repro "$PY" bench/gpu/large_array_repro.py --device "$DEVICE" --sizes "${REPRO_SIZES:-2,5}" --bits "${REPRO_BITS:-2,4,8}" --paths "${REPRO_PATHS:-plain,slot_pool}" --json "$OUT/large_array.json" \
+        >"$OUT/large_array.log" 2>&1
+    log "large_array_repro rc=$?"; cat "$OUT/large_array.log"
 fi
 if has bench; then
     drop_caches
