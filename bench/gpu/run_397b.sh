@@ -20,7 +20,7 @@
 #              the serial bound, measured side by side
 #   long       moebar-engine bench --long-prompt LONG_PROMPT (4096): cold TTFT at cache 0 in one
 #              pass and in passes of 512 tokens, against the one-pass bound
-# Environment: OUT, LAYERS (4), LONG_PROMPT (4096), IO_THREADS (8), DECODE_TOKENS (12), REPEATS (3),
+# Environment: OUT, LAYERS (4), LONG_PROMPT (4096), LONG_REPEATS (2), IO_THREADS (8), DECODE_TOKENS (12), REPEATS (3),
 #   TIME_LIMIT (s for the whole script, 0: none), PTX_CACHE (a tarred MLX_PTX_CACHE_DIR to reuse).
 set -uo pipefail
 
@@ -106,7 +106,7 @@ if has long; then
     drop_caches
     log "bench --long-prompt $LONG_PROMPT"
     run long "$PY" -m engine.cli bench --preset "$PRESET" --layers "$LAYERS" --device "$DEVICE" --work-dir "$WORK" \
-        --io-threads "$IO_THREADS" --long-prompt "$LONG_PROMPT" --prefill-chunk 512 --disk-bytes $((2 << 30)) \
+        --io-threads "$IO_THREADS" --long-prompt "$LONG_PROMPT" --prefill-chunk 512 --repeats "${LONG_REPEATS:-2}" --disk-bytes $((2 << 30)) \
         --json "$OUT/long_prompt_397b.json" >"$OUT/long_prompt_397b.log" 2>&1 || rc=1
     tail -n 12 "$OUT/long_prompt_397b.log"
 fi
