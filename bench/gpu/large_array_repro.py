@@ -35,18 +35,14 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-ROWS, IN_DIM, GROUPS = 1024, 4096, 64  # one expert projection: 1024 x 4096, group 64
-PATTERNS = 61
+from engine.diagnostics.large_array_check import IN_DIM, PATTERNS, ROWS, probe_slots, slot_bytes
+
+GROUPS = IN_DIM // 64
 
 
 def packed_cols(bits: int) -> int:
     """uint32 words per weight row at ``bits`` bits."""
     return IN_DIM * bits // 32
-
-
-def slot_bytes(bits: int) -> int:
-    """Bytes of one slot's weight at ``bits`` bits (2 MiB at 4 bits)."""
-    return ROWS * packed_cols(bits) * 4
 
 
 def _patterns(bits: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -55,15 +51,6 @@ def _patterns(bits: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndar
     scales = (rng.uniform(0.9, 1.0, size=(PATTERNS, ROWS, GROUPS)) * 2.0 / (2**bits - 1) / 64).astype(np.float32)
     biases = (-(2**bits - 1) / 2 * scales).astype(np.float32)
     return w, scales, biases
-
-
-def _probe_slots(n_slots: int, bits: int) -> list[int]:
-    """Slots spread over the array, including either side of every 1 GiB boundary."""
-    picks = {0, 1, n_slots // 2, n_slots - 2, n_slots - 1}
-    per_gib = (1 << 30) // slot_bytes(bits)
-    for b in range(per_gib, n_slots, per_gib):
-        picks.update({b - 1, b, min(n_slots - 1, b + 1)})
-    return sorted(p for p in picks if 0 <= p < n_slots)
 
 
 def _build_plain(n_slots: int, pats: tuple[np.ndarray, np.ndarray, np.ndarray]) -> tuple[mx.array, mx.array, mx.array]:
@@ -116,7 +103,7 @@ def _case(big: tuple[mx.array, mx.array, mx.array], pats: tuple[np.ndarray, np.n
     gather-matmul kernel, as for top-10 decode and prefill).
     """
     big_w, big_s, big_b = big
-    slots = _probe_slots(n_slots, bits)
+    slots = probe_slots(n_slots, bits)
     rng = np.random.default_rng(seed)
     x_np = rng.standard_normal((len(slots), 1, 1, IN_DIM)).astype(np.float32)
     x = mx.array(x_np).astype(dtype)
