@@ -11,6 +11,12 @@ limits apply:
   engine's self-check on Metal).
 - The device's own maximum buffer length, where MLX reports one (Metal's ``max_buffer_length``).
 - On the CPU, MLX indexes with 32-bit element counts in places: below 2**31 elements.
+- Read in MLX's source (0.32.x, ``mlx/backend/cuda/device/qmm_sm80.cuh`` and ``qmm_naive.cuh``):
+  CUDA's tiled gather kernel, the one top-10 decode and every prefill use, offsets the routed
+  slot by ``slot x rows x cols`` in 32 bits, counted in *quantized elements*. 2**32 of them are
+  2 GiB at 4 bits (the size measured exact, and where the 4 GiB fault begins), but only 1 GiB at
+  2 bits and 1.5 GiB at 3. So on CUDA a packed weight's slots are also held under 2**32 quantized
+  elements a stacked array. Metal's kernels offset with 64-bit strides (``quantized.h``).
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import mlx.core as mx
 # The largest stacked array measured exact on a GPU backend (see the module docstring).
 GPU_SAFE_ARRAY_BYTES = 2 << 30
 MAX_ELEMENTS = 2**31 - 1
+CUDA_MAX_QUANTIZED_ELEMENTS = 2**32  # the 32-bit slot offset of CUDA's gather kernel (module docstring)
 
 
 def backend() -> str:
@@ -62,11 +69,24 @@ def max_array_bytes(where: str | None = None, info: Mapping[str, Any] | None = N
     return limit
 
 
-def max_slots_per_array(slot_bytes: int, slot_elements: int, limit_bytes: int) -> int:
-    """Slots of one parameter (``slot_bytes`` / ``slot_elements`` each) that fit one array."""
+def max_quantized_elements(where: str | None = None) -> int | None:
+    """Quantized elements one stacked packed weight may hold on backend ``where``; None: no such limit."""
+    return CUDA_MAX_QUANTIZED_ELEMENTS if (where or backend()) == "cuda" else None
+
+
+def max_slots_per_array(slot_bytes: int, slot_elements: int, limit_bytes: int,
+                        quantized_elements: int | None = None, quantized_limit: int | None = None) -> int:  # fmt: skip
+    """Slots of one parameter (``slot_bytes`` / ``slot_elements`` each) that fit one array.
+
+    ``quantized_elements``: what one slot of a packed weight holds in its quantized type (rows x
+    input columns), held under ``quantized_limit`` (``max_quantized_elements``) where there is one.
+    """
     by_bytes = limit_bytes // max(1, slot_bytes)
     by_elements = MAX_ELEMENTS // max(1, slot_elements)
-    return max(1, min(by_bytes, by_elements))
+    slots = min(by_bytes, by_elements)
+    if quantized_elements and quantized_limit:
+        slots = min(slots, quantized_limit // quantized_elements)
+    return max(1, slots)
 
 
 def recommended_working_set_bytes(where: str | None = None, info: Mapping[str, Any] | None = None) -> int | None:

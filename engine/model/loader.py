@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import sys
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ from engine.model.discovery import ExpertBank, k_fields, k_override, probe_banks
 from engine.model.array_limits import recommended_working_set_bytes
 from engine.model.cpu_prefill import install_prefill_matmul
 from engine.errors import CorruptModelError, MissingFileError, ModelError, RequestError, TokenizerError, UnsupportedModelError
-from engine.storage.expert_layout import LayerExperts, layer_experts_from_index
+from engine.storage.expert_layout import ExpertParam, LayerExperts, layer_experts_from_index
 from engine.storage.expert_store import ExpertStore
 from engine.fast_blas import fast_blas_status
 from engine.storage.packed_layout import PackedLayer, open_packed_layout
@@ -238,6 +239,21 @@ class ModelExperts:
     k: int
 
 
+def quantized_elements(module: nn.Module, params: list[ExpertParam]) -> dict[str, int]:
+    """For each packed weight of a quantized expert module (``gate_proj.weight`` of a module whose
+    ``gate_proj`` has ``bits``): the elements one expert holds in its quantized type."""
+    out: dict[str, int] = {}
+    for p in params:
+        owner, _, leaf = p.key.rpartition(".")
+        sub: Any = module
+        for part in owner.split(".") if owner else []:
+            sub = getattr(sub, part, None)
+        bits = getattr(sub, "bits", None)
+        if leaf == "weight" and p.dtype == "U32" and isinstance(bits, int) and bits > 0:
+            out[p.key] = math.prod(p.shape) * 32 // bits
+    return out
+
+
 def inspect_experts(model_dir: Path, experts_per_token: int | None = None) -> ModelExperts:
     """Build the model lazily with mlx-lm's classes and locate every expert tensor on disk.
 
@@ -279,6 +295,8 @@ def inspect_experts(model_dir: Path, experts_per_token: int | None = None) -> Mo
     else:
         layers = [layer_experts_from_index(i, path, keys, index) for i, (path, _, keys) in enumerate(found)]
     _check_shapes(found, layers, model_dir)
+    for layer, (_, module, _) in zip(layers, found):
+        layer.quantized_elements = quantized_elements(module, layer.params)
     expert_names = {s.name for layer in layers for s in layer.sources}
     dense = sum(loc.nbytes for name, loc in index.items() if name not in expert_names)
     return ModelExperts(model, config, found, layers, dense, trained_k, k)

@@ -22,7 +22,7 @@ import mlx.nn as nn
 import numpy as np
 
 from engine.errors import UnsupportedModelError
-from engine.model.array_limits import max_array_bytes, max_slots_per_array
+from engine.model.array_limits import max_array_bytes, max_quantized_elements, max_slots_per_array
 from engine.model.cpu_prefill import PrefillMatmul
 from engine.model.expert_cache import ExpertCache, Key, SlotPool
 from engine.model.expert_parallel import ExpertParallel
@@ -96,6 +96,7 @@ class ExpertStreamer:
         self.caches: list[ExpertCache] = []  # one per bank
         self.cache_of_layer: list[ExpertCache] = [None] * len(layers)  # type: ignore[list-item]
         self.max_array_bytes = max_array_bytes()  # one stacked slot array at most (array_limits)
+        self.max_quantized_elements = max_quantized_elements()  # and in quantized elements (CUDA)
         self.cache_bytes = cache_bytes  # the budget the pools are built for now (cache_resize changes it)
         self.policy_name = policy
         self.upcast_half = upcast_half
@@ -133,7 +134,8 @@ class ExpertStreamer:
             # each stacked array under the backend's safe size (see array_limits)
             max_per_bank = max(working, min(
                 max_slots_per_array(p.nbytes * (2 if upcast_half and p.dtype in ("BF16", "F16") else 1),
-                                    math.prod(p.shape), self.max_array_bytes)
+                                    math.prod(p.shape), self.max_array_bytes,
+                                    members[0].quantized_elements.get(p.key), self.max_quantized_elements)
                 for p in members[0].params
             ))  # fmt: skip
             n_banks = max(1, min(len(members), math.ceil(budget_slots / max_per_bank)))

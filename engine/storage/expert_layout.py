@@ -28,6 +28,9 @@ class LayerExperts:
     num_experts: int
     params: list[ExpertParam]
     sources: list[TensorLocation] = field(default_factory=list)  # stacked tensor per param
+    # packed weights: the elements one expert holds in its quantized type (rows x input columns),
+    # by param key; what CUDA's gather kernel counts a slot's offset in (engine.model.array_limits)
+    quantized_elements: dict[str, int] = field(default_factory=dict)
 
     @property
     def expert_bytes(self) -> int:

@@ -18,7 +18,8 @@ from mlx_lm.sample_utils import make_sampler
 
 from engine.engine import Engine
 from engine.errors import RequestError
-from engine.model.array_limits import GPU_SAFE_ARRAY_BYTES, MAX_ELEMENTS, max_array_bytes, max_slots_per_array
+from engine.model.array_limits import (GPU_SAFE_ARRAY_BYTES, MAX_ELEMENTS, max_array_bytes, max_quantized_elements,
+                                      max_slots_per_array)
 from engine.model.layer_prefill import PassShape, pass_tokens
 from engine.model.loader import inspect_experts, use_prefill_matmul
 from engine.model.prefill_progress import CacheCheckpoint, PrefillProgress
@@ -210,6 +211,49 @@ def test_slot_arrays_are_bounded_in_bytes_per_backend() -> None:
     # Qwen3.5-397B's gate_proj weight: 1024 x 512 uint32 = 2 MiB a slot -> 1,024 slots in 2 GiB
     assert max_slots_per_array(2 << 20, 1024 * 512, 2 << 30) == 1024
     assert max_slots_per_array(4, 1, 1 << 62) == MAX_ELEMENTS
+
+
+def test_on_cuda_packed_weights_stay_under_2_to_the_32_quantized_elements() -> None:
+    # CUDA's tiled gather kernel offsets a slot in 32 bits counted in quantized elements
+    assert max_quantized_elements("cuda") == 2**32 and max_quantized_elements("metal") is None
+    assert max_quantized_elements("cpu") is None
+    rows_x_cols = 1024 * 4096  # one Qwen3.5-397B expert projection
+    for bits, slots in ((4, 1024), (8, 512), (2, 1024), (3, 1024)):
+        words = rows_x_cols * bits // 32
+        # 4-bit: 2 GiB either way; 8-bit: the byte limit binds; 2- and 3-bit: the element count does
+        assert max_slots_per_array(words * 4, words, 2 << 30, rows_x_cols, 2**32) == slots, bits
+    assert max_slots_per_array(rows_x_cols // 4, rows_x_cols // 16, 2 << 30, rows_x_cols, None) == 2048
+
+
+def test_the_loader_knows_each_packed_weights_quantized_elements(tiny_model) -> None:
+    experts = inspect_experts(tiny_model("qwen3_moe", 4))
+    layer = experts.layers[0]
+    module = experts.found[0][1]
+    for p in layer.params:
+        if p.key.endswith(".weight"):
+            bits = getattr(module, p.key.split(".")[0]).bits
+            assert layer.quantized_elements[p.key] == p.shape[0] * p.shape[1] * 32 // bits
+        else:
+            assert p.key not in layer.quantized_elements
+    assert len(layer.quantized_elements) == 3  # gate, up, down
+
+
+def test_pools_split_under_the_quantized_element_limit_stay_exact(tiny_model, monkeypatch) -> None:
+    import engine.model.streamed_moe as streamed_moe
+
+    path = tiny_model("qwen3_moe", 4)
+    layer = inspect_experts(path).layers[0]
+    limit = 10 * max(layer.quantized_elements.values())  # ten slots a packed weight, as on CUDA at scale
+    monkeypatch.setattr(streamed_moe, "max_quantized_elements", lambda: limit)
+    prompt = _prompt(300)
+    engine = Engine.load(path, EngineOptions(cache_mb=_all_expert_bytes(path) / 2**20), measure_disk=False)
+    try:
+        caches = engine._loaded.streamer.caches
+        assert len(caches) > 1 and all(c.pool.n_slots <= 10 for c in caches)
+        got = [e.token for e in engine.generate(prompt, SamplingParams(max_tokens=NEW))]
+    finally:
+        engine.close()
+    assert got == _reference(path, prompt, NEW)
 
 
 def test_pools_split_under_the_byte_limit_stay_exact(tiny_model, monkeypatch) -> None:
