@@ -89,7 +89,8 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
                         "the pressure has passed (default on; off keeps it at the budget's size)")
     p.add_argument(
         "--prefill-matmul", choices=["auto", "on", "off"], default="auto",
-        help="CPU prefill chunks as dequantize + dense GEMM (auto: where MLX has a fast BLAS)",
+        help="long prefill calls: on the CPU, dequantize + dense GEMM (auto: where MLX has a fast BLAS); "
+             "on a GPU, 'on' runs each expert's routed rows as one quantized matmul (auto: off there, unmeasured)",
     )  # fmt: skip
 
 

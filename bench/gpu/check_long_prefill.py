@@ -43,16 +43,21 @@ def mlx_lm_tokens(path: Path, prompt: list[int], n: int, dtype: str) -> list[int
     return out
 
 
-def streamed(path: Path, prompt: list[int], n: int, dtype: str, cache: str) -> dict[str, Any]:
-    """The engine's greedy tokens and figures, with no cache or every expert cached."""
+def streamed(path: Path, prompt: list[int], n: int, dtype: str, cache: str, prefill_matmul: str = "auto") -> dict[str, Any]:
+    """The engine's greedy tokens and figures, with no cache or every expert cached.
+
+    ``prefill_matmul`` "on" on a GPU: each expert's routed rows in one quantized matmul
+    (engine.model.loader.expert_runs_prefill); "auto" there: mlx-lm's per-pair gather.
+    """
     from engine.engine import Engine
     from engine.types import EngineOptions, SamplingParams
 
-    engine = Engine.load(path, EngineOptions(cache_mb=0, activation_dtype=dtype), measure_disk=False)
+    opts = {"activation_dtype": dtype, "prefill_matmul": prefill_matmul}
+    engine = Engine.load(path, EngineOptions(cache_mb=0, **opts), measure_disk=False)  # type: ignore[arg-type]
     total = engine._loaded.expert_bytes_total
     if cache == "all":
         engine.close()
-        engine = Engine.load(path, EngineOptions(cache_mb=total / 2**20 + 64, activation_dtype=dtype), measure_disk=False)
+        engine = Engine.load(path, EngineOptions(cache_mb=total / 2**20 + 64, **opts), measure_disk=False)  # type: ignore[arg-type]
         engine.preload_experts()
     try:
         t0 = time.perf_counter()
@@ -66,6 +71,7 @@ def streamed(path: Path, prompt: list[int], n: int, dtype: str, cache: str) -> d
             "pass_tokens": engine.prefill_pass_tokens,
             "prefill_bytes": s.prefill.bytes_read,
             "pools": len(caches),
+            "expert_run_matmuls": engine._loaded.streamer.prefill_matmul.dense_gemms,
             "largest_array_bytes": max(a.nbytes for c in caches for a in c.pool.arrays.values()),
         }
     finally:
@@ -80,6 +86,7 @@ def main() -> int:
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--caches", default="zero,all")
     ap.add_argument("--device", choices=["gpu", "cpu"], default="gpu")
+    ap.add_argument("--prefill-matmul", default="auto,on", help="engine option values to check, comma-separated")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     mx.set_default_device(mx.gpu if args.device == "gpu" else mx.cpu)
@@ -100,16 +107,19 @@ def main() -> int:
                     ok = False
                     continue
                 for cache in args.caches.split(","):
-                    try:
-                        r = streamed(path, prompt, args.new, dtype, cache)
-                    except Exception as e:
-                        r = {"error": repr(e), "tokens": None}
-                    same = r.get("tokens") == ref
-                    ok &= same
-                    r.update(model=name, dtype=dtype, cache=cache, same_tokens=same, reference=ref)
-                    results.append(r)
-                    detail = r["error"] if "error" in r else f"TTFT {r['ttft_s']:.2f} s, {r['pools']} pool(s)"
-                    print(f"{name:28s} {dtype:8s} cache {cache:4s}: same tokens {same}  {detail}", flush=True)
+                    for pm in args.prefill_matmul.split(","):
+                        try:
+                            r = streamed(path, prompt, args.new, dtype, cache, pm)
+                        except Exception as e:
+                            r = {"error": repr(e), "tokens": None}
+                        same = r.get("tokens") == ref
+                        ok &= same
+                        r.update(model=name, dtype=dtype, cache=cache, prefill_matmul=pm, same_tokens=same, reference=ref)
+                        results.append(r)
+                        detail = r["error"] if "error" in r else (
+                            f"TTFT {r['ttft_s']:.2f} s, {r['pools']} pool(s), {r['expert_run_matmuls']} expert-run matmuls")
+                        print(f"{name:28s} {dtype:8s} cache {cache:4s} prefill_matmul {pm:4s}: same tokens {same}  {detail}",
+                              flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps({"prompt_tokens": args.tokens, "ok": ok, "results": results}, indent=2))
     return 0 if ok else 1

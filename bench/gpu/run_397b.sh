@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Qwen3.5-397B's shape on the lent GPU (issue 13), in steps that one or two device calls can hold.
 #
-# Usage, from the repository root:  STEPS="install selfcheck build exact repro bench long" \
+# Usage, from the repository root:  STEPS="install selfcheck build exact repro bench long longruns" \
 #     bash bench/gpu/run_397b.sh WHEEL_DIR [WHEEL_DIR...]
 #   WHEEL_DIRs as for bench/gpu/run_h200.sh (*.whl and NAME.whl.part-aa, -ab, ...; mlx-cuda-13 is
 #   larger than one call may carry: see /work/shared/notes/gpu-notes.md). Without "install" in
@@ -13,19 +13,22 @@
 #   build      the qwen3.5-397b-shape model with LAYERS layers (4: 14.5 GB of experts), packed
 #   exact      bench/gpu/check_long_prefill.py: greedy tokens after a 2,100-token prompt equal
 #              mlx-lm's (three tiny families fp32+bf16; the built model in its bf16 with no cache
-#              and with every expert cached, pools split under engine.model.array_limits)
+#              and with every expert cached, pools split under engine.model.array_limits; with
+#              --prefill-matmul auto and on)
 #   repro      bench/gpu/large_array_repro.py: gather_qmm on stacked arrays of 2 and 5 GiB, 2-, 4- and 8-bit, plain MLX
 #              and the engine's slot-pool path (REPRO_SIZES, REPRO_BITS, REPRO_PATHS) (the cause of the wrong logits with a 4 GiB pool)
 #   bench      moebar-engine bench at that shape: warm decode against mlx-lm, cold decode against
 #              the serial bound, measured side by side
 #   long       moebar-engine bench --long-prompt LONG_PROMPT (4096): cold TTFT at cache 0 in one
 #              pass and in passes of 512 tokens, against the one-pass bound
+#   longruns   the same with --prefill-matmul on: each expert's routed rows in one quantized matmul
+#              (MLX's CUDA gather_qmm reads an expert once per routed pair)
 # Environment: OUT, LAYERS (4), LONG_PROMPT (4096), LONG_REPEATS (2), IO_THREADS (8), DECODE_TOKENS (12), REPEATS (3),
 #   TIME_LIMIT (s for the whole script, 0: none), PTX_CACHE (a tarred MLX_PTX_CACHE_DIR to reuse).
 set -uo pipefail
 
 OUT=${OUT:-/tmp/moebar-gpu-out}
-STEPS=${STEPS:-"install selfcheck build exact repro bench long"}
+STEPS=${STEPS:-"install selfcheck build exact repro bench long longruns"}
 LAYERS=${LAYERS:-4}
 LONG_PROMPT=${LONG_PROMPT:-4096}
 IO_THREADS=${IO_THREADS:-8}
@@ -109,6 +112,15 @@ if has long; then
         --io-threads "$IO_THREADS" --long-prompt "$LONG_PROMPT" --prefill-chunk 512 --repeats "${LONG_REPEATS:-2}" --disk-bytes $((2 << 30)) \
         --json "$OUT/long_prompt_397b.json" >"$OUT/long_prompt_397b.log" 2>&1 || rc=1
     tail -n 12 "$OUT/long_prompt_397b.log"
+fi
+if has longruns; then
+    drop_caches
+    log "bench --long-prompt $LONG_PROMPT --prefill-matmul on (each expert's rows in one quantized matmul)"
+    run longruns "$PY" -m engine.cli bench --preset "$PRESET" --layers "$LAYERS" --device "$DEVICE" --work-dir "$WORK" \
+        --io-threads "$IO_THREADS" --long-prompt "$LONG_PROMPT" --prefill-chunk 512 --repeats "${LONG_REPEATS:-2}" \
+        --prefill-matmul on --disk-bytes $((2 << 30)) --json "$OUT/long_prompt_397b_runs.json" \
+        >"$OUT/long_prompt_397b_runs.log" 2>&1 || rc=1
+    tail -n 12 "$OUT/long_prompt_397b_runs.log"
 fi
 tar -czf "$OUT/mlx_ptx.tgz" -C "$MLX_PTX_CACHE_DIR" . 2>/dev/null
 exit $rc

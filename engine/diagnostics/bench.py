@@ -319,7 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto",
                    help="where the model computes (auto: the GPU when MLX has one)")
     p.add_argument("--prefill-matmul", choices=["auto", "on", "off"], default="auto",
-                   help="CPU prefill chunks as dequantize + dense GEMM (auto: where MLX has a fast BLAS)")
+                   help="long prefill calls: on the CPU, dequantize + dense GEMM (auto: where MLX has a fast BLAS); "
+                        "on a GPU, 'on' runs each expert's routed rows as one quantized matmul (auto: off there)")
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--long-prompt", type=int, default=0, metavar="TOKENS",
                    help="instead of the phases: time to first token of a prompt this long, cold, cache 0, in one "

@@ -37,6 +37,9 @@ class PrefillMatmul:
     """When dense GEMMs replace quantized matmuls; shared by every swapped module of a model."""
 
     enabled: bool = False
+    # "dequant": dequantize + dense GEMM (the CPU with a fast BLAS); "quantized": one quantized
+    # matmul per expert run, reading each expert once (a GPU: see ``expert_runs_prefill``)
+    kind: str = "dequant"
     streams: int = 1  # CPU streams the dequantization is split over
     min_rows: int = 32  # dense layers: rows (tokens) in one call
     min_expert_rows: int = 4  # expert layers: rows routed to one expert in one call
@@ -141,13 +144,17 @@ class PrefillSwitchLinear(QuantizedSwitchLinear):
                 short_from = None
             mode.dense_gemms += 1
             rows = x[start : start + count, 0, :]
-            y = dequant_matmul(rows, self["weight"][slot], self["scales"][slot], _at(self.get("biases"), slot), self, mode.streams)
+            if mode.kind == "quantized":
+                y = mx.quantized_matmul(rows, self["weight"][slot], self["scales"][slot], _at(self.get("biases"), slot),
+                                        transpose=True, group_size=self.group_size, bits=self.bits, mode=self.mode)  # fmt: skip
+            else:
+                y = dequant_matmul(rows, self["weight"][slot], self["scales"][slot], _at(self.get("biases"), slot), self, mode.streams)
             if "bias" in self:
                 y = y + self["bias"][slot]
             pending.append(y[:, None, :])
             start += count
             dense_runs += 1
-            if dense_runs % _EXPERTS_PER_EVAL == 0:
+            if mode.kind == "dequant" and dense_runs % _EXPERTS_PER_EVAL == 0:  # bounds the dense copies
                 mx.eval(pending)
                 pieces.extend(pending)
                 pending = []
@@ -161,19 +168,20 @@ def _at(arr: mx.array | None, i: int) -> mx.array | None:
     return None if arr is None else arr[i]
 
 
-def install_prefill_matmul(roots: list[nn.Module], mode: PrefillMatmul) -> int:
-    """Give every affine-quantized linear under ``roots`` the dense-GEMM long-input path; return how many.
+def install_prefill_matmul(roots: list[nn.Module], mode: PrefillMatmul, experts_only: bool = False) -> int:
+    """Give every affine-quantized linear under ``roots`` the long-input path; return how many.
 
     Swaps the class of exact ``nn.QuantizedLinear`` and ``QuantizedSwitchLinear`` instances (not
     subclasses, whose behaviour may differ) so the parameter tree is unchanged. The roots are the
-    model and the switch modules that streamed layers keep outside its tree.
+    model and the switch modules that streamed layers keep outside its tree. ``experts_only``:
+    the expert projections alone (a GPU's dense layers already multiply all rows at once).
     """
     swapped = 0
     modules = [m for root in roots for _, m in root.named_modules()]
     for module in modules:
         if getattr(module, "mode", "affine") != "affine":
             continue
-        if type(module) is nn.QuantizedLinear:
+        if type(module) is nn.QuantizedLinear and not experts_only:
             module.__class__ = PrefillQuantizedLinear
         elif type(module) is QuantizedSwitchLinear:
             module.__class__ = PrefillSwitchLinear

@@ -208,6 +208,20 @@ def use_prefill_matmul(setting: str, device: str = "cpu") -> bool:
     return setting == "on" or (setting == "auto" and fast_blas_status()[0])
 
 
+def expert_runs_prefill(setting: str, device: str) -> bool:
+    """Whether a GPU prefill runs each expert's routed rows as one quantized matmul.
+
+    MLX's CUDA ``gather_qmm`` takes every (token, expert) pair as its own one-row product (it does
+    not use ``sorted_indices``), reading the expert's weights once per pair; one
+    ``quantized_matmul`` per expert run reads them once per run. Metal's sorted ``gather_qmm``
+    already groups an expert's rows. "on" turns it on for any GPU; "auto" leaves it off until
+    it is measured on one (``bench/gpu/run_397b.sh``: exactness and time against the pair path).
+    """
+    if setting not in ("auto", "on", "off"):
+        raise RequestError(f"prefill_matmul must be 'auto', 'on' or 'off', got {setting!r}")
+    return device == "gpu" and setting == "on"
+
+
 def pick_device(requested: str) -> str:
     """Resolve ``auto``/``cpu``/``gpu`` to the device MLX will run on, and make it the default."""
     has_gpu = False
@@ -435,6 +449,10 @@ def load_streamed_model(model_dir: Path, options: EngineOptions, progress: Progr
             streamer.prefill_matmul.enabled = True
             streamer.prefill_matmul.streams = cpu_streams()
             install_prefill_matmul([model, *(s.inner_module for s in switches)], streamer.prefill_matmul)
+    if expert_runs_prefill(options.prefill_matmul, device):
+        streamer.prefill_matmul.enabled = True
+        streamer.prefill_matmul.kind = "quantized"
+        install_prefill_matmul([model, *(s.inner_module for s in switches)], streamer.prefill_matmul, experts_only=True)
     params: list[tuple[str, mx.array]] = tree_flatten(model.parameters())  # type: ignore[assignment]
     dense_bytes = 0
     for i, (_, arr) in enumerate(params):

@@ -276,3 +276,40 @@ def test_pools_split_under_the_byte_limit_stay_exact(tiny_model, monkeypatch) ->
 def test_dense_gemm_prefill_only_where_the_model_runs_on_the_cpu() -> None:
     assert use_prefill_matmul("on", "cpu")
     assert not use_prefill_matmul("on", "gpu") and not use_prefill_matmul("auto", "gpu")
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "qwen3_5_moe"])
+def test_expert_runs_prefill_reads_each_expert_once_per_run_and_stays_exact(tiny_model, monkeypatch, family: str) -> None:
+    """The GPU's per-expert prefill path (one quantized matmul per expert run), run here on the CPU."""
+    import engine.model.loader as loader
+
+    monkeypatch.setattr(loader, "expert_runs_prefill", lambda setting, device: True)
+    path = tiny_model(family, 4)
+    calls = {"quantized_matmul": 0}
+    real = mx.quantized_matmul
+
+    def counting(*a, **kw):
+        calls["quantized_matmul"] += 1
+        return real(*a, **kw)
+
+    monkeypatch.setattr(mx, "quantized_matmul", counting)
+    prompt = _prompt(300)
+    engine = Engine.load(path, EngineOptions(cache_mb=0, prefill_matmul="off"), measure_disk=False)
+    try:
+        mode = engine._loaded.streamer.prefill_matmul
+        assert mode.enabled and mode.kind == "quantized"
+        got = [e.token for e in engine.generate(prompt, SamplingParams(max_tokens=NEW))]
+    finally:
+        engine.close()
+    assert mode.dense_gemms > 0 and calls["quantized_matmul"] >= mode.dense_gemms
+    assert got == _reference(path, prompt, NEW)
+
+
+def test_expert_runs_prefill_is_for_gpus_and_only_when_asked() -> None:
+    from engine.model.loader import expert_runs_prefill
+
+    assert expert_runs_prefill("on", "gpu")
+    assert not expert_runs_prefill("auto", "gpu") and not expert_runs_prefill("off", "gpu")
+    assert not expert_runs_prefill("on", "cpu")
+    with pytest.raises(RequestError, match="prefill_matmul"):
+        expert_runs_prefill("fast", "gpu")
