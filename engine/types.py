@@ -40,7 +40,7 @@ class EngineOptions:
     use_packed: bool = True  # use the packed per-expert layout when present
     cpu_split: bool = True  # on CPU, split the output projection over the cores (exact)
     # long CPU calls (prefill chunks) as dequantize + dense GEMM: "auto" (where MLX has a fast
-    # BLAS), "on" or "off"; see cpu_prefill
+    # BLAS), "on" or "off"; see engine.model.prefill_matmul
     prefill_matmul: str = "auto"
     # give the in-process expert cache's memory back under memory pressure (halve it on "critical"
     # or a lasting "warning", grow it back after a calm spell; engine.serving.pressure_policy);

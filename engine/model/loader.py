@@ -24,7 +24,7 @@ from mlx.utils import tree_flatten
 from engine.model.cpu_parallel import cpu_streams, split_output_projection
 from engine.model.discovery import ExpertBank, k_fields, k_override, probe_banks
 from engine.model.array_limits import recommended_working_set_bytes
-from engine.model.cpu_prefill import install_prefill_matmul
+from engine.model.prefill_matmul import install_prefill_matmul
 from engine.errors import CorruptModelError, MissingFileError, ModelError, RequestError, TokenizerError, UnsupportedModelError
 from engine.storage.expert_layout import ExpertParam, LayerExperts, layer_experts_from_index
 from engine.storage.expert_store import ExpertStore

@@ -42,7 +42,7 @@ CACHE_SHARE_OF_SPARE = 0.75
 OS_RESERVE_BYTES = 2 * GIB
 # Allocator slack, I/O buffers, activations and the sampler beyond what is estimated below.
 MARGIN_BYTES = 160 * MIB
-# Experts the CPU prefill dequantizes between two evaluations (engine.model.cpu_prefill).
+# Experts the CPU prefill dequantizes between two evaluations (engine.model.prefill_matmul).
 PREFILL_EXPERTS_PER_EVAL = 8
 # MLX's buffer cache (freed buffers kept for reuse) is held to this: freed buffers would
 # otherwise compete with the page cache for RAM.

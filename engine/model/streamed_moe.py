@@ -23,7 +23,7 @@ import numpy as np
 
 from engine.errors import UnsupportedModelError
 from engine.model.array_limits import max_array_bytes, max_quantized_elements, max_slots_per_array
-from engine.model.cpu_prefill import PrefillMatmul
+from engine.model.prefill_matmul import PrefillMatmul
 from engine.model.expert_cache import ExpertCache, Key, SlotPool
 from engine.model.expert_parallel import ExpertParallel
 from engine.model.cache_policies import DEFAULT_POLICY
@@ -85,7 +85,7 @@ class ExpertStreamer:
         self.prefetched_hits = 0
         self.skip_layer: int | None = None  # a layer whose output will not be used (see generate)
         self.last_layer_is_final_block = False  # set by the loader
-        self.prefill_matmul = PrefillMatmul()  # dense-GEMM path for long CPU calls (see cpu_prefill)
+        self.prefill_matmul = PrefillMatmul()  # dense-GEMM path for long CPU calls (see prefill_matmul)
         # Called between the expert groups of a layer; raises to stop (generate sets it during a
         # prefill whose cache it can roll back; see prefill_progress).
         self.abort_check: Callable[[], None] | None = None

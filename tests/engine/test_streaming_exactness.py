@@ -193,7 +193,7 @@ def test_sampled_decoding_equals_mlx_lm_at_the_same_seed(tiny_model, name: str) 
         max_tokens=GENERATED_TOKENS,
     )
     # The CPU's dense-GEMM prefill equals MLX's kernels to 2e-5, not bit for bit (tests/engine/
-    # test_cpu_prefill.py): a sample drawn near a boundary could differ, so sampling is compared
+    # test_prefill_matmul.py): a sample drawn near a boundary could differ, so sampling is compared
     # on MLX's own kernels, whose logits equal mlx-lm's exactly.
     options = EngineOptions(cache_mb=cache_mb(path, "partial"), prefill_chunk=PREFILL_CHUNK, prefill_matmul="off")
     first = _generate(path, options, sampling, size="partial")

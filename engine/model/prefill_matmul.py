@@ -1,4 +1,5 @@
-"""Prefill on the CPU at BLAS speed: dequantize each weight once per chunk, then one dense GEMM.
+"""Long prefill calls: on the CPU at BLAS speed (dequantize each weight once, one dense GEMM), and
+on a GPU one quantized matmul per expert run (``PrefillMatmul.kind``, see the last paragraph).
 
 MLX's CPU quantized matmul costs the same per token whether a call carries 1 token or 512 (it
 works row by row), so a prefill chunk gains nothing from being batched there. With a fast BLAS
@@ -14,6 +15,10 @@ and loading are untouched): ``PrefillQuantizedLinear`` for the dense layers (att
 MLPs, shared experts) and ``PrefillSwitchLinear`` for the expert projections of a streamed
 layer, which learn the chunk's expert runs from ``PrefillMatmul.plan`` (set by the streamed
 layer, which already knows the routing on the host).
+
+On a GPU (kind "quantized", expert projections only): MLX's CUDA ``gather_qmm`` runs every
+(token, expert) pair as a one-row product and reads the expert's weights once per pair; each run
+of rows routed to one expert becomes one ``mx.quantized_matmul`` instead, reading them once.
 """
 
 from __future__ import annotations

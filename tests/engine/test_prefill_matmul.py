@@ -1,4 +1,4 @@
-"""Dense-GEMM prefill on the CPU (engine.cpu_prefill): the same results as MLX's quantized kernels."""
+"""Dense-GEMM prefill on the CPU (engine.model.prefill_matmul): the same results as MLX's quantized kernels."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from mlx_lm import stream_generate
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchGLU
 from mlx_lm.sample_utils import make_sampler
 
-from engine.model.cpu_prefill import (
+from engine.model.prefill_matmul import (
     PrefillMatmul,
     PrefillQuantizedLinear,
     PrefillSwitchLinear,
@@ -149,7 +149,7 @@ def test_dense_prefill_gives_mlx_lm_tokens(tiny_model, model_type: str) -> None:
 @pytest.mark.parametrize("bits", [2, 3, 4, 6, 8])
 @pytest.mark.parametrize("group_size", [32, 64, 128])
 def test_dequantize_affine_equals_mlx_dequantize(bits: int, group_size: int) -> None:
-    from engine.model.cpu_prefill import dequantize_affine
+    from engine.model.prefill_matmul import dequantize_affine
 
     w = mx.random.normal((96, 256))
     q, s, b = mx.quantize(w, group_size, bits)
