@@ -39,8 +39,8 @@ class EngineOptions:
     device: str = "auto"  # "auto", "cpu" or "gpu"
     use_packed: bool = True  # use the packed per-expert layout when present
     cpu_split: bool = True  # on CPU, split the output projection over the cores (exact)
-    # long CPU calls (prefill chunks) as dequantize + dense GEMM: "auto" (where MLX has a fast
-    # BLAS), "on" or "off"; see engine.model.prefill_matmul
+    # long prefill calls: on the CPU dequantize + dense GEMM ("auto": where MLX has a fast BLAS),
+    # on a GPU one quantized matmul per expert run ("on" only); see engine.model.prefill_matmul
     prefill_matmul: str = "auto"
     # give the in-process expert cache's memory back under memory pressure (halve it on "critical"
     # or a lasting "warning", grow it back after a calm spell; engine.serving.pressure_policy);

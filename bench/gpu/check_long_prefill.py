@@ -4,7 +4,9 @@ For qwen3_moe, qwen3_next and qwen3_5_moe (tiny random models) and, with ``--mod
 one (the qwen3.5-397b-shape bench model): greedy tokens after a prompt longer than mlx-lm's
 2,048-token prefill step, streamed in one layer-major pass, equal mlx-lm's own generation with
 the model in memory, in fp32 and bf16 activations, with no expert cache and with a cache that
-holds every expert (pools split into stacked arrays under engine.model.array_limits' limit).
+holds every expert (pools split into stacked arrays under engine.model.array_limits' limit),
+with ``--prefill-matmul`` auto (mlx-lm's gather) and on (on a GPU: one quantized matmul per
+expert run; on the CPU: dequantize + dense GEMM).
 
 Writes ``--json`` and exits 1 on any difference.
 """

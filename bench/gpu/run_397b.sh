@@ -23,7 +23,8 @@
 #              pass and in passes of 512 tokens, against the one-pass bound
 #   longruns   the same with --prefill-matmul on: each expert's routed rows in one quantized matmul
 #              (MLX's CUDA gather_qmm reads an expert once per routed pair)
-# Environment: OUT, LAYERS (4), LONG_PROMPT (4096), LONG_REPEATS (2), IO_THREADS (8), DECODE_TOKENS (12), REPEATS (3),
+# Environment: OUT, LAYERS (4), LONG_PROMPT (4096), LONG_REPEATS (1 or 2: the bench takes at most 2),
+#   EXACT_ARGS (more check_long_prefill.py options), IO_THREADS (8), DECODE_TOKENS (12), REPEATS (3),
 #   TIME_LIMIT (s for the whole script, 0: none), PTX_CACHE (a tarred MLX_PTX_CACHE_DIR to reuse).
 set -uo pipefail
 
@@ -78,16 +79,21 @@ if has selfcheck; then
 fi
 if has build && [ ! -f "$MODEL/moebar-packed/index.json" ]; then
     log "building $PRESET with $LAYERS layers"
-    run build "$PY" -c "from engine.demo.demo_model import build_random_moe_model as b; \
+    if run build "$PY" -c "from engine.demo.demo_model import build_random_moe_model as b; \
 b('$MODEL', 'qwen3_5_moe', 4, preset='$PRESET', num_layers=$LAYERS, overwrite=True)" && \
-        run pack "$PY" -m engine.cli pack --quiet "$MODEL" || { log "build failed"; exit 4; }
-    log "built: $(du -sh "$MODEL" | cut -f1)"
+        run pack "$PY" -m engine.cli pack --quiet "$MODEL"; then
+        log "built: $(du -sh "$MODEL" | cut -f1)"
+    else  # the steps that need no model still run; the ones that do are skipped below
+        log "build failed"; rm -rf "$MODEL"; rc=4
+    fi
 fi
+built() { [ -f "$MODEL/moebar-packed/index.json" ] || { log "no built model: $1 skipped"; rc=4; return 1; }; }
 if has exact; then
     log "check_long_prefill"
-    extra=()
-    [ -f "$MODEL/config.json" ] && extra=(--model "$MODEL")
-    run exact "$PY" bench/gpu/check_long_prefill.py --device "$DEVICE" "${extra[@]}" ${EXACT_ARGS:-} --json "$OUT/long_exact.json" \
+    extra=""
+    [ -f "$MODEL/moebar-packed/index.json" ] && extra="--model $MODEL"
+    # shellcheck disable=SC2086  # extra and EXACT_ARGS are word lists
+    run exact "$PY" bench/gpu/check_long_prefill.py --device "$DEVICE" $extra ${EXACT_ARGS:-} --json "$OUT/long_exact.json" \
         >"$OUT/long_exact.log" 2>&1 || rc=1
     cat "$OUT/long_exact.log"
 fi
@@ -97,7 +103,7 @@ if has repro; then
         >"$OUT/large_array.log" 2>&1
     log "large_array_repro rc=$?"; cat "$OUT/large_array.log"
 fi
-if has bench; then
+if has bench && built bench; then
     drop_caches
     log "bench (decode side by side)"
     run bench "$PY" -m engine.cli bench --preset "$PRESET" --layers "$LAYERS" --device "$DEVICE" --work-dir "$WORK" \
@@ -105,7 +111,7 @@ if has bench; then
         --repeats "$REPEATS" --disk-bytes $((2 << 30)) --json "$OUT/bench_397b.json" >"$OUT/bench_397b.log" 2>&1 || rc=1
     tail -n 25 "$OUT/bench_397b.log"
 fi
-if has long; then
+if has long && built long; then
     drop_caches
     log "bench --long-prompt $LONG_PROMPT"
     run long "$PY" -m engine.cli bench --preset "$PRESET" --layers "$LAYERS" --device "$DEVICE" --work-dir "$WORK" \
@@ -113,7 +119,7 @@ if has long; then
         --json "$OUT/long_prompt_397b.json" >"$OUT/long_prompt_397b.log" 2>&1 || rc=1
     tail -n 12 "$OUT/long_prompt_397b.log"
 fi
-if has longruns; then
+if has longruns && built longruns; then
     drop_caches
     log "bench --long-prompt $LONG_PROMPT --prefill-matmul on (each expert's rows in one quantized matmul)"
     run longruns "$PY" -m engine.cli bench --preset "$PRESET" --layers "$LAYERS" --device "$DEVICE" --work-dir "$WORK" \

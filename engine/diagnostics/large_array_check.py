@@ -7,6 +7,10 @@ backend to the largest size shown exact. This check builds one stacked array at 
 default device (Metal on a Mac: where only a Mac can tell) and compares ``gather_qmm`` on slots
 across the whole array, in one call for all of them and one call each (MLX may pick different
 kernels for the two), against ``quantized_matmul`` on each slot's own small array.
+
+It checks 4-bit slots, the usual experts, at the byte limit. On CUDA the engine also keeps a packed
+weight under 2**32 quantized elements (1 GiB at 2 bits, 1.5 GiB at 3); those sizes follow from
+MLX's source and are tested by ``bench/gpu/large_array_repro.py``, not here.
 """
 
 from __future__ import annotations

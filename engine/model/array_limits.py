@@ -1,6 +1,6 @@
 """How large one stacked slot array may be on this machine's MLX backend, in bytes.
 
-A slot pool stacks one parameter of every slot into one MLX array (``[slots, *shape]``). Two
+A slot pool stacks one parameter of every slot into one MLX array (``[slots, *shape]``). These
 limits apply:
 
 - Measured: on MLX 0.32.4's CUDA backend a 4 GiB slot array gave wrong logits (1.02 off mlx-lm at

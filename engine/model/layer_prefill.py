@@ -85,10 +85,21 @@ class PassShape:
 def pass_tokens(
     shape: PassShape, budget_bytes: int, context: int, materialised_attention: bool, attention_chunk: int = ATTENTION_CHUNK
 ) -> int:
-    """Tokens per pass under ``budget_bytes`` (at least MIN_PASS_TOKENS, at most the context)."""
+    """Tokens per pass under ``budget_bytes`` (at least MIN_PASS_TOKENS, at most the context).
+
+    Also under ``max_gather_tokens``: MLX's CUDA gather kernel offsets a routed row's input and
+    output in 32 bits (row x width), so a pass's (token, expert) rows times the widest width stay
+    below 2**32 elements.
+    """
     room = budget_bytes - (shape.attention_bytes(context, attention_chunk) if materialised_attention else 0)
-    n = room // max(1, shape.bytes_per_token())
+    n = min(room // max(1, shape.bytes_per_token()), max_gather_tokens(shape))
     return int(max(MIN_PASS_TOKENS, min(max(1, context), n)))
+
+
+def max_gather_tokens(shape: PassShape) -> int:
+    """Tokens whose routed rows keep ``rows x max(hidden, moe_intermediate)`` below 2**32 elements."""
+    width = max(shape.hidden, shape.moe_intermediate)
+    return (2**32 - 1) // max(1, shape.experts_per_token * width)
 
 
 def _arrays_in(value: Any) -> list[mx.array]:

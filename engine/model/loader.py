@@ -255,16 +255,24 @@ class ModelExperts:
 
 def quantized_elements(module: nn.Module, params: list[ExpertParam]) -> dict[str, int]:
     """For each packed weight of a quantized expert module (``gate_proj.weight`` of a module whose
-    ``gate_proj`` has ``bits``): the elements one expert holds in its quantized type."""
+    ``gate_proj`` has ``bits``): the elements one expert holds in its quantized type.
+
+    A packed (uint32) weight whose bits cannot be found is counted at 2 bits, MLX's narrowest: the
+    most elements its words can hold, so a limit on them stays a limit.
+    """
     out: dict[str, int] = {}
     for p in params:
         owner, _, leaf = p.key.rpartition(".")
+        if leaf != "weight" or p.dtype != "U32":
+            continue
         sub: Any = module
         for part in owner.split(".") if owner else []:
             sub = getattr(sub, part, None)
         bits = getattr(sub, "bits", None)
-        if leaf == "weight" and p.dtype == "U32" and isinstance(bits, int) and bits > 0:
-            out[p.key] = math.prod(p.shape) * 32 // bits
+        if not (isinstance(bits, int) and bits > 0):
+            log.info("%s: no bits found for packed weight %s; counted as 2-bit", type(module).__name__, p.key)
+            bits = 2
+        out[p.key] = math.prod(p.shape) * 32 // bits
     return out
 
 

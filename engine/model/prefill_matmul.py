@@ -39,7 +39,8 @@ _EXPERTS_PER_EVAL = 8
 
 @dataclass
 class PrefillMatmul:
-    """When dense GEMMs replace quantized matmuls; shared by every swapped module of a model."""
+    """When long calls leave mlx-lm's kernels (dense GEMMs on the CPU, one quantized matmul per
+    expert run on a GPU); shared by every swapped module of a model."""
 
     enabled: bool = False
     # "dequant": dequantize + dense GEMM (the CPU with a fast BLAS); "quantized": one quantized
@@ -50,7 +51,7 @@ class PrefillMatmul:
     min_expert_rows: int = 4  # expert layers: rows routed to one expert in one call
     # (slot ids ascending, rows per slot) of the sorted expert call being built, else None
     plan: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False)
-    dense_gemms: int = 0  # weight matrices multiplied this way since load
+    dense_gemms: int = 0  # weight matrices multiplied this way (either kind) since load
 
 
 def dequantize_affine(weight: mx.array, scales: mx.array, biases: mx.array | None, group_size: int, bits: int) -> mx.array:
@@ -110,7 +111,8 @@ class PrefillQuantizedLinear(nn.QuantizedLinear):
 
 
 class PrefillSwitchLinear(QuantizedSwitchLinear):
-    """Expert projection that runs a chunk's long expert runs as dense GEMMs (see module).
+    """Expert projection that runs a chunk's long expert runs as dense GEMMs, or on a GPU as one
+    quantized matmul each (see module).
 
     Used only for mlx-lm's sorted call shape (rows ``[N, 1, D]`` ordered by slot, as
     ``SwitchGLU``/``SwitchMLP`` make for 64 or more routed rows) while the streamed layer has set
@@ -150,8 +152,7 @@ class PrefillSwitchLinear(QuantizedSwitchLinear):
             mode.dense_gemms += 1
             rows = x[start : start + count, 0, :]
             if mode.kind == "quantized":
-                y = mx.quantized_matmul(rows, self["weight"][slot], self["scales"][slot], _at(self.get("biases"), slot),
-                                        transpose=True, group_size=self.group_size, bits=self.bits, mode=self.mode)  # fmt: skip
+                y = quantized_run(rows, self, slot)
             else:
                 y = dequant_matmul(rows, self["weight"][slot], self["scales"][slot], _at(self.get("biases"), slot), self, mode.streams)
             if "bias" in self:
@@ -167,6 +168,12 @@ class PrefillSwitchLinear(QuantizedSwitchLinear):
             pending.append(super().__call__(x[short_from:start], indices[short_from:start], True))
         pieces.extend(pending)
         return pieces[0] if len(pieces) == 1 else mx.concatenate(pieces, axis=0)
+
+
+def quantized_run(rows: mx.array, module: QuantizedSwitchLinear, slot: int) -> mx.array:
+    """One expert's routed rows times its quantized weight, read once (the GPU kind)."""
+    return mx.quantized_matmul(rows, module["weight"][slot], module["scales"][slot], _at(module.get("biases"), slot),
+                               transpose=True, group_size=module.group_size, bits=module.bits, mode=module.mode)  # fmt: skip
 
 
 def _at(arr: mx.array | None, i: int) -> mx.array | None:

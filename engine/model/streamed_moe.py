@@ -85,7 +85,7 @@ class ExpertStreamer:
         self.prefetched_hits = 0
         self.skip_layer: int | None = None  # a layer whose output will not be used (see generate)
         self.last_layer_is_final_block = False  # set by the loader
-        self.prefill_matmul = PrefillMatmul()  # dense-GEMM path for long CPU calls (see prefill_matmul)
+        self.prefill_matmul = PrefillMatmul()  # long prefill calls off mlx-lm's kernels (see prefill_matmul)
         # Called between the expert groups of a layer; raises to stop (generate sets it during a
         # prefill whose cache it can roll back; see prefill_progress).
         self.abort_check: Callable[[], None] | None = None

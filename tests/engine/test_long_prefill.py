@@ -203,6 +203,16 @@ def test_pass_size_comes_from_the_memory_budget() -> None:
     assert pass_tokens(cpu, 1, 8192, materialised_attention=True) == 16  # a floor, not zero
 
 
+def test_a_pass_keeps_its_gathered_rows_under_2_to_the_32_elements() -> None:
+    from engine.model.layer_prefill import max_gather_tokens
+
+    shape = PassShape(hidden=4096, experts_per_token=10, moe_intermediate=1024, heads=32, act_bytes=2)
+    cap = max_gather_tokens(shape)
+    assert cap * 10 * 4096 < 2**32 <= (cap + 1) * 10 * 4096  # 104,857 tokens at Qwen3.5-397B's shape
+    assert pass_tokens(shape, 1 << 40, 262_144, materialised_attention=False) == cap  # a 1 TiB budget is capped
+    assert pass_tokens(shape, 2 << 30, 262_144, materialised_attention=False) < cap  # the default budget is below it
+
+
 def test_slot_arrays_are_bounded_in_bytes_per_backend() -> None:
     assert max_array_bytes("cuda", {}) == GPU_SAFE_ARRAY_BYTES == 2 << 30
     assert max_array_bytes("metal", {"max_buffer_length": 1 << 30}) == 1 << 30
@@ -228,14 +238,19 @@ def test_on_cuda_packed_weights_stay_under_2_to_the_32_quantized_elements() -> N
 def test_the_loader_knows_each_packed_weights_quantized_elements(tiny_model) -> None:
     experts = inspect_experts(tiny_model("qwen3_moe", 4))
     layer = experts.layers[0]
-    module = experts.found[0][1]
-    for p in layer.params:
-        if p.key.endswith(".weight"):
-            bits = getattr(module, p.key.split(".")[0]).bits
-            assert layer.quantized_elements[p.key] == p.shape[0] * p.shape[1] * 32 // bits
-        else:
-            assert p.key not in layer.quantized_elements
-    assert len(layer.quantized_elements) == 3  # gate, up, down
+    config = experts.config
+    hidden, inter = config["hidden_size"], config["moe_intermediate_size"]
+    assert layer.quantized_elements == {  # rows x input columns of each projection, from the model's config
+        "gate_proj.weight": inter * hidden, "up_proj.weight": inter * hidden, "down_proj.weight": hidden * inter,
+    }  # fmt: skip
+
+    class Unmarked:  # a module whose projections carry no ``bits``: the words are counted at 2 bits
+        gate_proj = object()
+
+    from engine.model.loader import quantized_elements
+
+    weight = next(p for p in layer.params if p.key == "gate_proj.weight")
+    assert quantized_elements(Unmarked(), [weight]) == {"gate_proj.weight": weight.shape[0] * weight.shape[1] * 16}
 
 
 def test_pools_split_under_the_quantized_element_limit_stay_exact(tiny_model, monkeypatch) -> None:
@@ -283,16 +298,18 @@ def test_expert_runs_prefill_reads_each_expert_once_per_run_and_stays_exact(tiny
     """The GPU's per-expert prefill path (one quantized matmul per expert run), run here on the CPU."""
     import engine.model.loader as loader
 
+    import engine.model.prefill_matmul as prefill_matmul
+
     monkeypatch.setattr(loader, "expert_runs_prefill", lambda setting, device: True)
     path = tiny_model(family, 4)
-    calls = {"quantized_matmul": 0}
-    real = mx.quantized_matmul
+    runs: list[tuple[int, int, int]] = []  # (module, slot, rows) of each expert-run matmul
+    real = prefill_matmul.quantized_run
 
-    def counting(*a, **kw):
-        calls["quantized_matmul"] += 1
-        return real(*a, **kw)
+    def recording(rows, module, slot):
+        runs.append((id(module), slot, int(rows.shape[0])))
+        return real(rows, module, slot)
 
-    monkeypatch.setattr(mx, "quantized_matmul", counting)
+    monkeypatch.setattr(prefill_matmul, "quantized_run", recording)
     prompt = _prompt(300)
     engine = Engine.load(path, EngineOptions(cache_mb=0, prefill_matmul="off"), measure_disk=False)
     try:
@@ -301,7 +318,9 @@ def test_expert_runs_prefill_reads_each_expert_once_per_run_and_stays_exact(tiny
         got = [e.token for e in engine.generate(prompt, SamplingParams(max_tokens=NEW))]
     finally:
         engine.close()
-    assert mode.dense_gemms > 0 and calls["quantized_matmul"] >= mode.dense_gemms
+    assert runs and len(runs) == mode.dense_gemms  # every expert run of the prefill went this way
+    assert all(rows >= mode.min_expert_rows for _, _, rows in runs)
+    assert sum(rows for _, _, rows in runs) >= 4 * len(runs)  # an expert's weights read once for its rows
     assert got == _reference(path, prompt, NEW)
 
 
