@@ -35,14 +35,9 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-from engine.diagnostics.large_array_check import IN_DIM, PATTERNS, ROWS, probe_slots, slot_bytes
+from engine.diagnostics.large_array_check import IN_DIM, PATTERNS, ROWS, packed_cols, probe_slots, slot_bytes
 
 GROUPS = IN_DIM // 64
-
-
-def packed_cols(bits: int) -> int:
-    """uint32 words per weight row at ``bits`` bits."""
-    return IN_DIM * bits // 32
 
 
 def _patterns(bits: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -35,6 +35,11 @@ class LargeArrayResult:
     max_abs_diff: float
 
 
+def packed_cols(bits: int) -> int:
+    """uint32 words per weight row at ``bits`` bits."""
+    return IN_DIM * bits // 32
+
+
 def slot_bytes(bits: int) -> int:
     """Bytes of one slot's packed weight at ``bits`` bits."""
     return ROWS * IN_DIM * bits // 8
@@ -59,7 +64,7 @@ def check_stacked_array(array_bytes: int, bits: int = 4, dtype: mx.Dtype = mx.bf
     n_slots = max(2, array_bytes // slot_bytes(bits))
     key = mx.random.key(seed)
     k_w, k_s, k_x = mx.random.split(key, 3)
-    words = IN_DIM * bits // 32
+    words = packed_cols(bits)
     k_hi, k_lo = mx.random.split(k_w, 2)
     halves = [mx.random.randint(0, 1 << 16, (PATTERNS, ROWS, words), key=k).astype(mx.uint32) for k in (k_hi, k_lo)]
     pat_w = (halves[0] << 16) | halves[1]  # every bit drawn

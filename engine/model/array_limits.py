@@ -28,7 +28,9 @@ import mlx.core as mx
 # The largest stacked array measured exact on a GPU backend (see the module docstring).
 GPU_SAFE_ARRAY_BYTES = 2 << 30
 MAX_ELEMENTS = 2**31 - 1
-CUDA_MAX_QUANTIZED_ELEMENTS = 2**32  # the 32-bit slot offset of CUDA's gather kernel (module docstring)
+# CUDA's tiled gather kernel computes its offsets in 32 bits (module docstring): a stacked weight's
+# slot offset in quantized elements, and a routed row's input and output offsets (layer_prefill)
+CUDA_GATHER_OFFSET_LIMIT = 2**32
 
 
 def backend() -> str:
@@ -71,7 +73,7 @@ def max_array_bytes(where: str | None = None, info: Mapping[str, Any] | None = N
 
 def max_quantized_elements(where: str | None = None) -> int | None:
     """Quantized elements one stacked packed weight may hold on backend ``where``; None: no such limit."""
-    return CUDA_MAX_QUANTIZED_ELEMENTS if (where or backend()) == "cuda" else None
+    return CUDA_GATHER_OFFSET_LIMIT if (where or backend()) == "cuda" else None
 
 
 def max_slots_per_array(slot_bytes: int, slot_elements: int, limit_bytes: int,

@@ -32,6 +32,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.base import create_attention_mask, create_ssm_mask
 
+from engine.model.array_limits import CUDA_GATHER_OFFSET_LIMIT
 from engine.model.prefill_progress import PrefillProgress, ProgressFn
 
 ATTENTION_CHUNK = 512  # queries per attention call inside a pass (mlx-lm's stream_generate step)
@@ -99,7 +100,7 @@ def pass_tokens(
 def max_gather_tokens(shape: PassShape) -> int:
     """Tokens whose routed rows keep ``rows x max(hidden, moe_intermediate)`` below 2**32 elements."""
     width = max(shape.hidden, shape.moe_intermediate)
-    return (2**32 - 1) // max(1, shape.experts_per_token * width)
+    return (CUDA_GATHER_OFFSET_LIMIT - 1) // max(1, shape.experts_per_token * width)
 
 
 def _arrays_in(value: Any) -> list[mx.array]:

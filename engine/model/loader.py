@@ -201,8 +201,7 @@ def use_prefill_matmul(setting: str, device: str = "cpu") -> bool:
     Only where the model runs on the CPU (``device`` as from ``pick_device``): on a GPU the
     weights are on the device, and its own quantized matmul runs each expert's rows at once.
     """
-    if setting not in ("auto", "on", "off"):
-        raise RequestError(f"prefill_matmul must be 'auto', 'on' or 'off', got {setting!r}")
+    _check_prefill_matmul(setting)
     if device != "cpu":
         return False
     return setting == "on" or (setting == "auto" and fast_blas_status()[0])
@@ -217,9 +216,13 @@ def expert_runs_prefill(setting: str, device: str) -> bool:
     already groups an expert's rows. "on" turns it on for any GPU; "auto" leaves it off until
     it is measured on one (``bench/gpu/run_397b.sh``: exactness and time against the pair path).
     """
+    _check_prefill_matmul(setting)
+    return device == "gpu" and setting == "on"
+
+
+def _check_prefill_matmul(setting: str) -> None:
     if setting not in ("auto", "on", "off"):
         raise RequestError(f"prefill_matmul must be 'auto', 'on' or 'off', got {setting!r}")
-    return device == "gpu" and setting == "on"
 
 
 def pick_device(requested: str) -> str:
