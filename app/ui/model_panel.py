@@ -32,14 +32,15 @@ def plan_lines(plan: dict[str, Any]) -> list[tuple[str, str]]:
     if plan.get("disk_read_bytes_per_s"):
         rows.append(("Disk read speed", human_rate(plan["disk_read_bytes_per_s"])))
     if plan.get("tps_bound_cold"):
-        rows.append(("Disk-bound speed", f"up to {plan['tps_bound_cold']:.1f} tok/s with no expert cached"))
+        rows.append(("Disk-bound speed", f"up to {plan['tps_bound_cold']:.1f} tok/s (with no expert cached)"))
     k, trained = plan.get("experts_per_token"), plan.get("trained_experts_per_token")
     if k and trained and k < trained:
         rows.append(("Quality warning", f"K={k} is below the trained {trained}: answers may degrade"))
     if plan.get("fits_in_ram"):
         rows.append(("Note", "the whole model fits in RAM; streaming is optional"))
     if plan.get("family_support"):
-        rows.append(("Model family", str(plan["family_support"])))
+        family, sep, support = str(plan["family_support"]).partition(": ")
+        rows.append(("Model family", f"{family} ({support})" if sep else family))
     return rows
 
 
@@ -52,6 +53,18 @@ def cache_text(plan: dict[str, Any]) -> str:
     if mode and reason:
         return f"{size} ({mode}: {reason})"
     return f"{size} ({mode})" if mode else size
+
+
+def split_detail(value: str) -> tuple[str, str]:
+    """A plan value's figure and its explanation: "20.0 GB (automatic: ...)" -> ("20.0 GB", "automatic: ...").
+
+    The side panel's value column is narrow; the figure stays beside its label and the
+    explanation gets the panel's whole width beneath it.
+    """
+    head, sep, tail = value.partition(" (")
+    if not sep or not tail.endswith(")") or not head:
+        return value, ""
+    return head, tail[:-1]
 
 
 class ModelPanel(QtWidgets.QFrame):
@@ -143,9 +156,15 @@ class ModelPanel(QtWidgets.QFrame):
         while self.plan_form.rowCount():
             self.plan_form.removeRow(0)
         for label, value in plan_lines(plan):
-            value_label = QtWidgets.QLabel(value, self)
+            figure, detail = split_detail(value)
+            value_label = QtWidgets.QLabel(figure, self)
             value_label.setWordWrap(True)
             self.plan_form.addRow(f"{label}:", value_label)
+            if detail:
+                detail_label = QtWidgets.QLabel(detail, self)
+                detail_label.setObjectName("planDetail")
+                detail_label.setWordWrap(True)
+                self.plan_form.addRow(detail_label)
 
     def show_loading(self, stage: str, fraction: float) -> None:
         """Show load progress."""

@@ -13,6 +13,7 @@ from app.ui.conversation import ChatEntry
 from app.ui.download_panel import download_failure_text
 from app.ui.gauges import GAUGE_TIPS
 from app.ui.model_download import DownloadError, download_dir_for
+from app.ui.model_panel import split_detail
 from app.ui.theme import DARK, LIGHT, apply_theme
 from engine.serving.protocol import LiveFigures
 
@@ -180,3 +181,29 @@ def test_the_side_panel_scrolls_instead_of_squeezing_a_full_plan(qtbot, main_win
     main_window.resize(1100, 2000)
     qtbot.wait(100)
     assert bar.maximum() == 0  # room enough: no scrolling
+
+
+def test_plan_explanations_take_the_panel_width_not_the_value_column(qtbot, main_window) -> None:
+    panel = main_window.model_panel
+    panel.show_plan(FULL_PLAN)
+    main_window.resize(1100, 900)
+    qtbot.wait(100)
+    form = panel.plan_form
+    values = {form.itemAt(row, QtWidgets.QFormLayout.ItemRole.LabelRole).widget().text():
+              form.itemAt(row, QtWidgets.QFormLayout.ItemRole.FieldRole).widget()
+              for row in range(form.rowCount()) if form.itemAt(row, QtWidgets.QFormLayout.ItemRole.LabelRole)}
+    cache = values["Expert cache:"]
+    assert cache.text() == "20.0 GB"  # the figure alone beside its label: one line
+    assert cache.height() <= cache.fontMetrics().lineSpacing() * 1.5
+    details = [form.itemAt(row, QtWidgets.QFormLayout.ItemRole.SpanningRole).widget()
+               for row in range(form.rowCount()) if form.itemAt(row, QtWidgets.QFormLayout.ItemRole.SpanningRole)]
+    reason = next(label for label in details if label.text().startswith("automatic: "))
+    assert reason.width() > cache.width()  # the explanation spans the panel
+    assert reason.objectName() == "planDetail"
+
+
+def test_split_detail_keeps_values_without_an_explanation_whole() -> None:
+    assert split_detail("20.0 GB (automatic: 75% of the spare RAM)") == ("20.0 GB", "automatic: 75% of the spare RAM")
+    assert split_detail("5.5 GB/s") == ("5.5 GB/s", "")
+    assert split_detail("a (b) c") == ("a (b) c", "")  # only a trailing explanation is split off
+    assert split_detail(" (x)") == (" (x)", "")
