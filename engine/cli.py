@@ -92,6 +92,11 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
         help="long prefill calls: on the CPU, dequantize + dense GEMM (auto: where MLX has a fast BLAS); "
              "on a GPU, 'on' runs each expert's routed rows as one quantized matmul (auto: off there, unmeasured)",
     )  # fmt: skip
+    p.add_argument(
+        "--mlx-lm-shapes", choices=["auto", "on", "off"], default="auto",
+        help="call MLX's kernels with mlx-lm's shapes (prompt steps of 2048, the last token alone), so "
+             "the tokens equal mlx-lm's where a row's result depends on its call (auto: on a GPU)",
+    )  # fmt: skip
 
 
 def engine_options(args: argparse.Namespace) -> EngineOptions:
@@ -112,6 +117,7 @@ def engine_options(args: argparse.Namespace) -> EngineOptions:
         device=args.device,
         use_packed=not args.no_packed,
         prefill_matmul=args.prefill_matmul,
+        mlx_lm_shapes=args.mlx_lm_shapes,
         shrink_cache_under_pressure=args.shrink_cache_under_pressure,
     )
 

@@ -16,7 +16,9 @@ from engine.storage.expert_store import ExpertStore
 from engine.storage.packed_layout import PackedLayer
 from engine.errors import RequestError
 from engine.model.expert_parallel import ExpertParallel, attach_expert_parallel
+from engine.model.array_limits import backend
 from engine.model.generate import generate_tokens
+from engine.model.kernel_shapes import aligned_pass_tokens, mirror_setting
 from engine.model.layer_prefill import context_length, pass_shape, pass_tokens, prefill_memory_bytes, supports_layer_major
 from engine.model.prefill_progress import ProgressFn as PrefillProgressFn
 from engine.platform_info import memory_info
@@ -78,12 +80,16 @@ class Engine:
         try:
             self.context_length = context_length(loaded.config)  # 0 when config.json does not say
             self.layer_major_prefill = supports_layer_major(loaded.model)
+            # where rows depend on their call (a GPU), every call gets mlx-lm's shape: same tokens
+            self.mlx_lm_shapes = mirror_setting(options.mlx_lm_shapes, backend())
+            loaded.streamer.kernel_backend = backend() if self.mlx_lm_shapes else "cpu"
             self.prefill_pass_tokens = self._pass_tokens()
             self.parallel = attach_expert_parallel(
                 loaded.streamer,
                 model_dir,
                 {"k": loaded.k, "device": options.device, "prefill_matmul": options.prefill_matmul,
-                 "prefill_chunk": options.prefill_chunk, "layer_major": self.layer_major_prefill},
+                 "prefill_chunk": options.prefill_chunk, "layer_major": self.layer_major_prefill,
+                 "mlx_lm_shapes": self.mlx_lm_shapes},
             )
             if self.parallel is not None and self.prefill_pass_tokens:
                 # every rank must cut the prompt at the same places (same collectives, same sums)
@@ -111,6 +117,10 @@ class Engine:
         """Tokens per layer-major prefill pass (0 where the family is prefilled chunk by chunk)."""
         if not self.layer_major_prefill:
             return 0
+        n = self._budget_pass_tokens()
+        return aligned_pass_tokens(n) if self.mlx_lm_shapes else n
+
+    def _budget_pass_tokens(self) -> int:
         if self.options.prefill_pass_tokens > 0:
             return self.options.prefill_pass_tokens
         on_cpu = self._loaded.activation_dtype == "float32"
@@ -267,6 +277,7 @@ class Engine:
             pass_tokens=self.prefill_pass_tokens,
             on_prefill=on_prefill,
             context_length=self.context_length,
+            mlx_lm_shapes=self.mlx_lm_shapes,
         )
 
     def preload_experts(self) -> int:

@@ -42,6 +42,10 @@ class EngineOptions:
     # long prefill calls: on the CPU dequantize + dense GEMM ("auto": where MLX has a fast BLAS),
     # on a GPU one quantized matmul per expert run ("on" only); see engine.model.prefill_matmul
     prefill_matmul: str = "auto"
+    # give every MLX call mlx-lm's shape (prompt steps of 2048, the last token alone, split expert
+    # calls padded to the whole call's kernel): "auto" where a row's result depends on its call
+    # (the GPU), "on"/"off" to force it; see engine.model.kernel_shapes
+    mlx_lm_shapes: str = "auto"
     # give the in-process expert cache's memory back under memory pressure (halve it on "critical"
     # or a lasting "warning", grow it back after a calm spell; engine.serving.pressure_policy);
     # False keeps the cache at the budget's size whatever the pressure

@@ -296,7 +296,7 @@ class ExpertParallel:
         y: mx.array | None = None
         if owned.size:
             rows = x.reshape(-1, d)[mx.array(owned // k)]
-            y = switch.run_pairs(rows, flat[owned])
+            y = switch.run_pairs(rows, flat[owned], call_pairs=int(flat.size))  # padded to the whole call's kernel
             if y.dtype != x.dtype:
                 raise UnsupportedModelError(
                     f"expert layer {switch.layer}: its experts return {y.dtype} for {x.dtype} activations; "

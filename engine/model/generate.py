@@ -13,6 +13,7 @@ from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
 from engine.errors import RequestError
 from engine.platform_info import peak_rss_bytes
+from engine.model.kernel_shapes import MLX_LM_PREFILL_STEP, short_step_tail
 from engine.model.layer_prefill import PassReporter, run_pass
 from engine.model.prefill_progress import CacheCheckpoint, PrefillCancelled, ProgressFn
 from engine.model.streamed_moe import ExpertStreamer
@@ -49,6 +50,7 @@ def generate_tokens(
     pass_tokens: int = 0,
     on_prefill: ProgressFn | None = None,
     context_length: int = 0,
+    mlx_lm_shapes: bool = False,
 ) -> Iterator[TokenEvent]:
     """Prefill ``prompt_tokens`` into ``kv_cache``, then decode until eos or the limit.
 
@@ -60,7 +62,9 @@ def generate_tokens(
     A prompt that with ``reused_tokens`` reaches ``context_length`` (when > 0) is refused before
     anything is read. Each event carries the token and the figures of the step that made it; the
     first token's step is the whole prefill. A cancelled generation ends with an event whose
-    token is NO_TOKEN.
+    token is NO_TOKEN. With ``mlx_lm_shapes`` (backends whose rows depend on their call, see
+    engine.model.kernel_shapes) every call has mlx-lm's shape: all but the last token in steps
+    of MLX_LM_PREFILL_STEP (``pass_tokens`` a multiple of it), then the last token alone.
     """
     if len(prompt_tokens) == 0:
         raise RequestError("the prompt has no new tokens to process")
@@ -116,8 +120,12 @@ def generate_tokens(
     t0 = time.perf_counter()
     n = len(prompt_tokens)
     layer_major = pass_tokens > 0
-    todo = list(prompt_tokens) if layer_major else list(prompt_tokens[: n - 1])
-    step = max(1, pass_tokens if layer_major else prefill_chunk)
+    # The last token in the last pass saves a step where rows are independent; with mlx-lm's
+    # shapes it runs alone, as in mlx-lm.
+    last_in_pass = layer_major and not mlx_lm_shapes
+    todo = list(prompt_tokens) if last_in_pass else list(prompt_tokens[: n - 1])
+    chunk = MLX_LM_PREFILL_STEP if mlx_lm_shapes else max(1, prefill_chunk)
+    step = max(1, pass_tokens if layer_major else chunk)
     passes = -(-len(todo) // step)
     reporter = PassReporter(on_prefill, len(todo), passes, len(getattr(model, "layers", [])), lambda: streamer.figures.bytes_read)
     syncs_before_last = streamer.host_syncs
@@ -148,8 +156,8 @@ def generate_tokens(
                 if layer_major:
                     syncs_before_last = streamer.host_syncs
                     logits = run_pass(
-                        model, kv_cache, piece, last=start + step >= len(todo), attention_chunk=max(1, prefill_chunk),
-                        between_layers=after_layer,
+                        model, kv_cache, piece, last=last_in_pass and start + step >= len(todo), attention_chunk=chunk,
+                        between_layers=after_layer, tail_alone=short_step_tail(len(piece)) if mlx_lm_shapes else 0,
                     )
                 else:
                     model(mx.array(piece)[None], cache=kv_cache)

@@ -138,13 +138,16 @@ def run_pass(
     last: bool,
     between_layers: Callable[[int], None],
     attention_chunk: int = ATTENTION_CHUNK,
+    tail_alone: int = 0,
 ) -> mx.array | None:
     """Run ``tokens`` through every decoder layer, layer by layer, filling ``cache``.
 
     Only the caches and, for the prompt's ``last`` pass, the last token's logits are kept: the
     last layer's MLP runs on that one token (on none in other passes), since nothing else reads
     its output. ``between_layers(i)`` is called after layer ``i`` is evaluated (progress,
-    cancellation). Returns the logits (``[1, 1, vocab]``) for the last pass, else None.
+    cancellation). ``tail_alone`` > 0: the MLP of the last that many tokens runs in a call of its
+    own (kernel_shapes: the short step mlx-lm ends with, whose kernel the whole pass's would not
+    be). Returns the logits (``[1, 1, vocab]``) for the last pass, else None.
     """
     inner = _text_model(model)
     assert inner is not None
@@ -169,11 +172,22 @@ def run_pass(
                 between_layers(i)
                 return None
             hh = hh[:, -1:]
-        h = hh + layer.mlp(layer.post_attention_layernorm(hh))
+        h = hh + _mlp_in_calls(layer, hh, tail_alone)
         mx.eval(h)
         del hh
         between_layers(i)
     return logits_of(model, h)
+
+
+def _mlp_in_calls(layer: nn.Module, hh: mx.array, tail_alone: int) -> mx.array:
+    """The layer's MLP on ``hh`` (``[1, n, hidden]``), its last ``tail_alone`` tokens in a call of their own."""
+    n = hh.shape[1]
+    if not 0 < tail_alone < n:
+        return layer.mlp(layer.post_attention_layernorm(hh))
+    head = layer.mlp(layer.post_attention_layernorm(hh[:, : n - tail_alone]))
+    mx.eval(head)  # the head's experts are done with before the tail's are routed
+    tail = layer.mlp(layer.post_attention_layernorm(hh[:, n - tail_alone :]))
+    return mx.concatenate([head, tail], axis=1)
 
 
 class PassReporter:

@@ -23,6 +23,7 @@ import numpy as np
 
 from engine.errors import UnsupportedModelError
 from engine.model.array_limits import max_array_bytes, max_quantized_elements, max_slots_per_array
+from engine.model.kernel_shapes import pad_to
 from engine.model.prefill_matmul import PrefillMatmul
 from engine.model.expert_cache import ExpertCache, Key, SlotPool
 from engine.model.expert_parallel import ExpertParallel
@@ -85,6 +86,9 @@ class ExpertStreamer:
         self.prefetched_hits = 0
         self.skip_layer: int | None = None  # a layer whose output will not be used (see generate)
         self.last_layer_is_final_block = False  # set by the loader
+        # the backend whose kernel choice split expert calls must follow (engine.model.kernel_shapes);
+        # "cpu": none to follow (rows are independent there, or mlx-lm's shapes are off)
+        self.kernel_backend = "cpu"
         self.prefill_matmul = PrefillMatmul()  # long prefill calls off mlx-lm's kernels (see prefill_matmul)
         # Called between the expert groups of a layer; raises to stop (generate sets it during a
         # prefill whose cache it can roll back; see prefill_progress).
@@ -441,16 +445,36 @@ class StreamedSwitch(nn.Module):
         streamer.figures.sync_s += time.perf_counter() - t1 - (streamer.figures.io_wait_s - io_before)
         return y
 
-    def run_pairs(self, rows: mx.array, experts: np.ndarray) -> mx.array:
-        """Row ``i`` of ``rows`` through expert ``experts[i]``: ``[n, hidden]`` (expert parallelism)."""
+    def run_pairs(self, rows: mx.array, experts: np.ndarray, call_pairs: int = 0) -> mx.array:
+        """Row ``i`` of ``rows`` through expert ``experts[i]``: ``[n, hidden]`` (expert parallelism).
+
+        ``call_pairs``: the pairs of the whole layer call these are a share of (0: these only);
+        a share too small for that call's kernel is padded to it (kernel_shapes.pad_to).
+        """
         host_idx = np.asarray(experts).reshape(-1, 1)
         unique = np.unique(host_idx)
         cap = self._binding.streamer.capacity(self.layer)
+        call_pairs = max(call_pairs, int(host_idx.size))
         if len(unique) <= cap:
-            y = self._run_group(rows, host_idx, unique)
+            host_slots, _ = self._slot_indices(host_idx, unique)
+            y = self._call_padded(rows, host_slots, call_pairs)
         else:
-            y = self._run_grouped(rows, host_idx, unique, cap)
+            y = self._run_grouped(rows, host_idx, unique, cap, call_pairs)
         return y[:, 0, :]
+
+    def _call_padded(self, rows: mx.array, host_slots: np.ndarray, call_pairs: int) -> mx.array:
+        """``rows[i]`` (``[n, hidden]``) through slot ``host_slots[i]`` (``[n, 1]``), padded to ``call_pairs``'s kernel.
+
+        The padding repeats the first pair; its outputs are dropped. (kernel_shapes.pad_to)
+        """
+        n = int(host_slots.shape[0])
+        target = pad_to(n, call_pairs, self._binding.streamer.kernel_backend)
+        if target > n:
+            extra = target - n
+            rows = mx.concatenate([rows, mx.broadcast_to(rows[:1], (extra, rows.shape[-1]))])
+            host_slots = np.concatenate([host_slots, np.repeat(host_slots[:1], extra, axis=0)])
+        y = self._call_inner(rows, host_slots, mx.array(host_slots))
+        return y[:n] if target > n else y
 
     def _slot_indices(self, host_idx: np.ndarray, unique: np.ndarray) -> tuple[np.ndarray, mx.array]:
         slots = self._binding.streamer.ensure(self.layer, unique)
@@ -475,13 +499,14 @@ class StreamedSwitch(nn.Module):
     def _run_group(self, x: mx.array, host_idx: np.ndarray, unique: np.ndarray) -> mx.array:
         return self._call_inner(x, *self._slot_indices(host_idx, unique))
 
-    def _run_grouped(self, x: mx.array, host_idx: np.ndarray, unique: np.ndarray, cap: int) -> mx.array:
+    def _run_grouped(self, x: mx.array, host_idx: np.ndarray, unique: np.ndarray, cap: int, call_pairs: int = 0) -> mx.array:
         """More distinct experts than slots (long prefill passes with a small cache): go in groups.
 
         Each expert is read once per call; half of the pool's slots take the group being read
         while the other half's group computes, so reads overlap compute. Each (token, choice)
-        pair is computed by the same kernel on the same rows; the pieces are put back in their
-        original order before the model's weighted sum. ``check_abort`` runs between groups.
+        pair is computed by the same kernel on the same rows (a small group is padded to the
+        kernel of the whole call, ``call_pairs`` or this call's pairs); the pieces are put back in
+        their original order before the model's weighted sum. ``check_abort`` runs between groups.
         """
         if self._binding.extra != ((), {}):
             raise UnsupportedModelError(
@@ -512,7 +537,7 @@ class StreamedSwitch(nn.Module):
             lut[group] = slots
             host_slots = lut[flat_idx[pos]]
             rows = x_rows[mx.array(pos // k)]
-            y = self._call_inner(rows, host_slots[:, None], mx.array(host_slots)[:, None])[:, 0, :]
+            y = self._call_padded(rows, host_slots[:, None], max(call_pairs, int(host_idx.size)))[:, 0, :]
             mx.async_eval(y)
             pieces.append(y)
             positions.append(pos)

@@ -82,3 +82,30 @@ def test_a_slot_reuse_check_that_never_evicted_proves_nothing(tmp_path: Path, mo
     monkeypatch.setattr(Engine, "load", classmethod(roomy))
     result = selfcheck.check_slot_reuse(tmp_path)
     assert result.status == "FAIL" and result.detail == "the smallest cache never evicted: the check proved nothing"
+
+
+def test_on_a_gpu_rows_may_differ_alone_but_not_with_the_calls_length(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mlx_lm.models.switch_layers import SwitchGLU
+
+    real = SwitchGLU.__call__
+
+    def by_kernel(self: SwitchGLU, x, indices):  # type: ignore[no-untyped-def]
+        return real(self, x, indices) + (1e-3 if x.shape[0] * indices.shape[-1] < 8 else 0.0)  # CUDA's vector class
+
+    monkeypatch.setattr(SwitchGLU, "__call__", by_kernel)
+    result = selfcheck.check_row_independence(tmp_path, "cuda")
+    assert result.status == "PASS" and result.detail.startswith("rows alone and batched differ by 0.001")
+    assert selfcheck.check_row_independence(tmp_path, "cpu").status == "FAIL"  # the CPU path relies on it
+
+
+def test_on_a_gpu_rows_that_change_with_the_calls_length_fail(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mlx_lm.models.switch_layers import SwitchGLU
+
+    real = SwitchGLU.__call__
+
+    def by_length(self: SwitchGLU, x, indices):  # type: ignore[no-untyped-def]
+        return real(self, x, indices) + x.shape[0] * 1e-4
+
+    monkeypatch.setattr(SwitchGLU, "__call__", by_length)
+    result = selfcheck.check_row_independence(tmp_path, "cuda")
+    assert result.status == "FAIL" and result.detail.startswith("rows change with their call's length (8 against 16 tokens")
