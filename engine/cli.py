@@ -71,7 +71,8 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cold", action="store_true", help="bypass the OS page cache for expert reads")
     p.add_argument("--io-threads", type=int, default=4, help="parallel expert reads")
     p.add_argument("--prefill-chunk", type=int, default=512,
-                   help="prompt tokens per attention call of a prefill pass (per chunk for other families)")
+                   help="prompt tokens per attention call of a prefill pass (per chunk for other families); "
+                        "with --mlx-lm-shapes on (auto on a GPU) mlx-lm's 2,048 instead")
     p.add_argument("--prefill-pass-tokens", type=int, default=0,
                    help="prompt tokens per pass over the experts (0: as many as --prefill-memory-mb holds)")
     p.add_argument("--prefill-memory-mb", type=float, default=None,
@@ -90,7 +91,8 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--prefill-matmul", choices=["auto", "on", "off"], default="auto",
         help="long prefill calls: on the CPU, dequantize + dense GEMM (auto: where MLX has a fast BLAS); "
-             "on a GPU, 'on' runs each expert's routed rows as one quantized matmul (auto: off there, unmeasured)",
+             "on a GPU, 'on' runs each expert's routed rows as one quantized matmul (auto: off there, unmeasured; "
+             "other kernels than mlx-lm's, so the tokens may differ from mlx-lm's)",
     )  # fmt: skip
     p.add_argument(
         "--mlx-lm-shapes", choices=["auto", "on", "off"], default="auto",

@@ -9,7 +9,7 @@ Checks, each PASS / FAIL / SKIP with one line of detail:
 - row independence: on the CPU, one token's row of the expert matmul does not change with the
   other rows of its batch (bitwise), so chunked prefill equals token-by-token; on a GPU, where
   MLX picks kernels by shape and the engine uses mlx-lm's shapes, that a row does not change
-  with its call's length within one kernel;
+  with its call's length within one kernel (bf16, a quantized linear layer and mlx-lm's experts);
 - large array: ``gather_qmm`` reads the right slot across one stacked slot array as large as the
   engine makes on this backend (2 GiB on a GPU; a 4 GiB one read wrong slots on CUDA);
 - disk: the cold read rate of a test file, that evicting its pages from the page cache works
@@ -166,11 +166,12 @@ def check_row_independence(root: Path, backend_name: str | None = None) -> Check
     token by token). Where MLX picks kernels by shape (a GPU) rows alone and batched may differ,
     and the engine calls the kernels with mlx-lm's shapes instead (engine.model.kernel_shapes);
     what it relies on there is that within one kernel a row does not depend on the call's
-    length: rows 0-7 must be bitwise the same in calls of 8, 16 and 24 tokens.
+    length (engine.diagnostics.row_length_check).
     """
     import mlx.core as mx
     from mlx_lm.utils import load_model
 
+    from engine.diagnostics.row_length_check import check_row_length
     from engine.model.array_limits import backend
     from engine.model.kernel_shapes import rows_independent
     from engine.model.loader import inspect_experts
@@ -194,15 +195,14 @@ def check_row_independence(root: Path, backend_name: str | None = None) -> Check
             return CheckResult("row independence", "FAIL", f"rows differ with their batch (max |diff| {diff:.3g})")
         return CheckResult("row independence", "PASS", f"{n} rows x top-{k} bitwise equal alone and batched")
     alone_diff = float(mx.max(mx.abs(batch - alone)))
-    heads = [switch(x[:m], idx[:m])[:8] for m in (8, 16, n)]
-    mx.eval(*heads)
-    for m, head in zip((16, n), heads[1:]):
-        if not bool(mx.array_equal(heads[0], head)):
-            diff = float(mx.max(mx.abs(heads[0] - head)))
-            return CheckResult("row independence", "FAIL", f"rows change with their call's length (8 against {m} tokens, "
-                                                           f"max |diff| {diff:.3g}): long prompts may not give mlx-lm's tokens")  # fmt: skip
+    for r in check_row_length():
+        if r.rows is not None:
+            return CheckResult("row independence", "FAIL", f"{r.what}: rows change with their call's length ({r.rows} against "
+                                                           f"{'8' if r.what == 'quantized linear' else '16'} rows, max |diff| "
+                                                           f"{r.max_abs_diff:.3g}): long prompts may not give mlx-lm's tokens")  # fmt: skip
     return CheckResult("row independence", "PASS", f"rows alone and batched differ by {alone_diff:.3g} (MLX picks kernels by shape: "
-                                                   "the engine uses mlx-lm's shapes); within a kernel, rows equal in calls of 8, 16 and 24 tokens")  # fmt: skip
+                                                   "the engine uses mlx-lm's shapes); within a kernel, bf16 rows equal in calls of "
+                                                   "8 to 2,048 rows (quantized linear) and 16 to 64 tokens (experts)")  # fmt: skip
 
 
 def check_large_array() -> CheckResult:

@@ -19,9 +19,17 @@ one kernel a row's sum does not depend on the call's length; a short last step (
 tokens, where mlx-lm took the vector kernel) gets its own call (``short_step_tail``). Unmeasured
 on a GPU: ``bench/gpu/check_long_prefill.py`` (2,100 tokens: a pass of 2,099 against mlx-lm's
 2,048 + 51) is the check.
+
+Limits: ``--prefill-matmul on`` on a GPU runs each expert's rows as a ``quantized_matmul``, not
+mlx-lm's ``gather_qmm``, so its tokens may differ. On Metal the last token alone and the attention
+cuts apply, but ``gather_qmm`` there also chooses by the ratio of pairs to the experts in the
+weight array (the engine's slot pool, not the model's experts), which ``pad_to`` does not follow:
+the self-check's exactness check says whether a Mac gives mlx-lm's tokens.
 """
 
 from __future__ import annotations
+
+from engine.errors import RequestError
 
 MLX_LM_PREFILL_STEP = 2048  # generate_step's prefill_step_size default (mlx-lm 0.32)
 CUDA_VECTOR_PAIRS = 8  # rows x index pairs below which MLX's CUDA (gather_)qmm takes its vector kernel
@@ -35,7 +43,7 @@ def rows_independent(backend: str) -> bool:
 def mirror_setting(setting: str, backend: str) -> bool:
     """The ``mlx_lm_shapes`` option ("auto", "on", "off") resolved for ``backend``."""
     if setting not in ("auto", "on", "off"):
-        raise ValueError(f"mlx_lm_shapes must be 'auto', 'on' or 'off', got {setting!r}")
+        raise RequestError(f"mlx_lm_shapes must be 'auto', 'on' or 'off', got {setting!r}")
     return setting == "on" or (setting == "auto" and not rows_independent(backend))
 
 

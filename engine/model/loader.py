@@ -24,6 +24,7 @@ from mlx.utils import tree_flatten
 from engine.model.cpu_parallel import cpu_streams, split_output_projection
 from engine.model.discovery import ExpertBank, k_fields, k_override, probe_banks
 from engine.model.array_limits import recommended_working_set_bytes
+from engine.model.kernel_shapes import MLX_LM_PREFILL_STEP, mirror_setting
 from engine.model.prefill_matmul import install_prefill_matmul
 from engine.errors import CorruptModelError, MissingFileError, ModelError, RequestError, TokenizerError, UnsupportedModelError
 from engine.storage.expert_layout import ExpertParam, LayerExperts, layer_experts_from_index
@@ -509,7 +510,9 @@ def memory_budget_for(inspected: "ModelExperts", options: EngineOptions, device:
         k=inspected.k,
         device=device,
         context_tokens=options.context_tokens,
-        prefill_chunk=options.prefill_chunk,
+        # with mlx-lm's shapes (a GPU) the prompt goes in mlx-lm's steps of 2,048 tokens at least
+        prefill_chunk=max(options.prefill_chunk, MLX_LM_PREFILL_STEP)
+        if mirror_setting(options.mlx_lm_shapes, "cpu" if device == "cpu" else "gpu") else options.prefill_chunk,
         prefetch=options.prefetch,
         cpu_prefill_gemm=use_prefill_matmul(options.prefill_matmul, device) and options.activation_dtype != "bfloat16",
         dense_fp32=options.activation_dtype == "float32" or (on_cpu and options.activation_dtype == "auto"),

@@ -152,11 +152,9 @@ class LoadRequest:
             "load.options.device",
             f"must be auto, cpu or gpu, got {o.device!r}",
         )
-        _require(
-            o.prefill_matmul in ("auto", "on", "off"),
-            "load.options.prefill_matmul",
-            f"must be auto, on or off, got {o.prefill_matmul!r}",
-        )
+        for name in ("prefill_matmul", "mlx_lm_shapes"):
+            value = getattr(o, name)
+            _require(value in ("auto", "on", "off"), f"load.options.{name}", f"must be auto, on or off, got {value!r}")
         _require(
             is_policy_name(o.cache_policy),
             "load.options.cache_policy",

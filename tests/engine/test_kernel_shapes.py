@@ -10,11 +10,13 @@ the kernels with mlx-lm's classes.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 from mlx_lm.generate import generate_step
@@ -22,6 +24,7 @@ from mlx_lm.sample_utils import make_sampler
 from mlx_lm.utils import load_model
 
 from engine.engine import Engine
+from engine.errors import RequestError
 from engine.model.kernel_shapes import (CUDA_VECTOR_PAIRS, MLX_LM_PREFILL_STEP, aligned_pass_tokens, mirror_setting,
                                         pad_to, short_step_tail)
 from engine.types import EngineOptions, SamplingParams
@@ -33,7 +36,7 @@ def test_mlx_lm_shapes_are_on_where_rows_depend_on_their_call() -> None:
     assert not mirror_setting("auto", "cpu")
     assert mirror_setting("auto", "cuda") and mirror_setting("auto", "metal")
     assert mirror_setting("on", "cpu") and not mirror_setting("off", "cuda")
-    with pytest.raises(ValueError, match="mlx_lm_shapes.*'sometimes'"):
+    with pytest.raises(RequestError, match="mlx_lm_shapes.*'sometimes'"):
         mirror_setting("sometimes", "cpu")
 
 
@@ -137,3 +140,58 @@ def test_small_expert_groups_are_padded_to_the_calls_kernel(tiny_model, row_depe
     want = _mlx_lm(path, prompt)
     assert _engine(path, prompt, "on", "cuda") == want
     assert _engine(path, prompt, "on", "cpu") != want  # unpadded groups take the vector kernel
+
+
+def _attention_calls(monkeypatch: pytest.MonkeyPatch, model: Any, run: Any) -> Counter[tuple[str, int]]:
+    """(module, rows) of every quantized matmul an attention module of ``model`` makes while ``run()`` runs."""
+    names = {id(m["weight"]): name for name, m in model.named_modules() if "attn" in name and isinstance(m, nn.QuantizedLinear)}
+    seen: Counter[tuple[str, int]] = Counter()
+    qmm = mx.quantized_matmul
+
+    def call(x: mx.array, w: mx.array, *args: Any, **kwargs: Any) -> mx.array:
+        if id(w) in names:
+            seen[(names[id(w)], x.size // x.shape[-1])] += 1
+        return qmm(x, w, *args, **kwargs)
+
+    monkeypatch.setattr(mx, "quantized_matmul", call)
+    try:
+        run()
+    finally:
+        monkeypatch.setattr(mx, "quantized_matmul", qmm)
+    return seen
+
+
+@pytest.mark.parametrize("step", [MLX_LM_PREFILL_STEP, 512])
+def test_attention_calls_are_cut_where_mlx_lms_steps_are(tiny_model, monkeypatch: pytest.MonkeyPatch, step: int) -> None:
+    """Every attention projection (full and linear) runs on mlx-lm's row counts; cut at 512 they do not."""
+    import engine.model.generate as generate_module
+
+    path = tiny_model("qwen3_next", 4)
+    prompt = _prompt(MLX_LM_PREFILL_STEP + 5)
+    model, _ = load_model(path)
+    model.set_dtype(mx.float32)
+    sampler = make_sampler(temp=0.0)
+    want = _attention_calls(monkeypatch, model, lambda: list(generate_step(mx.array(prompt), model, max_tokens=2, sampler=sampler)))
+    assert want and {rows for _, rows in want} == {MLX_LM_PREFILL_STEP, 4, 1}
+    monkeypatch.setattr(generate_module, "MLX_LM_PREFILL_STEP", step)  # the control: other cuts
+    engine = Engine.load(path, EngineOptions(cache_mb=0, mlx_lm_shapes="on", prefill_matmul="off"), measure_disk=False)
+    try:
+        got = _attention_calls(monkeypatch, engine.model, lambda: list(engine.generate(prompt, SamplingParams(max_tokens=2))))
+    finally:
+        engine.close()
+    # (one-row calls: the last token and decode, which mlx-lm runs one step ahead; tested above)
+    prefill_got, prefill_want = (Counter({c: n for c, n in calls.items() if c[1] > 1}) for calls in (got, want))
+    assert (prefill_got == prefill_want) == (step == MLX_LM_PREFILL_STEP)
+
+
+def test_without_the_short_steps_own_call_the_emulated_backend_changes_tokens(tiny_model, row_dependent_backend,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """The control of the tail split: mlx-lm's last 3-token step ran its shared expert in the vector class."""
+    import engine.model.generate as generate_module
+
+    path = tiny_model("qwen3_next", 4)
+    prompt = _prompt(MLX_LM_PREFILL_STEP + 4)
+    want = _mlx_lm(path, prompt)
+    assert _engine(path, prompt, "on", "cuda") == want
+    monkeypatch.setattr(generate_module, "short_step_tail", lambda n: 0)
+    assert _engine(path, prompt, "on", "cuda") != want

@@ -108,4 +108,17 @@ def test_on_a_gpu_rows_that_change_with_the_calls_length_fail(tmp_path: Path, mo
 
     monkeypatch.setattr(SwitchGLU, "__call__", by_length)
     result = selfcheck.check_row_independence(tmp_path, "cuda")
-    assert result.status == "FAIL" and result.detail.startswith("rows change with their call's length (8 against 16 tokens")
+    assert result.status == "FAIL" and result.detail.startswith("experts: rows change with their call's length (24 against 16 rows")
+
+
+def test_on_a_gpu_linear_rows_that_change_with_the_calls_length_fail(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import mlx.nn as nn
+
+    real = nn.QuantizedLinear.__call__
+
+    def tiled_by_length(self: nn.QuantizedLinear, x):  # type: ignore[no-untyped-def]
+        return real(self, x) + (x.shape[-2] >= 64) * 1e-2  # a taller tile from 64 rows
+
+    monkeypatch.setattr(nn.QuantizedLinear, "__call__", tiled_by_length)
+    result = selfcheck.check_row_independence(tmp_path, "cuda")
+    assert result.status == "FAIL" and result.detail.startswith("quantized linear: rows change with their call's length (64 against 8 rows")
