@@ -81,8 +81,9 @@ class Engine:
             self.context_length = context_length(loaded.config)  # 0 when config.json does not say
             self.layer_major_prefill = supports_layer_major(loaded.model)
             # where rows depend on their call (a GPU), every call gets mlx-lm's shape: same tokens
-            self.mlx_lm_shapes = mirror_setting(options.mlx_lm_shapes, backend())
-            loaded.streamer.kernel_backend = backend() if self.mlx_lm_shapes else "cpu"
+            where = backend()
+            self.mlx_lm_shapes = mirror_setting(options.mlx_lm_shapes, where)
+            loaded.streamer.kernel_backend = where if self.mlx_lm_shapes else "cpu"
             self.prefill_pass_tokens = self._pass_tokens()
             self.parallel = attach_expert_parallel(
                 loaded.streamer,
