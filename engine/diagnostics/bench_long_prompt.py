@@ -8,6 +8,8 @@ must cost instead:
   from the memory budget; its expert bytes, and the experts it routed to (``touched``);
 - **fixed passes** of ``--prefill-chunk`` tokens (512, the old chunk), same prompt, same cache,
   alternated with the one-pass runs ``--repeats`` times (medians), after one untimed warm-up;
+  run as before mlx-lm's shapes (engine.model.kernel_shapes), which on a GPU would widen them to
+  2,048 tokens, so there their first token may differ from the one pass's;
 - the **one-pass bound**: the touched experts' bytes at the raw disk rate sampled beside the
   runs, plus the compute of the same prompt with every expert already resident (a warm run;
   ``--long-prompt-compute none`` leaves it out where the experts do not fit in memory, and the
@@ -47,6 +49,7 @@ def _prefill(engine: Any, prompt: list[int]) -> dict[str, Any]:
         "touched_experts": len(touched),
         "touched_bytes": sum(layers[l].expert_bytes for l, _ in touched),
         "pass_tokens": engine.prefill_pass_tokens,
+        "mlx_lm_shapes": engine.mlx_lm_shapes,
         "token": events[-1].token,
     }
 
@@ -78,7 +81,10 @@ def run_long_prompt(
     for _ in range(max(1, repeats)):  # alternated, so that machine noise hits both alike
         for name, pass_tokens in (("one_pass", 0), ("fixed_passes", chunk)):
             disk.append(sample_disk())
-            engine = make_engine(cache_mb=0, cold=True, prefill_pass_tokens=pass_tokens)
+            # The old fixed passes as they were: without mlx-lm's shapes (which would widen a pass
+            # to mlx-lm's 2,048-token step on a GPU); the one pass as the engine runs by default.
+            old_passes = {"mlx_lm_shapes": "off"} if pass_tokens else {}
+            engine = make_engine(cache_mb=0, cold=True, prefill_pass_tokens=pass_tokens, **old_passes)
             try:
                 runs[name].append(_prefill(engine, prompt))
             finally:
@@ -128,7 +134,7 @@ def format_long_prompt(r: dict[str, Any]) -> str:
     compute = "not measured" if b["compute_s"] is None else f"{b['compute_s']:.2f} s (warm, all experts resident)"
     lines = [
         f"long prompt: {r['prompt_tokens']} tokens, cold, cache 0 (raw disk {r['raw_disk_bytes_per_s'] / gb:.2f} GB/s)",
-        f"  one pass ({one['pass_tokens']} tokens/pass): TTFT {one['ttft_s']:.2f} s, read {one['bytes_read'] / gb:.2f} GB "
+        f"  one pass ({one['pass_tokens']} tokens/pass{', mlx-lm shapes' if one.get('mlx_lm_shapes') else ''}): TTFT {one['ttft_s']:.2f} s, read {one['bytes_read'] / gb:.2f} GB "
         f"of {one['touched_bytes'] / gb:.2f} GB touched ({one['touched_experts']} experts), I/O wait {one['io_wait_s']:.2f} s",
         f"  passes of {r['chunk']} tokens: TTFT {fixed['ttft_s']:.2f} s, read {fixed['bytes_read'] / gb:.2f} GB",
         "  TTFT of each run (s): one pass " + ", ".join(f"{t:.2f}" for t in one.get("ttft_runs_s", []))

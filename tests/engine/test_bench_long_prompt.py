@@ -44,6 +44,7 @@ def test_long_prompt_phase_reads_each_touched_expert_once_and_reports_the_bound(
     # warm-up, then the two kinds alternated, all cold with cache 0; a warm run only when asked
     assert loads[0] == {"cache_mb": 0}
     assert [o.get("prefill_pass_tokens") for o in loads[1:5]] == [0, 32, 0, 32]
+    assert [o.get("mlx_lm_shapes") for o in loads[1:5]] == [None, "off", None, "off"]  # the old passes as they were
     assert all(o["cold"] and o["cache_mb"] == 0 for o in loads[1:5])
     assert len(loads) == (6 if compute == "warm" else 5)
     assert (r["bound"]["compute_s"] is None) == (compute == "none")
