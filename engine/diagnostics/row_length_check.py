@@ -28,14 +28,16 @@ class RowLengthResult:
     what: str  # "quantized linear" or "experts"
     rows: int | None
     max_abs_diff: float
+    against: int  # the shortest call's length, whose rows the others are compared with
 
 
 def _first_difference(heads: list[mx.array], lengths: tuple[int, ...], what: str) -> RowLengthResult:
     mx.eval(*heads)
     for length, head in zip(lengths[1:], heads[1:]):
         if not bool(mx.array_equal(heads[0], head)):
-            return RowLengthResult(what, length, float(mx.max(mx.abs(heads[0].astype(mx.float32) - head.astype(mx.float32)))))
-    return RowLengthResult(what, None, 0.0)
+            diff = float(mx.max(mx.abs(heads[0].astype(mx.float32) - head.astype(mx.float32))))
+            return RowLengthResult(what, length, diff, lengths[0])
+    return RowLengthResult(what, None, 0.0, lengths[0])
 
 
 def check_row_length(dtype: mx.Dtype = mx.bfloat16, hidden: int = 512, width: int = 256) -> list[RowLengthResult]:

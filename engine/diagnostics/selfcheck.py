@@ -198,7 +198,7 @@ def check_row_independence(root: Path, backend_name: str | None = None) -> Check
     for r in check_row_length():
         if r.rows is not None:
             return CheckResult("row independence", "FAIL", f"{r.what}: rows change with their call's length ({r.rows} against "
-                                                           f"{'8' if r.what == 'quantized linear' else '16'} rows, max |diff| "
+                                                           f"{r.against} rows, max |diff| "
                                                            f"{r.max_abs_diff:.3g}): long prompts may not give mlx-lm's tokens")  # fmt: skip
     return CheckResult("row independence", "PASS", f"rows alone and batched differ by {alone_diff:.3g} (MLX picks kernels by shape: "
                                                    "the engine uses mlx-lm's shapes); within a kernel, bf16 rows equal in calls of "
