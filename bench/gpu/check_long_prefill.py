@@ -1,6 +1,7 @@
 """Exactness after long prompts on the default device (the lent GPU), against mlx-lm.
 
-For qwen3_moe, qwen3_next and qwen3_5_moe (tiny random models) and, with ``--model``, a larger
+For qwen3_moe, qwen3_next and qwen3_5_moe (random models at the self-check's preset: tiny on the
+CPU, kernel-check on a GPU, whose kernels gave NaN at the tiny widths) and, with ``--model``, a larger
 one (the qwen3.5-397b-shape bench model): greedy tokens after a prompt longer than mlx-lm's
 2,048-token prefill step, streamed in one layer-major pass, equal mlx-lm's own generation with
 the model in memory, in fp32 and bf16 activations, with no expert cache and with a cache that
@@ -52,6 +53,7 @@ def streamed(path: Path, prompt: list[int], n: int, dtype: str, cache: str, pref
     (engine.model.loader.expert_runs_prefill); "auto" there: mlx-lm's per-pair gather.
     """
     from engine.engine import Engine
+    from engine.model.memory_budget import every_expert_cache_mb
     from engine.types import EngineOptions, SamplingParams
 
     opts = {"activation_dtype": dtype, "prefill_matmul": prefill_matmul}
@@ -59,7 +61,7 @@ def streamed(path: Path, prompt: list[int], n: int, dtype: str, cache: str, pref
     total = engine._loaded.expert_bytes_total
     if cache == "all":
         engine.close()
-        engine = Engine.load(path, EngineOptions(cache_mb=total / 2**20 + 64, **opts), measure_disk=False)  # type: ignore[arg-type]
+        engine = Engine.load(path, EngineOptions(cache_mb=every_expert_cache_mb(total), **opts), measure_disk=False)  # type: ignore[arg-type]
         engine.preload_experts()
     try:
         t0 = time.perf_counter()
@@ -90,15 +92,19 @@ def main() -> int:
     ap.add_argument("--device", choices=["gpu", "cpu"], default="gpu")
     ap.add_argument("--prefill-matmul", default="auto,on", help="engine option values to check, comma-separated")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--preset", default="", help="the three families' preset (default: the self-check's for the device)")
     args = ap.parse_args()
     mx.set_default_device(mx.gpu if args.device == "gpu" else mx.cpu)
     from engine.demo.demo_model import build_random_moe_model
+    from engine.diagnostics.selfcheck import check_preset
+
+    preset = args.preset or check_preset(on_cpu=args.device == "cpu")
 
     prompt = _prompt(args.tokens)
     results: list[dict[str, Any]] = []
     ok = True
     with tempfile.TemporaryDirectory() as tmp:
-        paths = [(f, build_random_moe_model(Path(tmp) / f, f, 4, preset="tiny")) for f in FAMILIES]
+        paths = [(f, build_random_moe_model(Path(tmp) / f, f, 4, preset=preset)) for f in FAMILIES]
         paths += [(Path(m).name, Path(m)) for m in args.model]
         for name, path in paths:
             for dtype in args.dtypes.split(","):

@@ -68,6 +68,11 @@ class ModelShape:
 PRESETS: dict[str, ModelShape] = {
     # for tests and the app's default demo; builds in a second or two
     "tiny": ModelShape(64, 4, 4, 2, 16, 16, 4, 64, 128, 64, 2, 4, 16),
+    # the self-check's model off the CPU: the widths GPU kernels are written for (hidden 512,
+    # head_dim 64, experts 256 wide), 4 layers of 32 experts. At the tiny preset's 64-wide layers
+    # MLX's CUDA kernels gave NaN logits that changed between two identical runs (mlx-lm alone;
+    # H100, MLX 0.32.4), so nothing could be compared there.
+    "kernel-check": ModelShape(512, 4, 8, 2, 64, 32, 4, 256, 1024, 256, 4, 8, 64),
     # a CI-sized streaming benchmark (~200 MB at 4 bits)
     "mini": ModelShape(512, 8, 8, 2, 64, 64, 4, 256, 1024, 256, 4, 8, 64),
     # a few hundred MB, closer to real proportions

@@ -28,6 +28,7 @@ from engine.diagnostics.bench_long_prompt import format_long_prompt, run_long_pr
 from engine.diagnostics.bench_report import format_table, targets
 from engine.diagnostics.cache_sweep import format_sweep, parse_fractions, run_cache_sweep
 from engine.diagnostics.cgroup_sweep import format_cgroup_sweep, run_cgroup_sweep
+from engine.model.memory_budget import every_expert_cache_mb
 from engine.platform.cgroup import memory_cgroup_root
 from engine.platform.page_cache import eviction_method
 from engine.types import EngineOptions
@@ -214,7 +215,7 @@ def _decode_side_by_side(
         ref_model.set_dtype(mx.float32)  # the same activation dtype the engine uses on CPU
     mx.eval(ref_model.parameters())
     prefetch = _engine(model, args, cache_mb=0, cold=True, prefetch=True)
-    warm = _engine(model, args, cache_mb=expert_total / 2**20 + 64)
+    warm = _engine(model, args, cache_mb=every_expert_cache_mb(expert_total))
     runs: dict[str, list[dict[str, Any]]] = {"cold": [], "cold_prefetch": [], "warm": [], "warm_host_sync": []}
     ref_tps: list[float] = []
     same = True

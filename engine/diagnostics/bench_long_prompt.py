@@ -24,6 +24,8 @@ from __future__ import annotations
 import random
 from typing import Any, Callable
 
+from engine.model.memory_budget import every_expert_cache_mb
+
 TTFT_GOAL = 0.8
 READ_GOAL = 1.1
 
@@ -98,7 +100,7 @@ def run_long_prompt(
     out["raw_disk_bytes_per_s"] = raw
     warm_s = None
     if compute == "warm":
-        engine = make_engine(cache_mb=expert_bytes_total / 2**20 + 64)
+        engine = make_engine(cache_mb=every_expert_cache_mb(expert_bytes_total))
         try:
             engine.preload_experts()
             _prefill(engine, prompt)  # first use: kernels compiled, slots placed

@@ -2,8 +2,9 @@
 
 Checks, each PASS / FAIL / SKIP with one line of detail:
 - exactness: streamed generation equals mlx-lm's in-memory generation, token for token, with
-  fp32 and with bf16 activations on the default device (a tiny random model built on the spot,
-  with a cache that hits and evicts);
+  fp32 and with bf16 activations on the default device (a random model built on the spot: tiny
+  on the CPU, real models' widths elsewhere; with a cache that hits and evicts), after mlx-lm's
+  own generation is found finite and repeatable there;
 - slot reuse: during a real generation with the smallest cache, no slot read by computation not
   yet evaluated is chosen for a new expert;
 - row independence: on the CPU, one token's row of the expert matmul does not change with the
@@ -59,18 +60,33 @@ def _prompt() -> list[int]:
     return [rng.randrange(100, 50_000) for _ in range(PROMPT_TOKENS)]
 
 
+def check_preset(on_cpu: bool | None = None) -> str:
+    """The check model's preset: "tiny" on the CPU, "kernel-check" (real models' widths) elsewhere.
+
+    A GPU's kernels are written for real widths; at the tiny preset's 64-wide layers MLX's CUDA
+    backend gave NaN logits that changed between identical runs of mlx-lm alone.
+    """
+    if on_cpu is None:
+        import mlx.core as mx
+
+        on_cpu = mx.default_device() == mx.cpu
+    return "tiny" if on_cpu else "kernel-check"
+
+
 def build_check_model(root: Path, dtype: str) -> Path:
-    """A tiny random qwen3_moe model (4-bit) whose expert scales are ``dtype`` ("float32"/"bfloat16")."""
+    """A random qwen3_moe model (4-bit, ``check_preset()``) whose expert scales are ``dtype`` ("float32"/"bfloat16")."""
     from engine.demo.demo_model import build_random_moe_model
 
-    out = root / f"selfcheck-{dtype}"
+    preset = check_preset()
+    out = root / f"selfcheck-{preset}-{dtype}"
     if not (out / "config.json").is_file():
-        build_random_moe_model(out, "qwen3_moe", 4, preset="tiny", expert_scales_dtype=dtype)
+        build_random_moe_model(out, "qwen3_moe", 4, preset=preset, expert_scales_dtype=dtype)
     return out
 
 
-def mlx_lm_tokens(model_dir: Path, prompt: list[int], n: int, dtype: str) -> list[int]:
-    """mlx-lm's greedy tokens for ``prompt`` with the whole model in memory, activations ``dtype``."""
+def mlx_lm_tokens(model_dir: Path, prompt: list[int], n: int, dtype: str) -> tuple[list[int], bool]:
+    """mlx-lm's greedy tokens for ``prompt`` with the whole model in memory, activations ``dtype``,
+    and whether every step's logits were finite."""
     import mlx.core as mx
     from mlx_lm.generate import generate_step
     from mlx_lm.sample_utils import make_sampler
@@ -78,10 +94,21 @@ def mlx_lm_tokens(model_dir: Path, prompt: list[int], n: int, dtype: str) -> lis
 
     model, _ = load_model(model_dir)
     model.set_dtype(mx.float32 if dtype == "float32" else mx.bfloat16)
-    out = []
-    for token, _ in generate_step(mx.array(prompt), model, max_tokens=n, sampler=make_sampler(temp=0.0)):
+    out, finite = [], True
+    for token, logprobs in generate_step(mx.array(prompt), model, max_tokens=n, sampler=make_sampler(temp=0.0)):
         out.append(int(token))
-    return out
+        finite = finite and bool(mx.all(mx.isfinite(logprobs)).item())
+    return out, finite
+
+
+def reference_fault(first: tuple[list[int], bool], second: tuple[list[int], bool]) -> str | None:
+    """Why two runs of mlx-lm alone cannot serve as the reference (non-finite logits, or tokens
+    that differ between identical runs), or None when they can."""
+    if not (first[1] and second[1]):
+        return "mlx-lm's own logits are not finite (NaN or inf)"
+    if first[0] != second[0]:
+        return f"mlx-lm's own tokens differ between two identical runs ({first[0][:4]} vs {second[0][:4]})"
+    return None
 
 
 def streamed_tokens(model_dir: Path, prompt: list[int], n: int, dtype: str, cache_fraction: float) -> tuple[list[int], dict[str, int]]:
@@ -108,7 +135,12 @@ def check_exactness(root: Path, dtype: str) -> CheckResult:
     name = f"exactness {dtype} on {mx.default_device()}"
     model = build_check_model(root, dtype)
     prompt = _prompt()
-    want = mlx_lm_tokens(model, prompt, GENERATED_TOKENS, dtype)
+    reference = mlx_lm_tokens(model, prompt, GENERATED_TOKENS, dtype)
+    fault = reference_fault(reference, mlx_lm_tokens(model, prompt, GENERATED_TOKENS, dtype))
+    if fault is not None:  # an MLX fault on this device: the engine cannot be judged against it
+        return CheckResult(name, "FAIL", f"{fault} on the {check_preset()} model: a fault of MLX on this device, "
+                                         "the engine not compared")  # fmt: skip
+    want = reference[0]
     got, counters = streamed_tokens(model, prompt, GENERATED_TOKENS, dtype, cache_fraction=3 / 8)
     if got != want:
         first = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))

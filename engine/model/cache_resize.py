@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
-from engine.model.expert_cache import ExpertCache, Key
+from engine.model.expert_cache import ExpertCache, Key, slot_param_nbytes
 from engine.model.streamed_moe import ExpertStreamer, StreamedSwitch
 
 
@@ -91,7 +91,7 @@ class CacheResizer:
             saved += c.hits * sum(p.nbytes for p in c.pool.params)
         s.retired_counts = (hits, misses, saved)
         s._prefetched.clear()
-        s._build_banks(cache_bytes, s.policy_name, s.upcast_half)
+        s._build_banks(cache_bytes, s.policy_name, s.slot_floats)
         s.cache_bytes = cache_bytes
         kept = _copy_resident(old_caches, s) if keep else 0
         for switch in self.switches:
@@ -104,10 +104,10 @@ class CacheResizer:
 
 def _resident_bytes_at(streamer: ExpertStreamer, cache_bytes: int) -> int:
     """The pools' bytes a rebuild at ``cache_bytes`` would make, without building them."""
-    widen = streamer.upcast_half
+    floats = streamer.slot_floats
     return sum(
-        slots * sum(p.nbytes * (2 if widen and p.dtype in ("BF16", "F16") else 1) for p in layers[0].params)
-        for layers, slots in streamer.bank_plan(cache_bytes, widen)
+        slots * sum(slot_param_nbytes(p, floats) for p in layers[0].params)
+        for layers, slots in streamer.bank_plan(cache_bytes, floats)
     )
 
 

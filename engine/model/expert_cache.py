@@ -32,53 +32,96 @@ _MX_DTYPES = {
     "U64": mx.uint64, "I64": mx.int64,
 }  # fmt: skip
 
-__all__ = ["POLICIES", "ExpertCache", "Key", "LRUPolicy", "ReplacementPolicy", "SlotPool", "UpcastBuffer"]
+__all__ = ["POLICIES", "ExpertCache", "Key", "LRUPolicy", "ReplacementPolicy", "SlotPool", "ConvertBuffer", "slot_dtype", "slot_param_nbytes"]
 
 
 _HALF_FLOATS = ("BF16", "F16")
 
 
+_ITEMSIZE = {"F32": 4, "BF16": 2, "F16": 2}
+
+
+def slot_dtype(stored: str, slot_floats: str) -> str:
+    """The dtype a parameter stored as ``stored`` has in a slot.
+
+    ``slot_floats``: "F32" widens 16-bit floats (fp32 activations), "BF16" narrows fp32 and fp16
+    to bf16 (bf16 activations: what mlx-lm's ``set_dtype(bfloat16)`` does to scales and biases),
+    "" keeps every parameter as stored.
+    """
+    if slot_floats == "F32" and stored in _HALF_FLOATS:
+        return "F32"
+    if slot_floats == "BF16" and stored in ("F32", "F16"):
+        return "BF16"
+    return stored
+
+
+def slot_param_nbytes(param: ExpertParam, slot_floats: str) -> int:
+    """Bytes one expert's ``param`` takes in a slot (see ``slot_dtype``)."""
+    held = slot_dtype(param.dtype, slot_floats)
+    return param.nbytes if held == param.dtype else param.nbytes * _ITEMSIZE[held] // _ITEMSIZE[param.dtype]
+
+
+def _fp32_to_bf16_bits(values: np.ndarray) -> np.ndarray:
+    """fp32 -> bf16 bit patterns, rounded to nearest even as MLX's cast does (NaN -> 0x7FC0)."""
+    bits = values.view(np.uint32)
+    rounded = ((bits + np.uint32(0x7FFF) + ((bits >> 16) & np.uint32(1))) >> 16).astype(np.uint16)
+    rounded[np.isnan(values)] = 0x7FC0
+    return rounded
+
+
 @dataclass
-class UpcastBuffer:
-    """A 16-bit float parameter read into ``raw``, then widened exactly into ``target`` (fp32)."""
+class ConvertBuffer:
+    """A float parameter read into ``raw`` as stored, then converted into ``target`` (the slot).
+
+    Widening (bf16/fp16 -> fp32) is exact; narrowing (fp32/fp16 -> bf16) rounds to nearest even,
+    bit for bit what ``astype(mx.bfloat16)`` gives.
+    """
 
     raw: np.ndarray  # uint8, the bytes as stored on disk
-    target: np.ndarray  # uint8 view of the fp32 slot memory
-    dtype: str  # "BF16" or "F16"
+    target: np.ndarray  # uint8 view of the slot memory
+    dtype: str  # the stored dtype: "BF16", "F16" or "F32"
+    to: str = "F32"  # the slot's dtype: "F32" or "BF16"
 
     def finish(self) -> None:
-        """Write the fp32 values into the slot (bf16 -> fp32 and f16 -> fp32 are exact)."""
-        if self.dtype == "BF16":  # bf16 is the top half of an fp32: widen, then shift (no temporaries)
-            bits = self.target.view(np.uint32)
-            np.copyto(bits, self.raw.view(np.uint16), casting="unsafe")
-            np.left_shift(bits, 16, out=bits)
-        else:
-            np.copyto(self.target.view(np.float32), self.raw.view(np.float16))
+        """Write the converted values into the slot."""
+        if self.to == "F32":
+            if self.dtype == "BF16":  # bf16 is the top half of an fp32: widen, then shift (no temporaries)
+                bits = self.target.view(np.uint32)
+                np.copyto(bits, self.raw.view(np.uint16), casting="unsafe")
+                np.left_shift(bits, 16, out=bits)
+            else:
+                np.copyto(self.target.view(np.float32), self.raw.view(np.float16))
+            return
+        if self.to != "BF16":
+            raise ValueError(f"a slot cannot hold {self.dtype} as {self.to}")
+        wide = self.raw.view(np.float32) if self.dtype == "F32" else self.raw.view(np.float16).astype(np.float32)
+        self.target.view(np.uint16)[:] = _fp32_to_bf16_bits(wide)
 
 
-SlotDest = Union[np.ndarray, UpcastBuffer]
+SlotDest = Union[np.ndarray, ConvertBuffer]
 
 
 class SlotPool:
     """Stacked MLX arrays with ``n_slots`` expert slots, writable from NumPy without copies.
 
-    With ``upcast_half=True`` (CPU), 16-bit float parameters (scales, biases) are held as fp32:
-    MLX promotes them to fp32 anyway next to fp32 activations, and doing it in the kernel's
+    ``slot_floats`` (see ``slot_dtype``): "F32" (fp32 activations) holds 16-bit scales and biases
+    as fp32: MLX promotes them anyway next to fp32 activations, and doing it in the kernel's
     inputs converts the whole stacked array on every call; widening once per read is cheaper.
+    "BF16" (bf16 activations) holds fp32/fp16 ones as bf16, as mlx-lm's ``set_dtype`` makes them.
     """
 
-    def __init__(self, params: list[ExpertParam], n_slots: int, *, upcast_half: bool = False) -> None:
+    def __init__(self, params: list[ExpertParam], n_slots: int, *, slot_floats: str = "") -> None:
         self.params = params
         self.n_slots = n_slots
         self.arrays: dict[str, mx.array] = {}
         self._raw: list[mx.array] = []
         self._views: list[np.ndarray] = []  # uint8 [n_slots, slot bytes] per parameter
-        self._upcast = [upcast_half and p.dtype in _HALF_FLOATS for p in params]
-        for p, up in zip(params, self._upcast):
-            arr = mx.zeros((n_slots, *p.shape), dtype=mx.float32 if up else _MX_DTYPES[p.dtype])
+        self._held = [slot_dtype(p.dtype, slot_floats) for p in params]
+        for p, held in zip(params, self._held):
+            arr = mx.zeros((n_slots, *p.shape), dtype=_MX_DTYPES[held])
             raw = mx.view(arr, mx.uint8)
             mx.eval(arr, raw)
-            view = np.array(raw, copy=False).reshape(n_slots, p.nbytes * 2 if up else p.nbytes)
+            view = np.array(raw, copy=False).reshape(n_slots, slot_param_nbytes(p, slot_floats))
             self.arrays[p.key] = arr
             self._raw.append(raw)
             self._views.append(view)
@@ -96,11 +139,11 @@ class SlotPool:
             raise RuntimeError("MLX slot arrays do not share memory with their NumPy views on this platform")
 
     def dests(self, slot: int) -> list[SlotDest]:
-        """Where to read each parameter of ``slot``, in parameter order: the slot's bytes, or an
-        UpcastBuffer whose ``finish()`` widens what was read into the slot."""
+        """Where to read each parameter of ``slot``, in parameter order: the slot's bytes, or a
+        ConvertBuffer whose ``finish()`` converts what was read into the slot."""
         return [
-            UpcastBuffer(np.empty(p.nbytes, dtype=np.uint8), v[slot], p.dtype) if up else v[slot]
-            for p, v, up in zip(self.params, self._views, self._upcast)
+            ConvertBuffer(np.empty(p.nbytes, dtype=np.uint8), v[slot], p.dtype, held) if held != p.dtype else v[slot]
+            for p, v, held in zip(self.params, self._views, self._held)
         ]
 
     def prefer_host(self) -> bool:

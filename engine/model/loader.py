@@ -178,6 +178,21 @@ def slots_widen_half_floats(device: str, model: nn.Module, activation_dtype: str
     return device == "cpu" or dense_dtype(model) == mx.float32
 
 
+def slot_float_dtype(device: str, model: nn.Module, activation_dtype: str = "auto") -> str:
+    """How expert slots hold float parameters (expert_cache.slot_dtype): "F32" where activations
+    are fp32 (see slots_widen_half_floats), "BF16" where bf16 activations were asked for, "" else.
+
+    ``activation_dtype`` "bfloat16" casts the dense weights with ``set_dtype`` as mlx-lm's own
+    model is cast for the same run, which turns every float parameter, the experts' fp32 or fp16
+    scales and biases included, into bf16; slots hold those as bf16 too, or the streamed experts
+    would compute with other scales than mlx-lm's (measured: logprobs 0.3 apart after a
+    2,100-token prompt on a model with fp32 scales).
+    """
+    if slots_widen_half_floats(device, model, activation_dtype):
+        return "F32"
+    return "BF16" if activation_dtype == "bfloat16" else ""
+
+
 _ACTIVATION_DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16}
 
 
@@ -430,9 +445,9 @@ def load_streamed_model(model_dir: Path, options: EngineOptions, progress: Progr
     else:
         packed = open_packed_layout(model_dir, layers) if options.use_packed else None
     store = ExpertStore(layers, io_threads=options.io_threads, cold=options.cold, packed=packed)
-    # the streamer counts its budget in on-disk expert bytes; slots may hold 16-bit scales as fp32
-    widen = slots_widen_half_floats(device, model, options.activation_dtype)
-    per_slot = max(1, slot_bytes_per_expert(layers[0], widen))
+    # the streamer counts its budget in on-disk expert bytes; slots may hold scales in another dtype
+    floats = slot_float_dtype(device, model, options.activation_dtype)
+    per_slot = max(1, slot_bytes_per_expert(layers[0], floats))
     streamer = ExpertStreamer(
         layers,
         store,
@@ -440,7 +455,7 @@ def load_streamed_model(model_dir: Path, options: EngineOptions, progress: Progr
         experts_per_token=k,
         prefetch=options.prefetch,
         policy=options.cache_policy,
-        upcast_half=widen,
+        slot_floats=floats,
     )
     switches: list[StreamedSwitch] = []
     parents: list[nn.Module] = []
@@ -501,7 +516,7 @@ def memory_budget_for(inspected: "ModelExperts", options: EngineOptions, device:
     from engine.platform_info import memory_info, process_rss_bytes
 
     on_cpu = device == "cpu"
-    widen = slots_widen_half_floats(device, inspected.model, options.activation_dtype)
+    floats = slot_float_dtype(device, inspected.model, options.activation_dtype)
     needs = memory_needs(
         model=inspected.model,
         config=inspected.config,
@@ -521,8 +536,8 @@ def memory_budget_for(inspected: "ModelExperts", options: EngineOptions, device:
     ram = memory_info()
     return plan_budget(
         needs=needs,
-        # what every expert takes in the slot pools (16-bit scales widened to fp32 where slots do)
-        expert_bytes_total=sum(slot_bytes_per_expert(l, widen) * -(-l.num_experts // max(1, ranks)) for l in inspected.layers),
+        # what every expert takes in the slot pools (scales as the slots hold them)
+        expert_bytes_total=sum(slot_bytes_per_expert(l, floats) * -(-l.num_experts // max(1, ranks)) for l in inspected.layers),
         ram_total=ram.total_bytes,
         ram_available=ram.available_bytes,
         cache_mb=options.cache_mb,

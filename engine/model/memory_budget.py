@@ -232,9 +232,12 @@ def plan_budget(
     )
 
 
-def slot_bytes_per_expert(layer: "LayerExperts", widen_half: bool) -> int:
-    """Bytes one expert takes in a slot pool (16-bit scales held as fp32 where slots widen them)."""
-    return sum(p.nbytes * (2 if widen_half and p.dtype in ("BF16", "F16") else 1) for p in layer.params)
+def slot_bytes_per_expert(layer: "LayerExperts", slot_floats: str) -> int:
+    """Bytes one expert takes in a slot pool (float parameters as ``slot_floats`` holds them,
+    see expert_cache.slot_dtype: 16-bit scales widened to fp32, or fp32 ones narrowed to bf16)."""
+    from engine.model.expert_cache import slot_param_nbytes
+
+    return sum(slot_param_nbytes(p, slot_floats) for p in layer.params)
 
 
 def resident_dense_bytes(model: "nn.Module", expert_paths: list[str], widen_to_fp32: bool) -> int:
@@ -289,10 +292,22 @@ def memory_needs(
     for layer in layers:
         groups.setdefault(layer.signature, layer)
     working_slots = k * (2 if prefetch else 1)
-    working = sum(working_slots * slot_bytes_per_expert(l, widen) for l in groups.values())
+    working = sum(working_slots * slot_bytes_per_expert(l, "F32" if widen else "") for l in groups.values())
     bits = int((c.get("quantization") or config.get("quantization") or {}).get("bits", 16))
     largest = max(layers, key=lambda l: l.expert_bytes)
     prefill = prefill_working_bytes(
         largest.expert_bytes, bits, int(c.get("hidden_size", 0) or 0), prefill_chunk, k, on_cpu and cpu_prefill_gemm
     )
     return MemoryNeeds(runtime_bytes, dense, kv, working, prefill)
+
+
+def every_expert_cache_mb(expert_bytes_total: int) -> float:
+    """A cache size (MiB) that holds every expert, whatever dtype the slots hold scales in.
+
+    Slots may widen 16-bit scales to fp32 (fp32 activations), so an expert can take more than
+    its stored bytes, never twice as many; the pools never take more slots than there are
+    experts, so the rest of the budget is not allocated. (Sized at the stored bytes plus a
+    margin, the H100's 397B-shape bench got pools of 925 of 1,024 experts per layer pair and
+    never routed on the device.)
+    """
+    return 2 * expert_bytes_total / 2**20 + 64

@@ -25,7 +25,7 @@ from engine.errors import UnsupportedModelError
 from engine.model.array_limits import max_array_bytes, max_quantized_elements, max_slots_per_array
 from engine.model.kernel_shapes import pad_to
 from engine.model.prefill_matmul import PrefillMatmul
-from engine.model.expert_cache import ExpertCache, Key, SlotPool
+from engine.model.expert_cache import ExpertCache, Key, SlotPool, slot_param_nbytes
 from engine.model.expert_parallel import ExpertParallel
 from engine.model.cache_policies import DEFAULT_POLICY
 from engine.diagnostics.traces import TraceRecorder
@@ -69,7 +69,7 @@ class ExpertStreamer:
         experts_per_token: int,
         prefetch: bool = False,
         policy: str = DEFAULT_POLICY,
-        upcast_half: bool = False,
+        slot_floats: str = "",
     ) -> None:
         self.layers = layers
         self.store = store
@@ -103,26 +103,26 @@ class ExpertStreamer:
         self.max_quantized_elements = max_quantized_elements()  # and in quantized elements (CUDA)
         self.cache_bytes = cache_bytes  # the budget the pools are built for now (cache_resize changes it)
         self.policy_name = policy
-        self.upcast_half = upcast_half
+        self.slot_floats = slot_floats  # how slots hold float parameters (expert_cache.slot_dtype)
         # hits, misses and saved bytes of pools dropped by a resize (the counters are since load)
         self.retired_counts = (0, 0, 0)
-        self._build_banks(cache_bytes, policy, upcast_half)
+        self._build_banks(cache_bytes, policy, slot_floats)
 
-    def _build_banks(self, cache_bytes: int, policy: str, upcast_half: bool) -> None:
+    def _build_banks(self, cache_bytes: int, policy: str, slot_floats: str) -> None:
         """Split layers into banks of equal expert shapes; size each bank's pool from the budget."""
         self.caches = []
         self.cache_of_layer = [None] * len(self.layers)  # type: ignore[list-item]
         self._luts.clear()
-        for bank_layers, slots in self.bank_plan(cache_bytes, upcast_half):
+        for bank_layers, slots in self.bank_plan(cache_bytes, slot_floats):
             sizes = {l.layer: l.num_experts for l in bank_layers}
-            cache = ExpertCache(SlotPool(bank_layers[0].params, slots, upcast_half=upcast_half), policy, layer_experts=sizes)
+            cache = ExpertCache(SlotPool(bank_layers[0].params, slots, slot_floats=slot_floats), policy, layer_experts=sizes)
             if not cache.holds_all:
                 cache.pool.prefer_host()  # slots refilled all the time: read in place (CUDA)
             self.caches.append(cache)
             for layer in bank_layers:
                 self.cache_of_layer[layer.layer] = cache
 
-    def bank_plan(self, cache_bytes: int, upcast_half: bool) -> list[tuple[list[LayerExperts], int]]:
+    def bank_plan(self, cache_bytes: int, slot_floats: str) -> list[tuple[list[LayerExperts], int]]:
         """The banks a budget of ``cache_bytes`` makes: (its layers, its slots) each; allocates nothing."""
         groups: dict[tuple, list[LayerExperts]] = {}
         for layer in self.layers:
@@ -137,7 +137,7 @@ class ExpertStreamer:
             budget_slots = min(int(share // per_expert), members[0].num_experts * len(members))
             # each stacked array under the backend's safe size (see array_limits)
             max_per_bank = max(working, min(
-                max_slots_per_array(p.nbytes * (2 if upcast_half and p.dtype in ("BF16", "F16") else 1),
+                max_slots_per_array(slot_param_nbytes(p, slot_floats),
                                     math.prod(p.shape), self.max_array_bytes,
                                     members[0].quantized_elements.get(p.key), self.max_quantized_elements)
                 for p in members[0].params

@@ -119,7 +119,7 @@ class ExpertStore:
         """Read ``expert`` of ``layer`` into ``dests``, one per parameter; return the bytes read.
 
         A destination is a uint8 array, or an object with a ``raw`` uint8 array and a ``finish()``
-        that converts what was read (see expert_cache.UpcastBuffer).
+        that converts what was read (see expert_cache.ConvertBuffer).
         """
         views = [memoryview(getattr(d, "raw", d)).cast("B") for d in dests]
         try:

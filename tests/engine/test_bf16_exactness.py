@@ -71,3 +71,29 @@ def test_bf16_and_fp32_runs_differ_so_the_bf16_check_means_something(tiny_model)
         finally:
             engine.close()
     assert not bool(mx.array_equal(logits["float32"], logits["bfloat16"]))
+
+
+def test_fp32_expert_scales_are_held_as_bf16_beside_bf16_activations(tiny_model) -> None:  # type: ignore[no-untyped-def]
+    """A model that stores fp32 scales, run in bf16: mlx-lm's ``set_dtype(bfloat16)`` turns every
+    float parameter into bf16, the experts' scales and biases included, so the slots narrow them
+    too (they were kept fp32: logprobs 0.3 apart after a 2,100-token prompt). Logits bit for bit."""
+    from mlx_lm.utils import load_model
+
+    path = tiny_model("qwen3_moe", 4)  # the demo builder's default: fp32 expert scales
+    prompt = mx.array([long_prompt(24)])
+    ref, _ = load_model(path)
+    assert {v.dtype for k, v in tree_flatten(ref.parameters()) if "switch_mlp" in k and k.endswith("scales")} == {mx.float32}
+    ref.set_dtype(mx.bfloat16)
+    want = ref(prompt)
+    mx.eval(want)
+    engine = Engine.load(path, EngineOptions(cache_mb=0, device=DEVICE, activation_dtype="bfloat16"), measure_disk=False)
+    try:
+        slot_dtypes = {a.dtype for c in engine._loaded.streamer.caches for k, a in c.pool.arrays.items()
+                       if k.endswith(("scales", "biases"))}  # fmt: skip
+        got = engine.model(prompt, cache=engine.make_kv_cache())
+        mx.eval(got)
+        engine._loaded.streamer.release_pins()
+    finally:
+        engine.close()
+    assert slot_dtypes == {mx.bfloat16}
+    assert bool(mx.array_equal(got, want))

@@ -59,6 +59,27 @@ def _reference(path: Path) -> tuple[list[int], list[int]]:
     return prompt, out
 
 
+def test_the_every_expert_cache_size_holds_every_expert_where_slots_widen_scales(tiny_model) -> None:
+    """bf16 scales beside fp32 activations take twice their bytes in the slots: a cache sized at
+    the stored bytes held 925 of 1,024 experts per pool on the H100's 397B-shape bench (no device
+    routing); ``every_expert_cache_mb`` holds them all."""
+    from engine.model.memory_budget import every_expert_cache_mb
+
+    path = tiny_model("qwen3_moe", 4, expert_scales_dtype="bfloat16")
+    total = sum(l.expert_bytes * l.num_experts for l in inspect_experts(path).layers)
+    holds = {}
+    for name, mb in (("stored bytes", total / 2**20), ("every expert", every_expert_cache_mb(total))):
+        engine = Engine.load(path, EngineOptions(cache_mb=mb, activation_dtype="float32"), measure_disk=False)
+        try:
+            holds[name] = all(c.holds_all for c in engine._loaded.streamer.caches)
+            if name == "every expert":
+                assert engine.preload_experts() == total
+                assert engine._loaded.streamer.resident_bytes >= total
+        finally:
+            engine.close()
+    assert holds == {"stored bytes": False, "every expert": True}
+
+
 @pytest.mark.parametrize("model_type", ["qwen3_moe", "qwen3_5_moe"])
 def test_preloaded_model_routes_on_device_and_equals_mlx_lm(tiny_model, model_type: str) -> None:
     path = tiny_model(model_type, 4)
@@ -205,11 +226,30 @@ def test_slot_scales_are_widened_wherever_activations_are_fp32(tiny_model, devic
 def test_half_float_parameters_are_widened_exactly(dtype: str) -> None:
     import mlx.core as mx
 
-    from engine.model.expert_cache import UpcastBuffer
+    from engine.model.expert_cache import ConvertBuffer
 
     half = {"BF16": mx.bfloat16, "F16": mx.float16}[dtype]
     values = (mx.random.normal((4096,)) * 1e3).astype(half)
     raw = np.array(mx.view(values, mx.uint8))
     target = np.zeros(4096 * 4, dtype=np.uint8)
-    UpcastBuffer(raw, target, dtype).finish()
+    ConvertBuffer(raw, target, dtype).finish()
     assert np.array_equal(target.view(np.float32), np.array(values.astype(mx.float32)))
+
+
+@pytest.mark.parametrize("dtype", ["F32", "F16"])
+def test_float_parameters_are_narrowed_to_bf16_as_mlx_casts_them(dtype: str) -> None:
+    import mlx.core as mx
+
+    from engine.model.expert_cache import ConvertBuffer
+
+    stored = {"F32": mx.float32, "F16": mx.float16}[dtype]
+    values = mx.random.normal((8192,)) * 1e2
+    # values halfway between two bf16 numbers (ties round to even), the extremes, zeros and inf
+    halfway = mx.array(np.array([0x3F808000, 0x3F818000, 0xBF808000, 0x7F7FFFFF, 0x00008000, 0x80000000, 0x7F800000],
+                                dtype=np.uint32).view(np.float32))
+    values = mx.concatenate([values, halfway]).astype(stored)
+    raw = np.array(mx.view(values, mx.uint8))
+    target = np.zeros(values.size * 2, dtype=np.uint8)
+    ConvertBuffer(raw, target, dtype, "BF16").finish()
+    want = np.array(mx.view(values.astype(mx.bfloat16), mx.uint16))
+    assert np.array_equal(target.view(np.uint16), want)

@@ -16,7 +16,7 @@ from engine.platform import page_cache
 
 def test_streamed_tokens_that_differ_are_reported_at_the_first_difference(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(selfcheck, "build_check_model", lambda root, dtype: root / "m")
-    monkeypatch.setattr(selfcheck, "mlx_lm_tokens", lambda model, prompt, n, dtype: [1, 2, 3, 4, 5, 6, 7])
+    monkeypatch.setattr(selfcheck, "mlx_lm_tokens", lambda model, prompt, n, dtype: ([1, 2, 3, 4, 5, 6, 7], True))
     got = [1, 2, 3, 9, 5, 6, 7]
     monkeypatch.setattr(selfcheck, "streamed_tokens",
                         lambda model, prompt, n, dtype, cache_fraction: (got, {"cache_hits": 3, "cache_misses": 4}))
@@ -28,6 +28,35 @@ def test_streamed_tokens_that_differ_are_reported_at_the_first_difference(tmp_pa
     got[:] = [1, 2, 3, 4, 5, 6, 7]
     ok = selfcheck.check_exactness(tmp_path, "float32")
     assert ok.status == "PASS" and ok.detail == "7 tokens equal mlx-lm's; cache 3 hits, 4 misses"
+
+
+@pytest.mark.parametrize(("runs", "said"), [
+    ([([0, 655, 655, 0], False), ([0, 655, 655, 0], False)], "mlx-lm's own logits are not finite (NaN or inf)"),
+    ([([1, 2, 3, 4], True), ([1, 2, 3, 4], False)], "mlx-lm's own logits are not finite (NaN or inf)"),
+    ([([1, 2, 3, 4, 5], True), ([1, 2, 9, 4, 5], True)],
+     "mlx-lm's own tokens differ between two identical runs ([1, 2, 3, 4] vs [1, 2, 9, 4])"),
+])
+def test_a_reference_mlx_lm_cannot_repeat_is_named_as_mlx_s_fault(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                  runs: list[tuple[list[int], bool]], said: str) -> None:
+    # (what the H100 gave at the tiny preset's 64-wide layers: NaN logits, tokens 0 and 655)
+    monkeypatch.setattr(selfcheck, "build_check_model", lambda root, dtype: root / "m")
+    left = list(runs)
+    monkeypatch.setattr(selfcheck, "mlx_lm_tokens", lambda model, prompt, n, dtype: left.pop(0))
+    streamed: list[int] = []
+    monkeypatch.setattr(selfcheck, "streamed_tokens", lambda *a, **k: streamed.append(1) or ([1], {}))
+    result = selfcheck.check_exactness(tmp_path, "bfloat16")
+    assert result.status == "FAIL"
+    assert result.detail == f"{said} on the {selfcheck.check_preset()} model: a fault of MLX on this device, the engine not compared"
+    assert streamed == [] and left == []
+
+
+def test_the_check_model_has_real_widths_off_the_cpu() -> None:
+    from engine.demo.demo_model import preset_shape
+
+    assert selfcheck.check_preset(on_cpu=True) == "tiny"
+    assert selfcheck.check_preset(on_cpu=False) == "kernel-check"
+    shape = preset_shape("kernel-check")
+    assert (shape.hidden, shape.head_dim, shape.moe_intermediate) == (512, 64, 256)
 
 
 def test_a_page_cache_that_cannot_be_evicted_fails_the_disk_check(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
