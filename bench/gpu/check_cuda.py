@@ -143,6 +143,7 @@ def end_to_end(work: Path, device: str, model_dir: Path | None = None) -> dict[s
     from engine.demo.demo_model import build_random_moe_model
     from engine.engine import Engine
     from engine.model.loader import inspect_experts
+    from engine.model.memory_budget import every_expert_cache_mb
     from engine.types import EngineOptions, SamplingParams
 
     path = model_dir or build_random_moe_model(work / "tiny", "qwen3_moe", 4)
@@ -168,8 +169,8 @@ def end_to_end(work: Path, device: str, model_dir: Path | None = None) -> dict[s
     total = sum(l.expert_bytes * l.num_experts for l in inspect_experts(path).layers)
     for name, cache_mb, preload, routing in (
         ("cache_zero", 0.0, False, True),
-        ("preloaded_device_routing", total / 2**20 + 1, True, True),
-        ("preloaded_host_sync", total / 2**20 + 1, True, False),
+        ("preloaded_device_routing", every_expert_cache_mb(total), True, True),
+        ("preloaded_host_sync", every_expert_cache_mb(total), True, False),
     ):
         engine = Engine.load(path, EngineOptions(cache_mb=cache_mb, device=device), measure_disk=False)
         try:

@@ -67,13 +67,14 @@ def run_cache_sweep(args: argparse.Namespace, model: Path, fractions: list[float
     import random
 
     from engine.engine import Engine
-    from engine.model.loader import inspect_experts
+    from engine.model.loader import inspect_experts, slot_bytes_total
     from engine.platform.page_cache import eviction_method
     from engine.platform_info import peak_rss_bytes
     from engine.types import EngineOptions
 
     layers = inspect_experts(model).layers
-    total = sum(l.expert_bytes * l.num_experts for l in layers)
+    # fractions of what every expert takes in the slots (more than on disk where slots widen scales)
+    total = slot_bytes_total(model, EngineOptions(device=args.device))
     rng = random.Random(0)
     prompts = [[rng.randrange(1000, 100_000) for _ in range(16)] for _ in range(args.repeats + 1)]
     rows = []
@@ -102,7 +103,8 @@ def run_cache_sweep(args: argparse.Namespace, model: Path, fractions: list[float
         "layers": len(layers),
         "experts": layers[0].num_experts,
         "expert_bytes": layers[0].expert_bytes,
-        "expert_bytes_total": total,
+        "expert_bytes_total": sum(l.expert_bytes * l.num_experts for l in layers),
+        "slot_bytes_total": total,
         "decode_tokens": args.decode_tokens,
         "repeats": args.repeats,
         "eviction_method": eviction_method(),

@@ -73,14 +73,15 @@ def check_preset(on_cpu: bool | None = None) -> str:
     return "tiny" if on_cpu else "kernel-check"
 
 
-def build_check_model(root: Path, dtype: str) -> Path:
-    """A random qwen3_moe model (4-bit, ``check_preset()``) whose expert scales are ``dtype`` ("float32"/"bfloat16")."""
+def build_check_model(root: Path) -> Path:
+    """A random qwen3_moe model (4-bit, ``check_preset()``) with bf16 expert scales, as real 4-bit
+    models store them: the fp32 checks then run the slots' widening to fp32, the bf16 ones none."""
     from engine.demo.demo_model import build_random_moe_model
 
     preset = check_preset()
-    out = root / f"selfcheck-{preset}-{dtype}"
+    out = root / f"selfcheck-{preset}"
     if not (out / "config.json").is_file():
-        build_random_moe_model(out, "qwen3_moe", 4, preset=preset, expert_scales_dtype=dtype)
+        build_random_moe_model(out, "qwen3_moe", 4, preset=preset, expert_scales_dtype="bfloat16")
     return out
 
 
@@ -133,7 +134,7 @@ def check_exactness(root: Path, dtype: str) -> CheckResult:
     import mlx.core as mx
 
     name = f"exactness {dtype} on {mx.default_device()}"
-    model = build_check_model(root, dtype)
+    model = build_check_model(root)
     prompt = _prompt()
     reference = mlx_lm_tokens(model, prompt, GENERATED_TOKENS, dtype)
     fault = reference_fault(reference, mlx_lm_tokens(model, prompt, GENERATED_TOKENS, dtype))
@@ -155,7 +156,7 @@ def check_slot_reuse(root: Path) -> CheckResult:
     from engine.engine import Engine
     from engine.types import EngineOptions, SamplingParams
 
-    model = build_check_model(root, "float32")
+    model = build_check_model(root)
     engine = Engine.load(model, EngineOptions(cache_mb=0, prefill_chunk=PREFILL_CHUNK), measure_disk=False)
     streamer = engine._loaded.streamer
     evictions, violations = 0, []
@@ -208,7 +209,7 @@ def check_row_independence(root: Path, backend_name: str | None = None) -> Check
     from engine.model.kernel_shapes import rows_independent
     from engine.model.loader import inspect_experts
 
-    model_dir = build_check_model(root, "float32")
+    model_dir = build_check_model(root)
     layers = inspect_experts(model_dir).layers
     model, _ = load_model(model_dir)
     switch = next(m for path, m in model.named_modules() if path == layers[0].module_path)
@@ -349,7 +350,7 @@ def run_selfcheck(work_dir: Path, disk_dir: Path, model_dir: Path | None, skip: 
         ("large array", check_large_array),
         ("disk", lambda: check_disk(disk_dir)),
         ("memory pressure", check_memory_pressure),
-        ("memory budget", lambda: check_budget(model_dir or build_check_model(work_dir, "float32"))),
+        ("memory budget", lambda: check_budget(model_dir or build_check_model(work_dir))),
     ]
     results = []
     for name, fn in checks:

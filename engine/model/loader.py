@@ -507,6 +507,14 @@ def _shard_files(layers: list[LayerExperts]) -> int:
     return len({s.file for layer in layers for s in layer.sources})
 
 
+def slot_bytes_total(model_dir: Path, options: EngineOptions) -> int:
+    """Bytes every expert of ``model_dir`` takes in the slot pools a load with ``options`` makes
+    (scales as the slots will hold them: see slot_float_dtype). Picks the device as a load does."""
+    inspected = inspect_experts(model_dir)
+    floats = slot_float_dtype(pick_device(options.device), inspected.model, options.activation_dtype)
+    return sum(slot_bytes_per_expert(l, floats) * l.num_experts for l in inspected.layers)
+
+
 def memory_budget_for(inspected: "ModelExperts", options: EngineOptions, device: str, ranks: int = 1) -> MemoryBudget:
     """The memory budget of this load: the expert cache from options and this machine (see memory_budget).
 
@@ -529,6 +537,7 @@ def memory_budget_for(inspected: "ModelExperts", options: EngineOptions, device:
         prefill_chunk=max(options.prefill_chunk, MLX_LM_PREFILL_STEP)
         if mirror_setting(options.mlx_lm_shapes, "cpu" if device == "cpu" else "gpu") else options.prefill_chunk,
         prefetch=options.prefetch,
+        slot_floats=floats,
         cpu_prefill_gemm=use_prefill_matmul(options.prefill_matmul, device) and options.activation_dtype != "bfloat16",
         dense_fp32=options.activation_dtype == "float32" or (on_cpu and options.activation_dtype == "auto"),
         runtime_bytes=process_rss_bytes(),

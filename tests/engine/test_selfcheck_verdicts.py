@@ -15,7 +15,7 @@ from engine.platform import page_cache
 
 
 def test_streamed_tokens_that_differ_are_reported_at_the_first_difference(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(selfcheck, "build_check_model", lambda root, dtype: root / "m")
+    monkeypatch.setattr(selfcheck, "build_check_model", lambda root: root / "m")
     monkeypatch.setattr(selfcheck, "mlx_lm_tokens", lambda model, prompt, n, dtype: ([1, 2, 3, 4, 5, 6, 7], True))
     got = [1, 2, 3, 9, 5, 6, 7]
     monkeypatch.setattr(selfcheck, "streamed_tokens",
@@ -39,7 +39,7 @@ def test_streamed_tokens_that_differ_are_reported_at_the_first_difference(tmp_pa
 def test_a_reference_mlx_lm_cannot_repeat_is_named_as_mlx_s_fault(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                                   runs: list[tuple[list[int], bool]], said: str) -> None:
     # (what the H100 gave at the tiny preset's 64-wide layers: NaN logits, tokens 0 and 655)
-    monkeypatch.setattr(selfcheck, "build_check_model", lambda root, dtype: root / "m")
+    monkeypatch.setattr(selfcheck, "build_check_model", lambda root: root / "m")
     left = list(runs)
     monkeypatch.setattr(selfcheck, "mlx_lm_tokens", lambda model, prompt, n, dtype: left.pop(0))
     streamed: list[int] = []
