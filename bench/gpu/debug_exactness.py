@@ -40,6 +40,7 @@ def _hook(cls: type, kind: str) -> None:
 
 
 def reference(model_dir: Path, prompt: list[int], n: int, dtype: str) -> dict[str, Any]:
+    """mlx-lm's tokens, each step's logprobs and the recorded outputs, the model cast to ``dtype``."""
     from mlx_lm.generate import generate_step
     from mlx_lm.sample_utils import make_sampler
     from mlx_lm.utils import load_model
@@ -57,7 +58,8 @@ def reference(model_dir: Path, prompt: list[int], n: int, dtype: str) -> dict[st
             "attn": list(RECORD["attn"])}
 
 
-def engine_run(model_dir: Path, prompt: list[int], n: int, dtype: str, **opts: Any) -> dict[str, Any]:
+def engine_run(model_dir: Path, prompt: list[int], n: int, dtype: str, prefill_chunk: int = 16, **opts: Any) -> dict[str, Any]:
+    """The engine's tokens, each step's logprobs and the recorded outputs, with these EngineOptions."""
     import engine.model.generate as gen
     from engine.engine import Engine
     from engine.types import EngineOptions, SamplingParams
@@ -75,8 +77,7 @@ def engine_run(model_dir: Path, prompt: list[int], n: int, dtype: str, **opts: A
         return sample
 
     gen._sampler = recording
-    chunk = opts.pop("prefill_chunk_", 16)
-    engine = Engine.load(model_dir, EngineOptions(activation_dtype=dtype, prefill_chunk=chunk, **opts), measure_disk=False)
+    engine = Engine.load(model_dir, EngineOptions(activation_dtype=dtype, prefill_chunk=prefill_chunk, **opts), measure_disk=False)
     [r.clear() for r in RECORD.values()]
     ON["on"] = True
     try:
@@ -93,6 +94,7 @@ def engine_run(model_dir: Path, prompt: list[int], n: int, dtype: str, **opts: A
 
 
 def compare(ref: dict[str, Any], got: dict[str, Any]) -> dict[str, Any]:
+    """Where ``got`` leaves ``ref``: per-step logprob differences, mlx-lm's margins, layer differences."""
     steps = min(len(ref["logprobs"]), len(got["logprobs"]))
     lp = [float(np.max(np.abs(ref["logprobs"][i].reshape(-1) - got["logprobs"][i].reshape(-1)))) for i in range(steps)]
     margins = []

@@ -15,6 +15,7 @@ import numpy as np
 
 
 def stream_ref(path: Path, prompt: list[int], n: int) -> tuple[list[int], list[np.ndarray]]:
+    """mlx-lm's bf16 tokens and logprobs through ``stream_generate`` (as check_long_prefill runs it)."""
     from mlx_lm import load, stream_generate
     from mlx_lm.sample_utils import make_sampler
 
@@ -43,10 +44,10 @@ def main() -> int:
         path = build_random_moe_model(Path(tmp) / "m", "qwen3_moe", 4, preset="kernel-check")
         ref = stream_ref(path, prompt, n)
         runs = [
-            ("engine chunk 512", lambda: engine_run(path, prompt, n, "bfloat16", cache_mb=0, prefill_chunk_=512)),
+            ("engine chunk 512", lambda: engine_run(path, prompt, n, "bfloat16", cache_mb=0, prefill_chunk=512)),
             ("engine chunk 16", lambda: engine_run(path, prompt, n, "bfloat16", cache_mb=0)),
             ("mlx-lm after engines", lambda: stream_ref(path, prompt, n)),
-            ("engine chunk 512 again", lambda: engine_run(path, prompt, n, "bfloat16", cache_mb=0, prefill_chunk_=512)),
+            ("engine chunk 512 again", lambda: engine_run(path, prompt, n, "bfloat16", cache_mb=0, prefill_chunk=512)),
         ]
         for name, fn in runs:
             r = fn()
