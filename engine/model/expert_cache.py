@@ -32,12 +32,13 @@ _MX_DTYPES = {
     "U64": mx.uint64, "I64": mx.int64,
 }  # fmt: skip
 
-__all__ = ["POLICIES", "ExpertCache", "Key", "LRUPolicy", "ReplacementPolicy", "SlotPool", "ConvertBuffer", "slot_dtype", "slot_param_nbytes"]
+__all__ = [
+    "POLICIES", "ConvertBuffer", "ExpertCache", "Key", "LRUPolicy", "ReplacementPolicy", "SlotPool", "slot_dtype",
+    "slot_param_nbytes",
+]  # fmt: skip
 
 
 _HALF_FLOATS = ("BF16", "F16")
-
-
 _ITEMSIZE = {"F32": 4, "BF16": 2, "F16": 2}
 
 
