@@ -512,7 +512,12 @@ def slot_bytes_total(model_dir: Path, options: EngineOptions) -> int:
     (scales as the slots will hold them: see slot_float_dtype). Picks the device as a load does."""
     inspected = inspect_experts(model_dir)
     floats = slot_float_dtype(pick_device(options.device), inspected.model, options.activation_dtype)
-    return sum(slot_bytes_per_expert(l, floats) * l.num_experts for l in inspected.layers)
+    return _every_expert_slot_bytes(inspected.layers, floats)
+
+
+def _every_expert_slot_bytes(layers: list[LayerExperts], floats: str, ranks: int = 1) -> int:
+    """Slot bytes of every expert (one rank's share of each layer's, of ``ranks``)."""
+    return sum(slot_bytes_per_expert(l, floats) * -(-l.num_experts // max(1, ranks)) for l in layers)
 
 
 def memory_budget_for(inspected: "ModelExperts", options: EngineOptions, device: str, ranks: int = 1) -> MemoryBudget:
@@ -546,7 +551,7 @@ def memory_budget_for(inspected: "ModelExperts", options: EngineOptions, device:
     return plan_budget(
         needs=needs,
         # what every expert takes in the slot pools (scales as the slots hold them)
-        expert_bytes_total=sum(slot_bytes_per_expert(l, floats) * -(-l.num_experts // max(1, ranks)) for l in inspected.layers),
+        expert_bytes_total=_every_expert_slot_bytes(inspected.layers, floats, ranks),
         ram_total=ram.total_bytes,
         ram_available=ram.available_bytes,
         cache_mb=options.cache_mb,

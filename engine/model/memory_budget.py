@@ -275,13 +275,13 @@ def memory_needs(
     prefetch: bool,
     cpu_prefill_gemm: bool,
     runtime_bytes: int,
+    slot_floats: str,
     dense_fp32: bool | None = None,
-    slot_floats: str | None = None,
 ) -> MemoryNeeds:
     """Estimate what a load needs besides the expert cache, from the lazily built model.
 
     ``dense_fp32``: whether the dense weights will be cast to fp32 (default: on the CPU).
-    ``slot_floats``: how slots hold scales (expert_cache.slot_dtype); default: as ``dense_fp32``.
+    ``slot_floats``: how slots hold scales (expert_cache.slot_dtype).
     """
     on_cpu = device == "cpu"
     widen = on_cpu if dense_fp32 is None else dense_fp32
@@ -294,8 +294,7 @@ def memory_needs(
     for layer in layers:
         groups.setdefault(layer.signature, layer)
     working_slots = k * (2 if prefetch else 1)
-    floats = ("F32" if widen else "") if slot_floats is None else slot_floats
-    working = sum(working_slots * slot_bytes_per_expert(l, floats) for l in groups.values())
+    working = sum(working_slots * slot_bytes_per_expert(l, slot_floats) for l in groups.values())
     bits = int((c.get("quantization") or config.get("quantization") or {}).get("bits", 16))
     largest = max(layers, key=lambda l: l.expert_bytes)
     prefill = prefill_working_bytes(
