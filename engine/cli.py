@@ -70,6 +70,9 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--experts-per-token", type=int, default=None, help="override K (warns below trained K)")
     p.add_argument("--cold", action="store_true", help="bypass the OS page cache for expert reads")
     p.add_argument("--io-threads", type=int, default=4, help="parallel expert reads")
+    p.add_argument("--read-piece-kb", type=int, default=EngineOptions.read_piece_kb,
+                   help="cut each expert's read into pieces of this many KiB that the I/O threads share "
+                        "(default 1024; 0 reads each expert whole)")
     p.add_argument("--prefill-chunk", type=int, default=512,
                    help="prompt tokens per attention call of a prefill pass (per chunk for other families); "
                         "with --mlx-lm-shapes on (auto on a GPU) mlx-lm's 2,048 instead")
@@ -110,6 +113,7 @@ def engine_options(args: argparse.Namespace) -> EngineOptions:
         experts_per_token=args.experts_per_token,
         cold=args.cold,
         io_threads=args.io_threads,
+        read_piece_kb=args.read_piece_kb,
         prefill_chunk=args.prefill_chunk,
         prefill_pass_tokens=args.prefill_pass_tokens,
         prefill_memory_mb=args.prefill_memory_mb,

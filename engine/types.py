@@ -21,6 +21,9 @@ class EngineOptions:
     experts_per_token: int | None = None  # override K; None keeps the model's trained value
     cold: bool = False  # bypass the OS page cache on expert reads (honest disk figures)
     io_threads: int = 4  # parallel pread workers
+    # an expert's read is cut into pieces of this many KiB that the I/O threads share (0: one
+    # read per expert); see engine.storage.expert_store
+    read_piece_kb: int = 1024
     # prompt tokens per attention call of a prefill pass (and per chunk for model families that
     # engine.model.layer_prefill cannot run layer by layer)
     prefill_chunk: int = 512

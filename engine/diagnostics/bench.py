@@ -1,11 +1,13 @@
 """``moebar-engine bench``: the engine against the disk and against mlx-lm, side by side in one run.
 
 Phases, in this order so that the peak RSS of the streamed phases is not inflated by mlx-lm:
-1. the disk: cold parallel preads of expert-sized blocks at the engine's thread count (sampled
-   again beside each cold decode run in phase 3; the median is the raw figure);
+1. the disk: cold parallel preads at the engine's thread count, of expert-sized blocks and of the
+   engine's read pieces, the better of the two (sampled again beside each cold decode run in
+   phase 3; the median is the raw figure);
 2. the streamed engine alone (cache 0, page cache bypassed): a decode, then chunked prefill
    against token-by-token prefill, then its peak RSS against dense + budget + KV + 512 MiB;
-3. decode side by side, run by run: cold, cold with next-layer prefetch, warm (every expert
+3. decode side by side, run by run: cold, cold with one read per expert (no pieces), cold with
+   next-layer prefetch, warm (every expert
    preloaded into the cache, so layers route on the device), warm through the host-sync path,
    and mlx-lm's own generation with the model in memory; medians compared;
 4. the ``plan`` prediction against what was measured.
@@ -91,6 +93,7 @@ def _engine(model: Path, args: argparse.Namespace, **opts: Any) -> Any:
     from engine.engine import Engine
     from engine.types import EngineOptions
 
+    opts.setdefault("read_piece_kb", args.read_piece_kb)
     options = EngineOptions(
         io_threads=args.io_threads, device=args.device, use_packed=args.layout == "packed",
         prefill_matmul=args.prefill_matmul, cache_policy=args.cache_policy, **opts,
@@ -124,6 +127,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         "expert_bytes_total": expert_total,
         "layout": args.layout,
         "io_threads": args.io_threads,
+        "read_piece_kb": args.read_piece_kb,
         "decode_tokens": args.decode_tokens,
         "blas": fast_blas_status()[1],
         "prefill_matmul": args.prefill_matmul,
@@ -134,10 +138,14 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     _say("1/4 raw disk reads")
     files = model / "moebar-packed" if args.layout == "packed" else model
 
+    piece = args.read_piece_kb * 1024
+    blocks = sorted({expert_bytes, piece} if 0 < piece < expert_bytes else {expert_bytes})
+    out["raw_block_bytes"] = blocks
+
     def sample_disk() -> float:
-        return measure_cold_read_speed(
-            files, block_bytes=expert_bytes, threads=args.io_threads, total_bytes=min(expert_total, args.disk_bytes)
-        )
+        """The disk's rate: the better of blocks of an expert and of the engine's read pieces."""
+        return max(measure_cold_read_speed(files, block_bytes=b, threads=args.io_threads,
+                                           total_bytes=min(expert_total, args.disk_bytes)) for b in blocks)  # fmt: skip
 
     disk_samples = [sample_disk()]
     if args.long_prompt:  # the long-prompt mode: TTFT against the one-pass bound, nothing else
@@ -215,8 +223,10 @@ def _decode_side_by_side(
         ref_model.set_dtype(mx.float32)  # the same activation dtype the engine uses on CPU
     mx.eval(ref_model.parameters())
     prefetch = _engine(model, args, cache_mb=0, cold=True, prefetch=True)
+    whole = _engine(model, args, cache_mb=0, cold=True, read_piece_kb=0)  # one read per expert
     warm = _engine(model, args, cache_mb=every_expert_cache_mb(expert_total))
-    runs: dict[str, list[dict[str, Any]]] = {"cold": [], "cold_prefetch": [], "warm": [], "warm_host_sync": []}
+    runs: dict[str, list[dict[str, Any]]] = {"cold": [], "cold_whole_reads": [], "cold_prefetch": [], "warm": [],
+                                             "warm_host_sync": []}
     ref_tps: list[float] = []
     same = True
     try:
@@ -224,7 +234,7 @@ def _decode_side_by_side(
         _decode(warm, prompt, args.decode_tokens)  # first use of the slots, kernels compiled
         for _ in range(args.repeats):
             sample_disk()  # the raw rate, right beside the cold runs
-            for name, engine in (("cold", cold), ("cold_prefetch", prefetch), ("warm", warm)):
+            for name, engine in (("cold", cold), ("cold_whole_reads", whole), ("cold_prefetch", prefetch), ("warm", warm)):
                 runs[name].append(_decode(engine, prompt, args.decode_tokens))
             warm.set_device_routing(False)  # the same cache, one host sync per layer
             runs["warm_host_sync"].append(_decode(warm, prompt, args.decode_tokens))
@@ -239,6 +249,7 @@ def _decode_side_by_side(
         device_routed = warm.expert_counters()["device_routed_calls"]
     finally:
         prefetch.close()
+        whole.close()
         warm.close()
     out: dict[str, Any] = {name: _median_run(rs) for name, rs in runs.items()}
     out["cold_prefetch"]["prefetched_hits"] = prefetched
@@ -316,6 +327,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens routed together")
     p.add_argument("--repeats", type=int, default=3, help="runs per phase (the median is reported)")
     p.add_argument("--io-threads", type=int, default=4, help="parallel expert reads")
+    p.add_argument("--read-piece-kb", type=int, default=EngineOptions.read_piece_kb,
+                   help="KiB per read of an expert's piece (0: whole experts); cold decode with whole-expert "
+                        "reads runs beside it")
     p.add_argument("--disk-bytes", type=int, default=512 * 2**20, help="bytes read by the raw disk test")
     p.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto",
                    help="where the model computes (auto: the GPU when MLX has one)")

@@ -42,6 +42,8 @@ def targets(r: dict[str, Any]) -> dict[str, dict[str, Any]]:
         "compute_device_routed_s_per_token": routed,
         "cold_decode_vs_serial_bound_device_routed": cold["decode_tps"] / routed_bound if routed_bound else 0.0,
     }
+    whole = r.get("cold_whole_reads", {}).get("decode_tps", 0.0)  # (runs before the read pieces have none)
+    result["bounds"]["cold_pieces_vs_whole_reads"] = cold["decode_tps"] / whole if whole else 0.0
     return result
 
 
@@ -50,6 +52,21 @@ def _samples(samples: list[float]) -> str:
     if len(samples) < 2:
         return ""
     return f"; median of {len(samples)} samples, {min(samples) / 1e9:.2f}-{max(samples) / 1e9:.2f} GB/s"
+
+
+def _blocks(r: dict[str, Any]) -> str:
+    """Which block sizes the raw disk figure is the better of."""
+    sizes = r.get("raw_block_bytes") or [r["expert_bytes"]]
+    return "the better of " + " and ".join(f"{b / 2**20:.2f} MiB" for b in sizes) + " blocks" if len(sizes) > 1 else "expert-sized blocks"
+
+
+def _whole_row(r: dict[str, Any]) -> str:
+    """Cold decode with whole-expert reads, against the pieces."""
+    if "cold_whole_reads" not in r:
+        return "not run"
+    w = r["cold_whole_reads"]
+    return (f"{w['decode_tps']:.2f} tok/s, reads {w['read_bytes_per_s'] / 1e9:.2f} GB/s; pieces of "
+            f"{r.get('read_piece_kb', 0)} KiB are {r['targets']['bounds']['cold_pieces_vs_whole_reads']:.3f}x that")
 
 
 def _mlx_row(mem: dict[str, Any]) -> str:
@@ -68,10 +85,11 @@ def format_table(r: dict[str, Any]) -> str:
         ("model", f"{r['layers']} MoE layers x {r['experts']} experts, {r['expert_bytes'] / 2**20:.2f} MiB/expert, "
                   f"{r['expert_bytes_total'] / gb:.2f} GB of experts, {r['layout']} layout"),
         ("disk: raw cold parallel pread", f"{r['disk']['raw_parallel_read_bytes_per_s'] / gb:.2f} GB/s "
-                                          f"({r['io_threads']} threads, expert-sized blocks"
+                                          f"({r['io_threads']} threads, {_blocks(r)}"
                                           f"{_samples(r['disk'].get('samples_bytes_per_s', []))})"),
         ("cold decode (cache 0)", f"{cold['decode_tps']:.2f} tok/s, {cold['bytes_per_token'] / 2**20:.1f} MiB/token, "
                                   f"reads {cold['read_bytes_per_s'] / gb:.2f} GB/s, I/O wait {100 * cold['io_share']:.0f}%"),
+        ("cold decode, one read per expert", _whole_row(r)),
         ("cold decode + prefetch", f"{r['cold_prefetch']['decode_tps']:.2f} tok/s, "
                                    f"I/O wait {100 * r['cold_prefetch']['io_share']:.0f}%, "
                                    f"{r['cold_prefetch']['prefetched_hits']} prefetched hits"),

@@ -288,6 +288,19 @@ def check_disk(directory: Path, size: int = 64 << 20) -> CheckResult:
     return CheckResult("disk", "FAIL" if gauge.startswith("FAIL") else "PASS", f"{figures}; {gauge.removeprefix('FAIL ')}")
 
 
+def check_read_pieces(directory: Path) -> CheckResult:
+    """Layer-shaped cold reads on this disk, whole experts against the engine's pieces."""
+    from engine.diagnostics.read_pieces_check import compare_read_pieces
+
+    c = compare_read_pieces(directory)
+    figures = (f"{c.experts_per_batch} experts of 6.75 MiB at a time on {c.threads} threads, cold: pieces "
+               f"{c.pieces / 1e9:.2f} GB/s, whole experts {c.whole / 1e9:.2f} GB/s ({c.ratio:.2f}x)")
+    if c.ratio < 0.95:  # a measurement, not a fault: the figures say which setting suits this disk
+        return CheckResult("disk read pieces", "PASS", f"{figures}; whole reads are faster on this disk: "
+                           "run the engine with --read-piece-kb 0")
+    return CheckResult("disk read pieces", "PASS", f"{figures}; the default pieces suit this disk")
+
+
 def disk_gauge_verdict(disk: str | None, counted: int, read: int) -> str:
     """Whether the disk gauge saw a cold read of ``read`` bytes (``counted`` by disk ``disk``).
 
@@ -349,6 +362,7 @@ def run_selfcheck(work_dir: Path, disk_dir: Path, model_dir: Path | None, skip: 
         ("row independence", lambda: check_row_independence(work_dir)),
         ("large array", check_large_array),
         ("disk", lambda: check_disk(disk_dir)),
+        ("disk read pieces", lambda: check_read_pieces(disk_dir)),
         ("memory pressure", check_memory_pressure),
         ("memory budget", lambda: check_budget(model_dir or build_check_model(work_dir))),
     ]

@@ -444,7 +444,8 @@ def load_streamed_model(model_dir: Path, options: EngineOptions, progress: Progr
         packed = share.packed_layers(layers)
     else:
         packed = open_packed_layout(model_dir, layers) if options.use_packed else None
-    store = ExpertStore(layers, io_threads=options.io_threads, cold=options.cold, packed=packed)
+    store = ExpertStore(layers, io_threads=options.io_threads, cold=options.cold, packed=packed,
+                        piece_bytes=options.read_piece_kb * 1024)
     # the streamer counts its budget in on-disk expert bytes; slots may hold scales in another dtype
     floats = slot_float_dtype(device, model, options.activation_dtype)
     per_slot = max(1, slot_bytes_per_expert(layers[0], floats))

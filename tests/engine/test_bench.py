@@ -24,7 +24,7 @@ def test_bench_runs_and_writes_json(tiny_model, tmp_path: Path, capsys) -> None:
     r = json.loads(out.read_text())
     assert r["disk"]["raw_parallel_read_bytes_per_s"] > 0
     assert len(r["disk"]["samples_bytes_per_s"]) == 2  # before the phases, and beside the one cold run
-    for phase in ("cold", "cold_prefetch"):
+    for phase in ("cold", "cold_whole_reads", "cold_prefetch"):
         assert r[phase]["decode_tps"] > 0 and r[phase]["bytes_per_token"] > 0
     assert r["warm"]["same_tokens"] is True
     assert len(r["warm"]["streamed_tps"]) == len(r["warm"]["mlx_lm_tps"]) == 1
@@ -41,6 +41,8 @@ def test_bench_runs_and_writes_json(tiny_model, tmp_path: Path, capsys) -> None:
             assert t["value"] > 0 and isinstance(t["met"], bool)
     table = capsys.readouterr().out
     assert "targets (ratios from this run)" in table and "warm decode" in table and "median of 2 samples" in table
+    assert "cold decode, one read per expert" in table and r["targets"]["bounds"]["cold_pieces_vs_whole_reads"] > 0
+    assert r["raw_block_bytes"] == [r["expert_bytes"]]  # a tiny expert is one piece: one block size sampled
 
 
 def test_decode_rate_counts_the_tokens_after_the_first() -> None:

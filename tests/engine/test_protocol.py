@@ -83,6 +83,7 @@ def test_minimal_chat_takes_defaults() -> None:
         ('{"v":1,"type":"load","model_dir":"m","options":{"device":"tpu"}}', "bad_request", "load.options.device"),
         ('{"v":1,"type":"load","model_dir":"m","options":{"prefill_matmul":"maybe"}}', "bad_request", "load.options.prefill_matmul"),
         ('{"v":1,"type":"load","model_dir":"m","options":{"mlx_lm_shapes":"maybe"}}', "bad_request", "load.options.mlx_lm_shapes"),
+        ('{"v":1,"type":"load","model_dir":"m","options":{"read_piece_kb":-1}}', "bad_request", "load.options.read_piece_kb"),
         ('{"v":1,"type":"load","model_dir":"m","options":{"bogus":1}}', "bad_request", "load.options.bogus"),
         ('{"v":1,"type":"chat","id":"a","messages":[]}', "bad_request", "chat.messages"),
         ('{"v":1,"type":"chat","id":"a","messages":[{"role":"bot"}]}', "bad_request", "chat.messages[0].role"),

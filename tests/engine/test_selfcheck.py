@@ -18,12 +18,12 @@ def test_selfcheck_passes_on_this_machine(tmp_path: Path, capsys: pytest.Capture
     lines = report.splitlines()
     assert lines[0].startswith("MoeBar selfcheck") and "MLX" in lines[2] and "RAM" in lines[3]
     for check in ("exactness float32", "exactness bfloat16", "slot reuse", "row independence", "large array", "disk",
-                  "memory pressure", "memory budget"):
+                  "disk read pieces", "memory pressure", "memory budget"):
         line = next(l for l in lines if check in l)
         assert line.startswith(("PASS", "SKIP")), line  # disk may SKIP where the folder keeps no page cache
     assert "exactness bfloat16" in report and "12 tokens equal mlx-lm's" in report
     assert lines[-1] == "result: all checks passed"
-    assert len(lines) <= 13  # short enough to paste into a bug report
+    assert len(lines) <= 14  # short enough to paste into a bug report
 
 
 def test_a_failing_check_exits_non_zero(tmp_path: Path, capsys: pytest.CaptureFixture[str],
@@ -37,7 +37,7 @@ def test_a_failing_check_exits_non_zero(tmp_path: Path, capsys: pytest.CaptureFi
     assert rc == 1
     assert "FAIL  disk: OSError: read failed" in out
     assert "SKIP  slot reuse: skipped on request" in out
-    assert out.splitlines()[-1] == "result: FAILED (1 of 8)"
+    assert out.splitlines()[-1] == "result: FAILED (1 of 9)"
 
 
 def test_slot_reuse_check_catches_a_cache_that_ignores_pins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -245,13 +245,13 @@ def test_request_waits_for_an_expert_the_warm_start_is_reading(tiny_model, fails
     try:
         streamer, store = engine._loaded.streamer, engine._loaded.store
         events: list[tuple[str, tuple[int, int]]] = []  # ("warm" | "request", key), in order
-        real_read = store.read_into
+        real_read, real_submit = store.read_into, store.submit
 
-        def request_read(layer: int, expert: int, dests: Any) -> int:
+        def request_read(layer: int, expert: int, dests: Any) -> Future[int]:
             events.append(("request", (layer, expert)))
-            return real_read(layer, expert, dests)
+            return real_submit(layer, expert, dests)
 
-        store.read_into = request_read  # type: ignore[method-assign]
+        store.submit = request_read  # type: ignore[method-assign]
         log: list[str] = []
         warm = [(layer, e) for layer in range(len(streamer.layers)) for e in range(3)]
         for layer, e in warm:
