@@ -5,7 +5,7 @@ Phases, in this order so that the peak RSS of the streamed phases is not inflate
    engine's read pieces, the better of the two (sampled again beside each cold decode run in
    phase 3; the median is the raw figure);
 2. the streamed engine alone (cache 0, page cache bypassed): a decode, then chunked prefill
-   against token-by-token prefill, then its peak RSS against dense + budget + KV + 512 MiB;
+   against token-by-token prefill, then its peak RSS against the engine's own memory plan (dense, KV, working slots, prefill, margin);
 3. decode side by side, run by run: cold, cold with one read per expert (no pieces), cold with
    next-layer prefetch, warm (every expert
    preloaded into the cache, so layers route on the device), warm through the host-sync path,
@@ -176,13 +176,18 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     cold.options.prefill_chunk = args.prefill_chunk
     cold.prefill_pass_tokens = cold._pass_tokens()
     out["prefill"] = prefill
-    kv_bytes = 4 * 2**20 * len(layers)  # generous for these prompts (fp32 KV)
+    # The limit is the engine's own plan for this load (cache 0): what it set aside for the dense
+    # weights, the KV of its context, the working slots, a prefill pass and its margin.
+    needs = cold._loaded.budget.needs
+    planned = needs.dense_bytes + needs.kv_bytes + needs.working_bytes + needs.prefill_bytes + needs.margin_bytes
     out["memory"] = {
         "baseline_rss": baseline_rss,
         "peak_rss": peak_rss_bytes(),
         "dense_bytes": plan.dense_bytes,
         "budget_bytes": 0,
-        "limit_bytes": baseline_rss + plan.dense_bytes + kv_bytes + 512 * 2**20,
+        "limit_bytes": baseline_rss + planned,
+        "planned_bytes": {"dense": needs.dense_bytes, "kv": needs.kv_bytes, "working_slots": needs.working_bytes,
+                          "prefill": needs.prefill_bytes, "margin": needs.margin_bytes},
         **_mlx_figures(),  # MLX's allocator after the streamed phases (held by the memory budget)
     }
 

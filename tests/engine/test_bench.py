@@ -30,6 +30,8 @@ def test_bench_runs_and_writes_json(tiny_model, tmp_path: Path, capsys) -> None:
     assert len(r["warm"]["streamed_tps"]) == len(r["warm"]["mlx_lm_tps"]) == 1
     assert r["prefill"]["chunked"]["bytes_read"] < r["prefill"]["token_by_token"]["bytes_read"]
     assert r["memory"]["peak_rss"] > r["memory"]["baseline_rss"]
+    planned = r["memory"]["planned_bytes"]
+    assert r["memory"]["limit_bytes"] == r["memory"]["baseline_rss"] + sum(planned.values()) and planned["dense"] > 0
     assert r["memory"]["mlx_peak_bytes"] >= r["memory"]["mlx_active_bytes"] > 0 and r["memory"]["mlx_cached_bytes"] >= 0
     assert r["eviction_method"].startswith(("posix_fadvise", "mmap + msync"))
     assert set(r["targets"]) >= {
