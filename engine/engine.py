@@ -12,7 +12,7 @@ import mlx.core as mx
 import numpy as np
 
 from engine.storage.expert_layout import LayerExperts
-from engine.storage.expert_store import ExpertStore
+from engine.storage.expert_store import READ_PIECE_BYTES, ExpertStore, piece_bytes_for
 from engine.storage.packed_layout import PackedLayer
 from engine.errors import RequestError
 from engine.model.expert_parallel import ExpertParallel, attach_expert_parallel
@@ -35,14 +35,14 @@ log = logging.getLogger(__name__)
 
 def measure_expert_read_speed(
     layers: Sequence[LayerExperts], *, io_threads: int = 4, samples: int = 32, seed: int = 0,
-    packed: Sequence[PackedLayer] | None = None,
+    packed: Sequence[PackedLayer] | None = None, piece_bytes: int = READ_PIECE_BYTES,
 ) -> float:
     """Read ``samples`` random experts cold, in parallel, through the store; return bytes/s.
 
     ``packed``: read that layout (a rank's share has no other), only the experts it holds.
     """
     rng = random.Random(seed)
-    store = ExpertStore(layers, io_threads=io_threads, cold=True, packed=packed)
+    store = ExpertStore(layers, io_threads=io_threads, cold=True, packed=packed, piece_bytes=piece_bytes)
     try:  # (from here on, whatever raises still closes the store's files and I/O threads)
         picks = [(rng.randrange(len(layers)), 0) for _ in range(samples)]
         picks = [(l, rng.randrange(layers[l].num_experts)) for l, _ in picks]
@@ -151,7 +151,8 @@ class Engine:
             disk = None
             if measure_disk:
                 share = loaded.store.packed if loaded.store.packed and loaded.store.packed[0].ranks > 1 else None
-                disk = measure_expert_read_speed(loaded.layers, io_threads=options.io_threads, samples=16, packed=share)
+                disk = measure_expert_read_speed(loaded.layers, io_threads=options.io_threads, samples=16, packed=share,
+                                                piece_bytes=piece_bytes_for(options.read_piece_kb, cold=True))
             plan = make_plan(
                 model_type=loaded.config["model_type"],
                 moe_layers=len(loaded.layers),

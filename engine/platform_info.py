@@ -371,6 +371,24 @@ def set_macos_nocache(fd: int, fcntl_fn: Callable[[int, int, int], Any] | None =
     fcntl_fn(fd, F_RDAHEAD, 0)
 
 
+def advise_random_reads(fd: int, platform: str = sys.platform,
+                        fcntl_fn: Callable[[int, int, int], Any] | None = None) -> None:  # fmt: skip
+    """Turn the kernel's read-ahead off for ``fd``: expert reads are random and always whole.
+
+    With read-ahead on, reads of consecutive pieces of one expert look sequential and the kernel
+    reads on past the expert (measured on Linux: 2.3x the bytes asked for, at half the rate).
+    Linux: POSIX_FADV_RANDOM; macOS: F_RDAHEAD 0; elsewhere nothing.
+    """
+    if platform == "darwin":
+        if fcntl_fn is None:
+            import fcntl
+
+            fcntl_fn = fcntl.fcntl
+        fcntl_fn(fd, F_RDAHEAD, 0)
+    elif hasattr(os, "posix_fadvise"):
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+
+
 def drop_file_cache(fd: int, offset: int = 0, length: int = 0,
                     fadvise: Callable[[int, int, int, int], None] | None = None,
                     platform: str = sys.platform,

@@ -94,6 +94,8 @@ def _engine(model: Path, args: argparse.Namespace, **opts: Any) -> Any:
     from engine.types import EngineOptions
 
     opts.setdefault("read_piece_kb", args.read_piece_kb)
+    # KV room for what the bench runs (the memory plan the peak RSS is held to), not 8,192 tokens
+    opts.setdefault("context_tokens", max(args.prompt_tokens, args.long_prompt or 0, 16) + args.decode_tokens + 16)
     options = EngineOptions(
         io_threads=args.io_threads, device=args.device, use_packed=args.layout == "packed",
         prefill_matmul=args.prefill_matmul, cache_policy=args.cache_policy, **opts,
@@ -109,7 +111,9 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     from engine.fast_blas import fast_blas_status
     from engine.model.loader import inspect_experts
     from engine.platform_info import measure_cold_read_speed, peak_rss_bytes, process_rss_bytes
+    from engine.storage.expert_store import piece_bytes_for
 
+    cold_piece = piece_bytes_for(args.read_piece_kb, cold=True)  # what the cold runs read in
     model = _model_dir(args)
     _ensure_packed(model, args.layout)
     baseline_rss = process_rss_bytes()
@@ -127,7 +131,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         "expert_bytes_total": expert_total,
         "layout": args.layout,
         "io_threads": args.io_threads,
-        "read_piece_kb": args.read_piece_kb,
+        "read_piece_kb": cold_piece // 1024,  # of the cold runs (the warm one reads through the page cache)
         "decode_tokens": args.decode_tokens,
         "blas": fast_blas_status()[1],
         "prefill_matmul": args.prefill_matmul,
@@ -138,7 +142,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     _say("1/4 raw disk reads")
     files = model / "moebar-packed" if args.layout == "packed" else model
 
-    piece = args.read_piece_kb * 1024
+    piece = cold_piece
     blocks = sorted({expert_bytes, piece} if 0 < piece < expert_bytes else {expert_bytes})
     out["raw_block_bytes"] = blocks
 
@@ -180,13 +184,14 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     # weights, the KV of its context, the working slots, a prefill pass and its margin.
     needs = cold._loaded.budget.needs
     planned = needs.dense_bytes + needs.kv_bytes + needs.working_bytes + needs.prefill_bytes + needs.margin_bytes
+    start_rss = max(baseline_rss, needs.runtime_bytes)  # (before MLX was imported it is smaller than the plan's)
     out["memory"] = {
         "baseline_rss": baseline_rss,
         "peak_rss": peak_rss_bytes(),
         "dense_bytes": plan.dense_bytes,
         "budget_bytes": 0,
-        "limit_bytes": baseline_rss + planned,
-        "planned_bytes": {"dense": needs.dense_bytes, "kv": needs.kv_bytes, "working_slots": needs.working_bytes,
+        "limit_bytes": start_rss + planned,
+        "planned_bytes": {"runtime": start_rss, "dense": needs.dense_bytes, "kv": needs.kv_bytes, "working_slots": needs.working_bytes,
                           "prefill": needs.prefill_bytes, "margin": needs.margin_bytes},
         **_mlx_figures(),  # MLX's allocator after the streamed phases (held by the memory budget)
     }
@@ -201,7 +206,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
 
     # 4. the plan's prediction
     _say("4/4 plan")
-    plan_disk = measure_expert_read_speed(layers, io_threads=args.io_threads, samples=32)
+    plan_disk = measure_expert_read_speed(layers, io_threads=args.io_threads, samples=32, piece_bytes=cold_piece)
     per_token = len(layers) * plan.experts_per_token * expert_bytes
     out["plan"] = {
         "disk_read_bytes_per_s": plan_disk,
@@ -228,8 +233,8 @@ def _decode_side_by_side(
         ref_model.set_dtype(mx.float32)  # the same activation dtype the engine uses on CPU
     mx.eval(ref_model.parameters())
     prefetch = _engine(model, args, cache_mb=0, cold=True, prefetch=True)
-    whole = _engine(model, args, cache_mb=0, cold=True, read_piece_kb=0)  # one read per expert
     warm = _engine(model, args, cache_mb=every_expert_cache_mb(expert_total))
+    cold_piece = cold._loaded.store.piece_bytes
     runs: dict[str, list[dict[str, Any]]] = {"cold": [], "cold_whole_reads": [], "cold_prefetch": [], "warm": [],
                                              "warm_host_sync": []}
     ref_tps: list[float] = []
@@ -239,7 +244,9 @@ def _decode_side_by_side(
         _decode(warm, prompt, args.decode_tokens)  # first use of the slots, kernels compiled
         for _ in range(args.repeats):
             sample_disk()  # the raw rate, right beside the cold runs
-            for name, engine in (("cold", cold), ("cold_whole_reads", whole), ("cold_prefetch", prefetch), ("warm", warm)):
+            for name, engine in (("cold", cold), ("cold_whole_reads", cold), ("cold_prefetch", prefetch), ("warm", warm)):
+                # the cold engine again, one read per expert (the same dense weights, no fourth copy)
+                cold._loaded.store.piece_bytes = 0 if name == "cold_whole_reads" else cold_piece
                 runs[name].append(_decode(engine, prompt, args.decode_tokens))
             warm.set_device_routing(False)  # the same cache, one host sync per layer
             runs["warm_host_sync"].append(_decode(warm, prompt, args.decode_tokens))
@@ -254,7 +261,6 @@ def _decode_side_by_side(
         device_routed = warm.expert_counters()["device_routed_calls"]
     finally:
         prefetch.close()
-        whole.close()
         warm.close()
     out: dict[str, Any] = {name: _median_run(rs) for name, rs in runs.items()}
     out["cold_prefetch"]["prefetched_hits"] = prefetched
@@ -332,9 +338,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens routed together")
     p.add_argument("--repeats", type=int, default=3, help="runs per phase (the median is reported)")
     p.add_argument("--io-threads", type=int, default=4, help="parallel expert reads")
-    p.add_argument("--read-piece-kb", type=int, default=EngineOptions.read_piece_kb,
-                   help="KiB per read of an expert's piece (0: whole experts); cold decode with whole-expert "
-                        "reads runs beside it")
+    p.add_argument("--read-piece-kb", type=int, default=None,
+                   help="KiB per read of an expert's piece (0: whole experts; default: the engine's, 1024 for "
+                        "cold reads); cold decode with whole-expert reads runs beside it")
     p.add_argument("--disk-bytes", type=int, default=512 * 2**20, help="bytes read by the raw disk test")
     p.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto",
                    help="where the model computes (auto: the GPU when MLX has one)")

@@ -70,10 +70,11 @@ def _whole_row(r: dict[str, Any]) -> str:
 
 
 def _planned(mem: dict[str, Any]) -> str:
-    """The engine's plan the peak RSS is held to (runs before it had a fixed estimate)."""
+    """The engine's plan the peak RSS is held to: runtime (the larger of the process before loading
+    and the plan's figure), dense, KV, working slots, prefill, margin (older runs: a fixed estimate)."""
     p = mem.get("planned_bytes")
     if not p:
-        return "dense + KV + 512 MiB"
+        return "baseline + dense + KV + 512 MiB"
     return "the engine's plan: " + ", ".join(f"{k.replace('_', ' ')} {v / 2**20:.0f}" for k, v in p.items()) + " MiB"
 
 
@@ -110,7 +111,7 @@ def format_table(r: dict[str, Any]) -> str:
          f"{pre['chunked']['bytes_read'] / 2**20:.0f} / {pre['token_by_token']['bytes_read'] / 2**20:.0f} MiB"
          f"; dense-GEMM prefill {r.get('prefill_matmul', 'auto')}, BLAS: {r.get('blas', '?')}"),
         ("peak RSS / limit", f"{r['memory']['peak_rss'] / 2**20:.0f} / {r['memory']['limit_bytes'] / 2**20:.0f} MiB "
-                             f"(baseline + {_planned(r['memory'])})"),
+                             f"({_planned(r['memory'])})"),
         ("MLX memory: active / cached / peak", _mlx_row(r["memory"])),
         ("cold reads: page cache evicted by", str(r.get("eviction_method", "?"))),
         ("plan: predicted / measured cold tok/s", f"{r['plan']['tps_bound_cold'] or 0:.2f} (disk only) / "

@@ -28,7 +28,7 @@ from engine.model.kernel_shapes import MLX_LM_PREFILL_STEP, mirror_setting
 from engine.model.prefill_matmul import install_prefill_matmul
 from engine.errors import CorruptModelError, MissingFileError, ModelError, RequestError, TokenizerError, UnsupportedModelError
 from engine.storage.expert_layout import ExpertParam, LayerExperts, layer_experts_from_index
-from engine.storage.expert_store import ExpertStore
+from engine.storage.expert_store import ExpertStore, piece_bytes_for
 from engine.fast_blas import fast_blas_status
 from engine.storage.packed_layout import PackedLayer, open_packed_layout
 from engine.storage.rank_folder import RANK_MANIFEST, SHARE_DTYPES, read_rank_share
@@ -445,7 +445,7 @@ def load_streamed_model(model_dir: Path, options: EngineOptions, progress: Progr
     else:
         packed = open_packed_layout(model_dir, layers) if options.use_packed else None
     store = ExpertStore(layers, io_threads=options.io_threads, cold=options.cold, packed=packed,
-                        piece_bytes=options.read_piece_kb * 1024)
+                        piece_bytes=piece_bytes_for(options.read_piece_kb, options.cold))
     # the streamer counts its budget in on-disk expert bytes; slots may hold scales in another dtype
     floats = slot_float_dtype(device, model, options.activation_dtype)
     per_slot = max(1, slot_bytes_per_expert(layers[0], floats))

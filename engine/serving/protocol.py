@@ -144,7 +144,7 @@ class LoadRequest:
             f"must be >= 1 or null, got {o.experts_per_token}",
         )
         _require(o.io_threads >= 1, "load.options.io_threads", f"must be >= 1, got {o.io_threads}")
-        _require(o.read_piece_kb >= 0, "load.options.read_piece_kb", f"must be >= 0 (0: whole experts), got {o.read_piece_kb}")
+        _require(o.read_piece_kb is None or o.read_piece_kb >= 0, "load.options.read_piece_kb", f"must be >= 0 or null, got {o.read_piece_kb}")
         _require(
             o.prefill_chunk >= 1, "load.options.prefill_chunk", f"must be >= 1, got {o.prefill_chunk}"
         )
