@@ -41,8 +41,15 @@ def attachment_for(item: DroppedItem) -> Attachment:
     return Attachment(path=item.path, name=item.name, size=item.size, is_folder=item.is_folder)
 
 
-class MainWindow(QtWidgets.QMainWindow):
-    """Puts the views together and routes user actions to the controller."""
+class MainWindow(QtWidgets.QWidget):
+    """Puts the views together and routes user actions to the controller.
+
+    A plain top-level widget with its own layout (toolbar, splitter, status bar), not a
+    QMainWindow: QMainWindow's layout animates its central widget with a QPropertyAnimation on
+    every relayout, whatever ``setAnimated`` says, and deleting that animation asks PySide for a
+    Python override while Qt holds its signal-slot lock. With the bridge's thread holding the
+    GIL at that moment (starting the engine) the two deadlocked (PySide6 6.11, seen in CI).
+    """
 
     settings_requested = Signal()
     model_dialog_requested = Signal()
@@ -57,7 +64,7 @@ class MainWindow(QtWidgets.QMainWindow):
         theme: Theme = LIGHT,
         parent: QtWidgets.QWidget | None = None,
     ) -> None:
-        super().__init__(parent)
+        super().__init__(parent, Qt.WindowType.Window)
         self.controller = controller
         self.bridge = bridge
         self.settings = settings
@@ -65,6 +72,7 @@ class MainWindow(QtWidgets.QMainWindow):
         self._theme = theme
         self._lost_since_load = False
         self.setObjectName("mainWindow")
+        self.setAttribute(Qt.WidgetAttribute.WA_StyledBackground, True)  # the theme's window background
         self.setWindowTitle("MoeBar")
         self.setWindowIcon(app_icon())
         self.setAcceptDrops(True)
@@ -92,17 +100,26 @@ class MainWindow(QtWidgets.QMainWindow):
         self.splitter.setChildrenCollapsible(False)
         # An explicit minimum replaces the panel's size hint, so changing figures never move the splitter.
         self.model_panel.setMinimumWidth(320)  # room for the longest live figures
-        self.setCentralWidget(self.splitter)
         self.overlay = DropOverlay(self, theme)
-        self._build_toolbar()
+        self.menu_bar = QtWidgets.QMenuBar(self)
+        self.toolbar = self._build_toolbar()
+        self.status_bar = QtWidgets.QStatusBar(self)
         self.state_label = plain_label(QtWidgets.QLabel(self))
-        self.statusBar().addWidget(self.state_label, 1)
+        self.status_bar.addWidget(self.state_label, 1)
+        layout = QtWidgets.QVBoxLayout(self)
+        layout.setContentsMargins(0, 0, 0, 0)
+        layout.setSpacing(0)
+        layout.setMenuBar(self.menu_bar)
+        layout.addWidget(self.toolbar)
+        layout.addWidget(self.splitter, 1)
+        layout.addWidget(self.status_bar)
+        self.overlay.raise_()
         self._connect()
         self._restore_geometry()
         self._on_engine_state(bridge.state)
 
-    def _build_toolbar(self) -> None:
-        bar = self.addToolBar("Main")
+    def _build_toolbar(self) -> QtWidgets.QToolBar:
+        bar = QtWidgets.QToolBar("Main", self)
         bar.setObjectName("mainToolbar")
         bar.setMovable(False)
         bar.setToolButtonStyle(Qt.ToolButtonStyle.ToolButtonTextBesideIcon)
@@ -116,9 +133,10 @@ class MainWindow(QtWidgets.QMainWindow):
         self.model_action.triggered.connect(self.model_dialog_requested)
         self.settings_action.triggered.connect(self.settings_requested)
         self.quick_ask_action.triggered.connect(self.quick_ask_requested)
-        self.help_menu = self.menuBar().addMenu("Help")
+        self.help_menu = self.menu_bar.addMenu("Help")
         self.selfcheck_action = self.help_menu.addAction("Check This Mac…")
         self.selfcheck_action.triggered.connect(self.show_selfcheck)
+        return bar
 
     @Slot()
     def show_selfcheck(self) -> None:

@@ -32,10 +32,11 @@ def isolated_moebar_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Pat
 def fake_bridge(qtbot: object, tmp_path: Path) -> Iterator[EngineBridge]:
     """An EngineBridge running the scripted fake engine (no model loaded yet).
 
-    Earlier tests' widgets are deleted first: a Qt animation destroyed in the GUI thread while
-    the bridge's thread starts the engine process deadlocked the two (PySide6 6.11: the
-    destructor holds Qt's signal-slot lock and waits for the GIL, the bridge's thread holds
-    the GIL and waits for that lock). The app's own exposure to it is a known open fault.
+    Earlier tests' widgets are deleted first: a QMainWindow's layout animation destroyed in the
+    GUI thread while the bridge's thread started the engine process deadlocked the two (PySide6
+    6.11: the destructor holds Qt's signal-slot lock and waits for the GIL, the bridge's thread
+    holds the GIL and waits for that lock). The app's window is no longer a QMainWindow and runs
+    no such animation (test_main_window); the flush stays for any other widget's deferred delete.
     """
     from app.qt import QtCore
 

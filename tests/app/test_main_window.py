@@ -175,3 +175,20 @@ def test_model_dialog_shows_the_plan_before_loading(qtbot, moebar: MoeBarApp, ti
     dialog.folder_edit.setText(str(model))
     dialog.accept()
     assert moebar.settings.get("model_dir") == str(model)
+
+
+def test_the_window_runs_no_layout_animations(qtbot, moebar: MoeBarApp) -> None:
+    """QMainWindow animated its central widget on every relayout; deleting such an animation while
+    the bridge's thread held the GIL deadlocked the app (PySide6). The window is no QMainWindow."""
+    from app.qt import QtCore
+
+    window = moebar.window
+    window.show()
+    for size in ((900, 600), (1200, 800), (1000, 700)):
+        window.resize(*size)
+        qtbot.wait(30)
+        assert window.findChildren(QtCore.QPropertyAnimation) == []
+    assert not isinstance(window, QtWidgets.QMainWindow)
+    assert window.toolbar.actions()[0].text() == "New chat"
+    assert [m.title() for m in window.menu_bar.findChildren(QtWidgets.QMenu)] == ["Help"]
+    assert window.status_bar.isVisibleTo(window) and window.state_label.text()
