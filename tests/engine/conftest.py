@@ -1,5 +1,5 @@
 """Fixtures of the engine tests: tiny models of any mlx-lm MoE family built once per session, one
-shared tokenizer for them."""
+shared tokenizer for them, a packed tiny model per module."""
 
 from __future__ import annotations
 
@@ -46,3 +46,16 @@ def fast_tokenizer(monkeypatch: pytest.MonkeyPatch, shared_tokenizer: Any) -> An
 
     monkeypatch.setattr(loader, "_load_tokenizer", lambda model_dir, config: shared_tokenizer)
     return shared_tokenizer
+
+
+@pytest.fixture(scope="module")
+def packed_model(tiny_model: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A packed copy of the tiny model (copy it with its mtimes to edit it: the pack stays current)."""
+    import shutil
+
+    from engine.storage.pack import pack_model
+
+    path = tmp_path_factory.mktemp("packed") / "model"
+    shutil.copytree(tiny_model("qwen3_moe", 4), path)
+    pack_model(path, io_threads=2)
+    return path

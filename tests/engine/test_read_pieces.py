@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import errno
 import os
-import shutil
 import threading
 import time
 import zlib
@@ -21,16 +20,7 @@ from engine.model.expert_cache import ConvertBuffer
 from engine.model.loader import inspect_experts
 from engine.storage import expert_store
 from engine.storage.expert_store import READ_PIECE_BYTES, ExpertStore, _slices
-from engine.storage.pack import pack_model
 from engine.storage.packed_layout import ALIGNMENT, PackedLayer, aligned, open_packed_layout
-
-
-@pytest.fixture(scope="module")
-def packed_model(tiny_model, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("pieces") / "model"
-    shutil.copytree(tiny_model("qwen3_moe", 4), path)
-    pack_model(path, io_threads=2)
-    return path
 
 
 def _buffers(layer: Any) -> list[np.ndarray]:

@@ -23,18 +23,8 @@ from engine.model.loader import inspect_experts
 from engine.storage import expert_store
 from engine.storage.expert_layout import LayerExperts, layer_experts_from_index
 from engine.storage.expert_store import ExpertStore
-from engine.storage.pack import pack_model
 from engine.storage.packed_layout import PACKED_DIRNAME, PackedLayer, open_packed_layout
 from engine.storage.safetensors_index import TensorLocation
-
-
-@pytest.fixture(scope="module")
-def packed_model(tiny_model, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A packed copy of the tiny model (copied per test with its mtimes: the pack stays current)."""
-    path = tmp_path_factory.mktemp("packed") / "model"
-    shutil.copytree(tiny_model("qwen3_moe", 4), path)
-    pack_model(path, io_threads=2)
-    return path
 
 
 @pytest.fixture
