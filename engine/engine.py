@@ -12,7 +12,7 @@ import mlx.core as mx
 import numpy as np
 
 from engine.storage.expert_layout import LayerExperts
-from engine.storage.expert_store import READ_PIECE_BYTES, ExpertStore, piece_bytes_for
+from engine.storage.expert_store import ExpertStore, piece_bytes_for
 from engine.storage.packed_layout import PackedLayer
 from engine.errors import RequestError
 from engine.model.expert_parallel import ExpertParallel, attach_expert_parallel
@@ -35,9 +35,10 @@ log = logging.getLogger(__name__)
 
 def measure_expert_read_speed(
     layers: Sequence[LayerExperts], *, io_threads: int = 4, samples: int = 32, seed: int = 0,
-    packed: Sequence[PackedLayer] | None = None, piece_bytes: int = READ_PIECE_BYTES,
+    packed: Sequence[PackedLayer] | None = None, piece_bytes: int | None = None,
 ) -> float:
-    """Read ``samples`` random experts cold, in parallel, through the store; return bytes/s.
+    """Read ``samples`` random experts cold, in parallel, through the store (``piece_bytes``: its read
+    pieces, None for the cold default); return bytes/s.
 
     ``packed``: read that layout (a rank's share has no other), only the experts it holds.
     """

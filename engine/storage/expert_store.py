@@ -120,8 +120,9 @@ class ExpertStore:
         cold: bool = False,
         packed: Sequence[PackedLayer] | None = None,
         verify: str = "first",
-        piece_bytes: int = READ_PIECE_BYTES,
+        piece_bytes: int | None = None,
     ) -> None:
+        piece_bytes = piece_bytes_for(None, cold) if piece_bytes is None else piece_bytes
         if piece_bytes < 0:
             raise ValueError(f"piece_bytes must be >= 0 (0 reads each expert whole), not {piece_bytes}")
         if verify not in ("first", "always", "never"):
@@ -207,8 +208,10 @@ class ExpertStore:
             if direct_fd is not None:  # whole aligned blocks, the payload's padding included
                 span = min(aligned(payload), pl.stride)
                 step = aligned(self.piece_bytes) if self.piece_bytes else span
-                return [_Piece(direct_fd, pl.file, base + s, min(step, span - s), _slices(views, s, min(s + step, payload)), True)
-                        for s in range(0, span, step)]  # fmt: skip
+                return [
+                    _Piece(direct_fd, pl.file, base + s, min(step, span - s), _slices(views, s, min(s + step, payload)), True)
+                    for s in range(0, span, step)
+                ]
             step = self.piece_bytes or max(1, payload)
             fd = self._fds[pl.file]
             return [_Piece(fd, pl.file, base + s, min(step, payload - s), _slices(views, s, s + step), False)
