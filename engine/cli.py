@@ -44,6 +44,17 @@ def cache_mb_arg(value: str) -> float | None:
     return mb
 
 
+def kib_or_zero(value: str) -> int:
+    """A size in KiB for argparse: a whole number >= 0."""
+    try:
+        kib = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number of KiB, got {value!r}") from None
+    if kib < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0 KiB (0: whole experts), got {value!r}")
+    return kib
+
+
 def _positive_mb(value: str) -> float:
     try:
         mb = float(value)
@@ -70,7 +81,7 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--experts-per-token", type=int, default=None, help="override K (warns below trained K)")
     p.add_argument("--cold", action="store_true", help="bypass the OS page cache for expert reads")
     p.add_argument("--io-threads", type=int, default=4, help="parallel expert reads")
-    p.add_argument("--read-piece-kb", type=int, default=None,
+    p.add_argument("--read-piece-kb", type=kib_or_zero, default=None,
                    help="cut each expert's read into pieces of this many KiB that the I/O threads share (0: "
                         "each expert whole; default 1024 with --cold, where reads pass the page cache, else 0)")
     p.add_argument("--prefill-chunk", type=int, default=512,

@@ -322,6 +322,8 @@ def _has_gpu() -> bool:
 
 def build_parser() -> argparse.ArgumentParser:
     """Arguments of ``moebar-engine bench``."""
+    from engine.cli import kib_or_zero
+
     p = argparse.ArgumentParser(prog="moebar-engine bench", description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="mini", choices=["mini", "small", "qwen3-30b-shape", "qwen3.5-397b-shape", "tiny"],
                    help="shape of the random-weight model built for the run (default mini)")
@@ -338,7 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens routed together")
     p.add_argument("--repeats", type=int, default=3, help="runs per phase (the median is reported)")
     p.add_argument("--io-threads", type=int, default=4, help="parallel expert reads")
-    p.add_argument("--read-piece-kb", type=int, default=None,
+    p.add_argument("--read-piece-kb", type=kib_or_zero, default=None,
                    help="KiB per read of an expert's piece (0: whole experts; default: the engine's, 1024 for "
                         "cold reads); cold decode with whole-expert reads runs beside it")
     p.add_argument("--disk-bytes", type=int, default=512 * 2**20, help="bytes read by the raw disk test")

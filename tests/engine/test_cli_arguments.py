@@ -145,3 +145,21 @@ def test_generate_as_text_with_timing(tiny_model: Any, capsys: pytest.CaptureFix
     decode = re.search(r"^decode: (\d+) tokens, ", err, re.M)
     assert decode and 1 <= int(decode.group(1)) <= 4, err
     assert re.search(r"^prompt: \d+ tokens in ", err, re.M) and "expert cache hit rate: " in err
+
+
+@pytest.mark.parametrize(
+    ("command", "value", "says"),
+    [
+        (["generate", "/nowhere", "--prompt", "hi"], "-1", "must be >= 0 KiB (0: whole experts), got '-1'"),
+        (["generate", "/nowhere", "--prompt", "hi"], "1M", "expected a whole number of KiB, got '1M'"),
+        (["bench"], "-4", "must be >= 0 KiB (0: whole experts), got '-4'"),
+    ],
+)
+def test_a_bad_read_piece_size_is_refused_naming_the_option(
+    command: list[str], value: str, says: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        main([*command, "--read-piece-kb", value])
+    assert info.value.code == 2
+    assert f"argument --read-piece-kb: {says}" in capsys.readouterr().err
+    assert cli.kib_or_zero("0") == 0 and cli.kib_or_zero("2048") == 2048
