@@ -368,7 +368,7 @@ def set_macos_nocache(fd: int, fcntl_fn: Callable[[int, int, int], Any] | None =
 
         fcntl_fn = fcntl.fcntl
     fcntl_fn(fd, F_NOCACHE, 1)
-    fcntl_fn(fd, F_RDAHEAD, 0)
+    advise_random_reads(fd, "darwin", fcntl_fn)
 
 
 def advise_random_reads(fd: int, platform: str = sys.platform,

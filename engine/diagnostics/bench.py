@@ -5,10 +5,11 @@ Phases, in this order so that the peak RSS of the streamed phases is not inflate
    engine's read pieces, the better of the two (sampled again beside each cold decode run in
    phase 3; the median is the raw figure);
 2. the streamed engine alone (cache 0, page cache bypassed): a decode, then chunked prefill
-   against token-by-token prefill, then its peak RSS against the engine's own memory plan (dense, KV, working slots, prefill, margin);
+   against token-by-token prefill, then its peak RSS against the engine's own memory plan
+   (runtime, dense, KV, working slots, prefill, margin);
 3. decode side by side, run by run: cold, cold with one read per expert (no pieces), cold with
-   next-layer prefetch, warm (every expert
-   preloaded into the cache, so layers route on the device), warm through the host-sync path,
+   next-layer prefetch, warm (every expert preloaded into the cache, so layers route on the
+   device), warm through the host-sync path,
    and mlx-lm's own generation with the model in memory; medians compared;
 4. the ``plan`` prediction against what was measured.
 Ratios, not absolute times, are the results: shared machines are noisy.
@@ -142,8 +143,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     _say("1/4 raw disk reads")
     files = model / "moebar-packed" if args.layout == "packed" else model
 
-    piece = cold_piece
-    blocks = sorted({expert_bytes, piece} if 0 < piece < expert_bytes else {expert_bytes})
+    blocks = sorted({expert_bytes, cold_piece} if 0 < cold_piece < expert_bytes else {expert_bytes})
     out["raw_block_bytes"] = blocks
 
     def sample_disk() -> float:
