@@ -230,7 +230,7 @@ class _ReadOnDemand(Future):  # type: ignore[type-arg]
             self._log.append("waited")
             try:
                 self.set_result(self._read())
-            except ExpertReadError as e:
+            except Exception as e:  # (any error: a fault of the test itself must fail it, not hang it)
                 self.set_exception(e)
         return super().result(timeout)
 
