@@ -27,7 +27,8 @@ EXPERT_BYTES = 7_077_888  # one Qwen3.5-397B-A17B expert at 4 bits
 
 @dataclass
 class PieceComparison:
-    """Cold read rates of layer-shaped batches, bytes/s: whole experts and pieces (medians)."""
+    """Read rates of layer-shaped batches, bytes/s (medians): whole experts and pieces, past the page
+    cache, through it from the disk, and from it."""
 
     whole: float  # past the page cache (O_DIRECT / F_NOCACHE), from the disk
     pieces: float

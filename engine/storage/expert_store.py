@@ -7,8 +7,8 @@ of the way so that the figures are the disk's: ``O_DIRECT`` into an aligned stag
 the packed layout on Linux, ``F_NOCACHE`` on macOS, otherwise ``posix_fadvise(DONTNEED)`` after
 each read.
 
-An expert's read is cut into pieces of about ``piece_bytes`` (1 MiB by default) that the I/O
-threads share: at top-10 on 8 threads whole-expert reads run in two waves, the second with 2
+An expert's read can be cut into pieces of ``piece_bytes`` (by default 1 MiB for cold reads and
+none through the page cache: ``piece_bytes_for``) that the I/O threads share: at top-10 on 8 threads whole-expert reads run in two waves, the second with 2
 threads busy and 6 idle, and an SSD keeps more requests in flight. The expert is whole (checked,
 converted, counted) when its last piece lands.
 """
@@ -72,6 +72,11 @@ def _pread_full(fd: int, buffers: list[memoryview], offset: int, path: Path) -> 
             )
         done += n
     return done
+
+
+def _read_failed(layer: int, expert: int, error: OSError) -> ExpertReadError:
+    """The error a failed read of ``expert`` of ``layer`` raises (the OS error names the file)."""
+    return ExpertReadError(f"layer {layer} expert {expert}: read failed: {error}")
 
 
 class _Piece(NamedTuple):
@@ -190,7 +195,7 @@ class ExpertStore:
         try:
             n = sum(self._read_piece(p) for p in self._plan(layer, expert, views))
         except OSError as e:
-            raise ExpertReadError(f"layer {layer} expert {expert}: read failed: {e}") from e
+            raise _read_failed(layer, expert, e) from e
         self._complete(layer, expert, views, dests, n)
         return n
 
@@ -309,8 +314,7 @@ class ExpertStore:
             if gather.error is not None:
                 e = gather.error
                 if isinstance(e, OSError):
-                    e = ExpertReadError(f"layer {gather.layer} expert {gather.expert}: read failed: {e}")
-                    e.__cause__ = gather.error
+                    raise _read_failed(gather.layer, gather.expert, e) from e
                 raise e
             self._complete(gather.layer, gather.expert, gather.views, gather.dests, gather.bytes)
         except BaseException as e:
