@@ -105,8 +105,15 @@ class LocalApiServer:
             self._stop()
 
     def _count(self, delta: int) -> None:
+        """An HTTP chat request started (+1) or ended (-1): report the running server's new count.
+
+        Not while stopped or stopping (``_stop`` clears ``_server`` first): a request that ends
+        during a stop would otherwise report "not running" before the stop's own answer, and a
+        client waiting for that answer would take the early event for it.
+        """
         self._active = max(0, self._active + delta)
-        self._emit(self.state())
+        if self._server is not None:
+            self._emit(self.state())
 
     def _start(self, request: ServeRequest) -> ServerEvent:
         import uvicorn

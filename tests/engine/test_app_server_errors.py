@@ -153,9 +153,13 @@ def test_a_server_that_does_not_stop_in_time_is_forced_and_its_turn_ends(monkeyp
     assert streaming.wait(60)
     # a graceful stop waits for the open stream; after STOP_TIMEOUT_S it is forced
     monkeypatch.setattr(app_server, "STOP_TIMEOUT_S", 0.2)
+    before = len(recorder.events)
     stopped = server.apply(ServeRequest(enabled=False))
     assert not stopped.running and not server.running
     assert engine.finished.wait(30) and engine.finish_reasons == ["cancelled"]  # the endless turn was stopped
     thread.join(30)
     assert ended  # the client saw its stream end
+    # The request that ended during the stop sent no event of its own: the stop's answer is the
+    # only one (an earlier "not running" would be taken for the answer by a client waiting for it).
+    assert recorder.events[before:] == [stopped]
     service.close()
