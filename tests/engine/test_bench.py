@@ -56,6 +56,28 @@ def test_decode_rate_counts_the_tokens_after_the_first() -> None:
     assert decode_rate([3.0]) == 0.0 and decode_rate([]) == 0.0 and decode_rate([1.0, 1.0]) == 0.0
 
 
+def test_a_decode_run_is_timed_when_its_tokens_reach_the_caller() -> None:
+    """As mlx-lm's side is: an engine whose own figure starts earlier is not measured by it."""
+    import time
+    import types
+
+    from engine.diagnostics.bench import _decode
+
+    class SlowToHandOver:
+        def generate(self, prompt, sampling):  # type: ignore[no-untyped-def]
+            stats = types.SimpleNamespace(decode_tps=1000.0, prompt_tps=1.0, prompt_s=1.0, cache_hit_rate=1.0,
+                                          decode=types.SimpleNamespace(tokens=3, bytes_read=0, io_wait_s=0.0,
+                                                                       compute_s=0.0, sync_s=0.0, elapsed_s=0.0),
+                                          prefill=types.SimpleNamespace(bytes_read=0))
+            for token in range(sampling.max_tokens):
+                time.sleep(0.05)  # the step after this token is queued before the token is handed over
+                yield types.SimpleNamespace(token=token, stats=stats)
+
+    run = _decode(SlowToHandOver(), [1, 2], 4)
+    assert run["engine_decode_tps"] == 1000.0
+    assert 10.0 < run["decode_tps"] < 21.0  # 3 tokens after the first, about 0.05 s apart
+
+
 def test_cold_bound_uses_the_compute_of_a_step_with_host_syncs() -> None:
     from engine.diagnostics.bench_report import targets
 
