@@ -83,7 +83,8 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--io-threads", type=int, default=4, help="parallel expert reads")
     p.add_argument("--read-piece-kb", type=kib_or_zero, default=None,
                    help="cut each expert's read into pieces of this many KiB that the I/O threads share (0: "
-                        "each expert whole; default 1024 with --cold, where reads pass the page cache, else 0)")
+                        "each expert whole; default with --cold, where reads pass the page cache: 1024 or 0, whichever "
+                        "reads faster at load; else 0)")
     p.add_argument("--prefill-chunk", type=int, default=512,
                    help="prompt tokens per attention call of a prefill pass (per chunk for other families); "
                         "with --mlx-lm-shapes on (auto on a GPU) mlx-lm's 2,048 instead")

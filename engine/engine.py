@@ -12,8 +12,9 @@ import mlx.core as mx
 import numpy as np
 
 from engine.storage.expert_layout import LayerExperts
-from engine.storage.expert_store import ExpertStore, piece_bytes_for
+from engine.storage.expert_store import ExpertStore
 from engine.storage.packed_layout import PackedLayer
+from engine.storage.read_choice import ReadChoice, choose_read_pieces
 from engine.errors import RequestError
 from engine.model.expert_parallel import ExpertParallel, attach_expert_parallel
 from engine.model.array_limits import backend
@@ -35,12 +36,14 @@ log = logging.getLogger(__name__)
 
 def measure_expert_read_speed(
     layers: Sequence[LayerExperts], *, io_threads: int = 4, samples: int = 32, seed: int = 0,
-    packed: Sequence[PackedLayer] | None = None, piece_bytes: int | None = None,
+    packed: Sequence[PackedLayer] | None = None, piece_bytes: int | None = None, per_batch: int = 0,
 ) -> float:
     """Read ``samples`` random experts cold, in parallel, through the store (``piece_bytes``: its read
     pieces, None for the cold default); return bytes/s.
 
     ``packed``: read that layout (a rank's share has no other), only the experts it holds.
+    ``per_batch`` > 0: submit that many at a time and wait for each batch, as decode waits for a
+    layer's experts (0: all at once).
     """
     rng = random.Random(seed)
     store = ExpertStore(layers, io_threads=io_threads, cold=True, packed=packed, piece_bytes=piece_bytes)
@@ -52,13 +55,29 @@ def measure_expert_read_speed(
             picks = [(l, e if store.holds(l, e) else held[l][e % len(held[l])]) for l, e in picks]
         store.drop_page_cache()
         buffers = [[np.empty(p.nbytes, dtype=np.uint8) for p in layers[l].params] for l, _ in picks]
-        t0 = time.perf_counter()
-        futures = [store.submit(l, e, bufs) for (l, e), bufs in zip(picks, buffers)]
-        total = sum(f.result() for f in futures)
-        elapsed = time.perf_counter() - t0
+        step = per_batch if per_batch > 0 else len(picks)
+        total, elapsed = 0, 0.0
+        for start in range(0, len(picks), step):
+            t0 = time.perf_counter()
+            futures = [store.submit(l, e, bufs) for (l, e), bufs in zip(picks[start : start + step], buffers[start : start + step])]
+            total += sum(f.result() for f in futures)
+            elapsed += time.perf_counter() - t0
     finally:
         store.close()
     return total / elapsed if elapsed > 0 else 0.0
+
+
+def _measure_reads(loaded: StreamedModel, options: EngineOptions) -> ReadChoice:
+    """Cold reads of the model's experts, whole and in pieces, in batches of K as decode reads them
+    (two batches a measurement, three measurements each way: 6K experts both ways together)."""
+    share = loaded.store.packed if loaded.store.packed and loaded.store.packed[0].ranks > 1 else None
+    k = max(1, loaded.k)
+
+    def measure(piece_bytes: int, round_: int) -> float:
+        return measure_expert_read_speed(loaded.layers, io_threads=options.io_threads, samples=2 * k, seed=round_,
+                                         packed=share, piece_bytes=piece_bytes, per_batch=k)  # fmt: skip
+
+    return choose_read_pieces(measure)
 
 
 class Engine:
@@ -76,6 +95,7 @@ class Engine:
         self._trace_runs = 0  # generations recorded into options.trace_dir
         self._hot_set_saved_at = time.monotonic()
         self.warmer: HotSetWarmer | None = None
+        self.read_choice: ReadChoice | None = None  # whole reads against pieces, measured at load
         self.parallel: ExpertParallel | None = None
         self.cache_resizer = CacheResizer(loaded.streamer, loaded.switches)  # memory pressure (service)
         try:
@@ -150,10 +170,13 @@ class Engine:
         loaded = load_streamed_model(path, options, progress)
         try:
             disk = None
+            read_choice = None
             if measure_disk:
-                share = loaded.store.packed if loaded.store.packed and loaded.store.packed[0].ranks > 1 else None
-                disk = measure_expert_read_speed(loaded.layers, io_threads=options.io_threads, samples=16, packed=share,
-                                                piece_bytes=piece_bytes_for(options.read_piece_kb, cold=True))
+                read_choice = _measure_reads(loaded, options)
+                disk = read_choice.best_bytes_per_s
+                if options.cold and options.read_piece_kb is None:  # no setting: the faster way here
+                    loaded.store.piece_bytes = read_choice.piece_bytes
+                log.info("%s (kept for cold mode: %s)", read_choice.describe(), bool(options.cold and options.read_piece_kb is None))
             plan = make_plan(
                 model_type=loaded.config["model_type"],
                 moe_layers=len(loaded.layers),
@@ -170,7 +193,9 @@ class Engine:
         except BaseException:
             loaded.store.close()
             raise
-        return cls(loaded, path, options, plan)  # (which closes the store itself if it raises)
+        engine = cls(loaded, path, options, plan)  # (which closes the store itself if it raises)
+        engine.read_choice = read_choice
+        return engine
 
     @property
     def experts_per_token(self) -> int:

@@ -22,8 +22,9 @@ class EngineOptions:
     cold: bool = False  # bypass the OS page cache on expert reads (honest disk figures)
     io_threads: int = 4  # parallel pread workers
     # an expert's read is cut into pieces of this many KiB that the I/O threads share (0: one
-    # read per expert); None: 1024 for cold reads (past the page cache), 0 for reads through it
-    # (see engine.storage.expert_store.piece_bytes_for)
+    # read per expert); None: for cold reads (past the page cache) the faster of 1024 and 0 as
+    # measured at load (engine.storage.read_choice; 1024 when the load measures nothing), 0 for
+    # reads through the page cache (see engine.storage.expert_store.piece_bytes_for)
     read_piece_kb: int | None = None
     # prompt tokens per attention call of a prefill pass (and per chunk for model families that
     # engine.model.layer_prefill cannot run layer by layer)

@@ -96,7 +96,7 @@ def _decode(engine: Any, prompt: list[int], tokens: int) -> dict[str, Any]:
     }
 
 
-def _engine(model: Path, args: argparse.Namespace, **opts: Any) -> Any:
+def _engine(model: Path, args: argparse.Namespace, measure_disk: bool = False, **opts: Any) -> Any:
     from engine.engine import Engine
     from engine.types import EngineOptions
 
@@ -107,7 +107,7 @@ def _engine(model: Path, args: argparse.Namespace, **opts: Any) -> Any:
         io_threads=args.io_threads, device=args.device, use_packed=args.layout == "packed",
         prefill_matmul=args.prefill_matmul, cache_policy=args.cache_policy, **opts,
     )  # fmt: skip
-    return Engine.load(model, options, measure_disk=False)
+    return Engine.load(model, options, measure_disk=measure_disk)
 
 
 def run_bench(args: argparse.Namespace) -> dict[str, Any]:
@@ -118,9 +118,10 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     from engine.fast_blas import fast_blas_status
     from engine.model.loader import inspect_experts
     from engine.platform_info import measure_cold_read_speed, peak_rss_bytes, process_rss_bytes
-    from engine.storage.expert_store import piece_bytes_for
+    from engine.storage.expert_store import READ_PIECE_BYTES
 
-    cold_piece = piece_bytes_for(args.read_piece_kb, cold=True)  # what the cold runs read in
+    # the piece size of the cold runs in pieces (the other cold runs read whole experts)
+    cold_piece = args.read_piece_kb * 1024 if args.read_piece_kb else READ_PIECE_BYTES
     model = _model_dir(args)
     _ensure_packed(model, args.layout)
     baseline_rss = process_rss_bytes()
@@ -138,7 +139,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         "expert_bytes_total": expert_total,
         "layout": args.layout,
         "io_threads": args.io_threads,
-        "read_piece_kb": cold_piece // 1024,  # of the cold runs (the warm one reads through the page cache)
+        "read_piece_kb": cold_piece // 1024,  # of the cold runs in pieces (the warm one reads through the page cache)
         "decode_tokens": args.decode_tokens,
         "blas": fast_blas_status()[1],
         "prefill_matmul": args.prefill_matmul,
@@ -169,8 +170,16 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
 
     # 2. streamed phases alone (their peak RSS is checked): cold decode, then prefill both ways
     _say("2/4 cold decode and prefill")
-    cold = _engine(model, args, cache_mb=0, cold=True)
+    # loaded as cold mode is: with no --read-piece-kb it measures both ways and keeps the faster
+    cold = _engine(model, args, measure_disk=args.read_piece_kb is None, cache_mb=0, cold=True)
     plan = cold.plan
+    choice = cold.read_choice
+    out["read_choice"] = {
+        "measured_at_load": choice is not None,
+        "whole_bytes_per_s": choice.whole_bytes_per_s if choice else None,
+        "pieces_bytes_per_s": choice.pieces_bytes_per_s if choice else None,
+        "piece_bytes": cold._loaded.store.piece_bytes,  # what the engine reads cold in (0: whole experts)
+    }
     if args.trace:
         cold.start_trace(args.trace)  # the routing of the cold decode run (diagnostics.traces)
     _decode(cold, prompt, args.decode_tokens)
@@ -234,14 +243,17 @@ def _decode_side_by_side(
     from mlx_lm import stream_generate
     from mlx_lm.sample_utils import make_sampler
 
+    from engine.storage.expert_store import READ_PIECE_BYTES
+
     ref_model, tok = mlx_load(str(model))[:2]
     if not _has_gpu():
         ref_model.set_dtype(mx.float32)  # the same activation dtype the engine uses on CPU
     mx.eval(ref_model.parameters())
     prefetch = _engine(model, args, cache_mb=0, cold=True, prefetch=True)
     warm = _engine(model, args, cache_mb=every_expert_cache_mb(expert_total))
-    cold_piece = cold._loaded.store.piece_bytes
-    runs: dict[str, list[dict[str, Any]]] = {"cold": [], "cold_whole_reads": [], "cold_prefetch": [], "warm": [],
+    chosen = cold._loaded.store.piece_bytes  # the engine's own way (the "cold" figures are that run's)
+    cold_piece = args.read_piece_kb * 1024 if args.read_piece_kb else READ_PIECE_BYTES
+    runs: dict[str, list[dict[str, Any]]] = {"cold_pieces": [], "cold_whole_reads": [], "cold_prefetch": [], "warm": [],
                                              "warm_host_sync": []}
     ref_tps: list[float] = []
     same = True
@@ -250,10 +262,11 @@ def _decode_side_by_side(
         _decode(warm, prompt, args.decode_tokens)  # first use of the slots, kernels compiled
         for _ in range(args.repeats):
             sample_disk()  # the raw rate, right beside the cold runs
-            for name, engine in (("cold", cold), ("cold_whole_reads", cold), ("cold_prefetch", prefetch), ("warm", warm)):
-                # the cold engine again, one read per expert (the same dense weights, no fourth copy)
+            for name, engine in (("cold_pieces", cold), ("cold_whole_reads", cold), ("cold_prefetch", prefetch), ("warm", warm)):
+                # the cold engine both ways, in pieces and one read per expert (the same dense weights)
                 cold._loaded.store.piece_bytes = 0 if name == "cold_whole_reads" else cold_piece
                 runs[name].append(_decode(engine, prompt, args.decode_tokens))
+            cold._loaded.store.piece_bytes = chosen
             warm.set_device_routing(False)  # the same cache, one host sync per layer
             runs["warm_host_sync"].append(_decode(warm, prompt, args.decode_tokens))
             warm.set_device_routing(True)
@@ -269,6 +282,7 @@ def _decode_side_by_side(
         prefetch.close()
         warm.close()
     out: dict[str, Any] = {name: _median_run(rs) for name, rs in runs.items()}
+    out["cold"] = dict(out["cold_whole_reads"] if chosen == 0 else out["cold_pieces"])  # the engine's way
     out["cold_prefetch"]["prefetched_hits"] = prefetched
     ours = [r["decode_tps"] for r in runs["warm"]]
     out["warm"].update(
@@ -351,8 +365,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=3, help="runs per phase (the median is reported)")
     p.add_argument("--io-threads", type=int, default=4, help="parallel expert reads")
     p.add_argument("--read-piece-kb", type=kib_or_zero, default=None,
-                   help="KiB per read of an expert's piece (0: whole experts; default: the engine's, 1024 for "
-                        "cold reads); cold decode with whole-expert reads runs beside it")
+                   help="KiB per read of an expert's piece for the cold engine (0: whole experts; default: "
+                        "it measures both at load, as cold mode does); cold decode in 1024 KiB pieces (or "
+                        "these) and in whole-expert reads run side by side")
     p.add_argument("--disk-bytes", type=int, default=512 * 2**20, help="bytes read by the raw disk test")
     p.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto",
                    help="where the model computes (auto: the GPU when MLX has one)")

@@ -43,7 +43,8 @@ def targets(r: dict[str, Any]) -> dict[str, dict[str, Any]]:
         "cold_decode_vs_serial_bound_device_routed": cold["decode_tps"] / routed_bound if routed_bound else 0.0,
     }
     whole = r.get("cold_whole_reads", {}).get("decode_tps", 0.0)  # (runs before the read pieces have none)
-    result["bounds"]["cold_pieces_vs_whole_reads"] = cold["decode_tps"] / whole if whole else 0.0
+    pieces = r.get("cold_pieces", cold)["decode_tps"]  # (runs before the choice at load: "cold" was in pieces)
+    result["bounds"]["cold_pieces_vs_whole_reads"] = pieces / whole if whole else 0.0
     return result
 
 
@@ -65,8 +66,22 @@ def _whole_row(r: dict[str, Any]) -> str:
     if "cold_whole_reads" not in r:
         return "not run"
     w = r["cold_whole_reads"]
+    p = r.get("cold_pieces", r["cold"])
     return (f"{w['decode_tps']:.2f} tok/s, reads {w['read_bytes_per_s'] / 1e9:.2f} GB/s; pieces of "
-            f"{r.get('read_piece_kb', 0)} KiB are {r['targets']['bounds']['cold_pieces_vs_whole_reads']:.3f}x that")
+            f"{r.get('read_piece_kb', 0)} KiB {p['decode_tps']:.2f} tok/s, reads {p['read_bytes_per_s'] / 1e9:.2f} GB/s: "
+            f"{r['targets']['bounds']['cold_pieces_vs_whole_reads']:.3f}x")
+
+
+def _chosen(r: dict[str, Any]) -> str:
+    """How the cold engine read (its choice at load, or the setting), for the cold decode row."""
+    c = r.get("read_choice")
+    if not c:
+        return ""
+    how = f"pieces of {c['piece_bytes'] // 1024} KiB" if c["piece_bytes"] else "one read per expert"
+    if not c["measured_at_load"]:
+        return f" ({how}, as set)"
+    return (f" ({how}: chosen at load, whole {c['whole_bytes_per_s'] / 1e9:.2f} / pieces "
+            f"{c['pieces_bytes_per_s'] / 1e9:.2f} GB/s)")
 
 
 def _planned(mem: dict[str, Any]) -> str:
@@ -97,7 +112,8 @@ def format_table(r: dict[str, Any]) -> str:
                                           f"({r['io_threads']} threads, {_blocks(r)}"
                                           f"{_samples(r['disk'].get('samples_bytes_per_s', []))})"),
         ("cold decode (cache 0)", f"{cold['decode_tps']:.2f} tok/s, {cold['bytes_per_token'] / 2**20:.1f} MiB/token, "
-                                  f"reads {cold['read_bytes_per_s'] / gb:.2f} GB/s, I/O wait {100 * cold['io_share']:.0f}%"),
+                                  f"reads {cold['read_bytes_per_s'] / gb:.2f} GB/s, I/O wait {100 * cold['io_share']:.0f}%"
+                                  f"{_chosen(r)}"),
         ("cold decode, one read per expert", _whole_row(r)),
         ("cold decode + prefetch", f"{r['cold_prefetch']['decode_tps']:.2f} tok/s, "
                                    f"I/O wait {100 * r['cold_prefetch']['io_share']:.0f}%, "

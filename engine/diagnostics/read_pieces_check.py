@@ -1,8 +1,9 @@
 """Whole-expert reads against reads cut into pieces, on this machine's disk (the self-check's "read pieces").
 
-The engine cuts each expert's cold read into pieces of ``READ_PIECE_BYTES`` that the I/O threads
-share (engine.storage.expert_store.piece_bytes_for): on this project's Linux VM that was faster
-past the page cache and not through it. Only a Mac can say for its SSD: this check reads
+The engine can cut each expert's cold read into pieces of ``READ_PIECE_BYTES`` that the I/O
+threads share: on this project's Linux VM that was faster past the page cache and not through it,
+on the lent H100 machine's disk slower (a cold load measures both and keeps the faster:
+engine.storage.read_choice). Only a Mac can say for its SSD: this check reads
 layer-shaped batches (K experts of Qwen3.5-397B's size, waiting for all K, as decode does) from a
 test file both ways, interleaved, past the page cache, through it from the disk, and from it.
 """

@@ -40,7 +40,8 @@ def piece_bytes_for(read_piece_kb: int | None, cold: bool) -> int:
     Measured on this project's Linux VM (8 threads, 10 experts of 6.75 MiB at a time): reads past
     the page cache (O_DIRECT) ran 1.2-1.5x faster in 1 MiB pieces; reads through it ran no faster
     from the disk (1.16 against 1.19 GB/s) and slower from the cache (0.77x): more, smaller calls.
-    ``moebar-engine selfcheck`` measures all three on the user's disk.
+    ``moebar-engine selfcheck`` measures all three on the user's disk. A cold load that measures
+    the disk keeps whichever of pieces and whole reads is faster there (engine.storage.read_choice).
     """
     if read_piece_kb is not None:
         return read_piece_kb * 1024

@@ -24,8 +24,12 @@ def test_bench_runs_and_writes_json(tiny_model, tmp_path: Path, capsys) -> None:
     r = json.loads(out.read_text())
     assert r["disk"]["raw_parallel_read_bytes_per_s"] > 0
     assert len(r["disk"]["samples_bytes_per_s"]) == 2  # before the phases, and beside the one cold run
-    for phase in ("cold", "cold_whole_reads", "cold_prefetch"):
+    for phase in ("cold", "cold_pieces", "cold_whole_reads", "cold_prefetch"):
         assert r[phase]["decode_tps"] > 0 and r[phase]["bytes_per_token"] > 0
+    # the cold engine chose at load as cold mode does; its figures are the run of its choice
+    choice = r["read_choice"]
+    assert choice["measured_at_load"] and choice["whole_bytes_per_s"] > 0 and choice["pieces_bytes_per_s"] > 0
+    assert r["cold"] == r["cold_whole_reads" if choice["piece_bytes"] == 0 else "cold_pieces"]
     assert r["warm"]["same_tokens"] is True
     assert len(r["warm"]["streamed_tps"]) == len(r["warm"]["mlx_lm_tps"]) == 1
     assert r["prefill"]["chunked"]["bytes_read"] < r["prefill"]["token_by_token"]["bytes_read"]
@@ -46,6 +50,7 @@ def test_bench_runs_and_writes_json(tiny_model, tmp_path: Path, capsys) -> None:
     assert "the engine's plan: runtime" in table
     assert "targets (ratios from this run)" in table and "warm decode" in table and "median of 2 samples" in table
     assert "cold decode, one read per expert" in table and r["targets"]["bounds"]["cold_pieces_vs_whole_reads"] > 0
+    assert "chosen at load" in table
     assert r["raw_block_bytes"] == [r["expert_bytes"]]  # a tiny expert is one piece: one block size sampled
 
 

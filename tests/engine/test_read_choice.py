@@ -1,0 +1,61 @@
+"""Whole reads or pieces for cold mode, chosen at load from the model's own files (engine.storage.read_choice)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from engine.engine import Engine
+from engine.storage.expert_store import READ_PIECE_BYTES
+from engine.storage.read_choice import ReadChoice, choose_read_pieces
+from engine.types import EngineOptions
+
+
+def _fake(whole: list[float], pieces: list[float]) -> tuple[Any, list[tuple[int, int]]]:
+    calls: list[tuple[int, int]] = []
+    rates = {0: iter(whole), READ_PIECE_BYTES: iter(pieces)}
+
+    def measure(piece_bytes: int, round_: int) -> float:
+        calls.append((piece_bytes, round_))
+        return next(rates[piece_bytes])
+
+    return measure, calls
+
+
+def test_pieces_are_kept_only_where_their_median_is_faster() -> None:
+    measure, calls = _fake([1.0, 9.0, 1.1], [1.5, 1.4, 0.1])  # one outlier each way: the medians decide
+    choice = choose_read_pieces(measure)
+    assert choice == ReadChoice(1.1, 1.4, READ_PIECE_BYTES) and choice.best_bytes_per_s == 1.4
+    # alternating which goes first, each round reading the same draw both ways
+    assert calls == [(0, 0), (READ_PIECE_BYTES, 0), (READ_PIECE_BYTES, 1), (0, 1), (0, 2), (READ_PIECE_BYTES, 2)]
+    measure, _ = _fake([1.5, 1.5, 1.5], [1.4, 1.6, 1.5])
+    tie = choose_read_pieces(measure)
+    assert tie.piece_bytes == 0 and "one read per expert" in tie.describe()  # a tie keeps the simpler reads
+    with pytest.raises(ValueError, match="rounds"):
+        choose_read_pieces(measure, rounds=0)
+
+
+@pytest.mark.parametrize("cold, setting", [(True, None), (True, 0), (True, 64), (False, None)])
+def test_a_load_measures_both_and_only_cold_mode_without_a_setting_follows_it(packed_model: Any, cold: bool,
+                                                                             setting: int | None) -> None:  # fmt: skip
+    engine = Engine.load(packed_model, EngineOptions(cold=cold, read_piece_kb=setting))
+    try:
+        choice = engine.read_choice
+        assert choice is not None and choice.whole_bytes_per_s > 0 and choice.pieces_bytes_per_s > 0
+        assert engine.plan.disk_read_bytes_per_s == choice.best_bytes_per_s
+        kept = engine._loaded.store.piece_bytes
+        if cold and setting is None:
+            assert kept == choice.piece_bytes
+        else:  # a setting is kept; reads through the page cache stay whole
+            assert kept == (setting or 0) * 1024
+    finally:
+        engine.close()
+
+
+def test_a_load_that_measures_nothing_keeps_the_cold_default(packed_model: Any) -> None:
+    engine = Engine.load(packed_model, EngineOptions(cold=True), measure_disk=False)
+    try:
+        assert engine.read_choice is None and engine._loaded.store.piece_bytes == READ_PIECE_BYTES
+    finally:
+        engine.close()
