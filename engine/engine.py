@@ -37,13 +37,15 @@ log = logging.getLogger(__name__)
 def measure_expert_read_speed(
     layers: Sequence[LayerExperts], *, io_threads: int = 4, samples: int = 32, seed: int = 0,
     packed: Sequence[PackedLayer] | None = None, piece_bytes: int | None = None, per_batch: int = 0,
+    drop_cache: bool = True,
 ) -> float:
     """Read ``samples`` random experts cold, in parallel, through the store (``piece_bytes``: its read
     pieces, None for the cold default); return bytes/s.
 
     ``packed``: read that layout (a rank's share has no other), only the experts it holds.
     ``per_batch`` > 0: submit that many at a time and wait for each batch, as decode waits for a
-    layer's experts (0: all at once).
+    layer's experts (0: all at once). ``drop_cache``: evict the store's files from the page cache
+    first (a later call may skip it: cold reads do not fill the cache).
     """
     rng = random.Random(seed)
     store = ExpertStore(layers, io_threads=io_threads, cold=True, packed=packed, piece_bytes=piece_bytes)
@@ -53,7 +55,8 @@ def measure_expert_read_speed(
         if packed:  # a rank's share: the same draws, mapped onto the experts it holds
             held = [range(p.rank, layer.num_experts, p.ranks) for p, layer in zip(packed, layers)]
             picks = [(l, e if store.holds(l, e) else held[l][e % len(held[l])]) for l, e in picks]
-        store.drop_page_cache()
+        if drop_cache:
+            store.drop_page_cache()
         buffers = [[np.empty(p.nbytes, dtype=np.uint8) for p in layers[l].params] for l, _ in picks]
         step = per_batch if per_batch > 0 else len(picks)
         total, elapsed = 0, 0.0
@@ -72,10 +75,14 @@ def _measure_reads(loaded: StreamedModel, options: EngineOptions) -> ReadChoice:
     (two batches a measurement, three measurements each way: 6K experts both ways together)."""
     share = loaded.store.packed if loaded.store.packed and loaded.store.packed[0].ranks > 1 else None
     k = max(1, loaded.k)
+    dropped: list[bool] = []  # the page cache is evicted once (on a Mac that walks every expert file)
 
     def measure(piece_bytes: int, round_: int) -> float:
-        return measure_expert_read_speed(loaded.layers, io_threads=options.io_threads, samples=2 * k, seed=round_,
-                                         packed=share, piece_bytes=piece_bytes, per_batch=k)  # fmt: skip
+        rate = measure_expert_read_speed(loaded.layers, io_threads=options.io_threads, samples=2 * k, seed=round_,
+                                         packed=share, piece_bytes=piece_bytes, per_batch=k,
+                                         drop_cache=not dropped)  # fmt: skip
+        dropped.append(True)
+        return rate
 
     return choose_read_pieces(measure)
 

@@ -7,8 +7,9 @@ of the way so that the figures are the disk's: ``O_DIRECT`` into an aligned stag
 the packed layout on Linux, ``F_NOCACHE`` on macOS, otherwise ``posix_fadvise(DONTNEED)`` after
 each read.
 
-An expert's read can be cut into pieces of ``piece_bytes`` (by default 1 MiB for cold reads and
-none through the page cache: ``piece_bytes_for``) that the I/O threads share: at top-10 on 8 threads whole-expert reads run in two waves, the second with 2
+An expert's read can be cut into pieces of ``piece_bytes`` (by default 1 MiB for cold reads, or
+whole where a load measured that faster: engine.storage.read_choice; none through the page cache:
+``piece_bytes_for``) that the I/O threads share: at top-10 on 8 threads whole-expert reads run in two waves, the second with 2
 threads busy and 6 idle, and an SSD keeps more requests in flight. The expert is whole (checked,
 converted, counted) when its last piece lands.
 """

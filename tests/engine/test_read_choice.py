@@ -59,3 +59,19 @@ def test_a_load_that_measures_nothing_keeps_the_cold_default(packed_model: Any) 
         assert engine.read_choice is None and engine._loaded.store.piece_bytes == READ_PIECE_BYTES
     finally:
         engine.close()
+
+
+def test_the_load_evicts_the_page_cache_once_for_all_its_measurements(packed_model: Any,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """Cold reads leave nothing cached, so one eviction serves the six measurements (on a Mac it
+    walks every expert file)."""
+    from engine.storage.expert_store import ExpertStore
+
+    drops: list[int] = []
+    original = ExpertStore.drop_page_cache
+    monkeypatch.setattr(ExpertStore, "drop_page_cache", lambda self: (drops.append(1), original(self))[1])
+    engine = Engine.load(packed_model, EngineOptions(cold=True))
+    try:
+        assert engine.read_choice is not None and len(drops) == 1
+    finally:
+        engine.close()
