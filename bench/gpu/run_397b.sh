@@ -24,7 +24,7 @@
 #   longruns   the same with --prefill-matmul on: each expert's routed rows in one quantized matmul
 #              (MLX's CUDA gather_qmm reads an expert once per routed pair)
 # Environment: OUT, LAYERS (4), LONG_PROMPT (4096), LONG_REPEATS (1 or 2: the bench takes at most 2),
-#   EXACT_ARGS (more check_long_prefill.py options), IO_THREADS (8), DECODE_TOKENS (12), REPEATS (3),
+#   EXACT_ARGS (more check_long_prefill.py options), IO_THREADS (8), DECODE_TOKENS (24), REPEATS (3),
 #   TIME_LIMIT (s for the whole script, 0: none), PTX_CACHE (a tarred MLX_PTX_CACHE_DIR to reuse).
 set -uo pipefail
 
@@ -33,7 +33,7 @@ STEPS=${STEPS:-"install selfcheck build exact repro bench long longruns"}
 LAYERS=${LAYERS:-4}
 LONG_PROMPT=${LONG_PROMPT:-4096}
 IO_THREADS=${IO_THREADS:-8}
-DECODE_TOKENS=${DECODE_TOKENS:-12}
+DECODE_TOKENS=${DECODE_TOKENS:-24}
 REPEATS=${REPEATS:-3}
 PY=${PYTHON:-python3}
 DEVICE=${DEVICE:-gpu}  # cpu: a smoke run of the same steps off the GPU (with PYTHON=.venv/bin/python)
