@@ -15,6 +15,8 @@
 #              mlx-lm's (three tiny families fp32+bf16; the built model in its bf16 with no cache
 #              and with every expert cached, pools split under engine.model.array_limits; with
 #              --prefill-matmul auto and on)
+#   coldprobe  bench/gpu/cold_compute_probe.py: a cold token's expert compute on host-resident slots,
+#              on a compact copy gathered first, and in GPU memory (no model needed: about a minute)
 #   repro      bench/gpu/large_array_repro.py: gather_qmm on stacked arrays of 2 and 5 GiB, 2-, 4- and 8-bit, plain MLX
 #              and the engine's slot-pool path (REPRO_SIZES, REPRO_BITS, REPRO_PATHS) (the cause of the wrong logits with a 4 GiB pool)
 #   bench      moebar-engine bench at that shape: warm decode against mlx-lm, cold decode against
@@ -96,6 +98,11 @@ if has exact; then
     run exact "$PY" bench/gpu/check_long_prefill.py --device "$DEVICE" $extra ${EXACT_ARGS:-} --json "$OUT/long_exact.json" \
         >"$OUT/long_exact.log" 2>&1 || rc=1
     cat "$OUT/long_exact.log"
+fi
+if has coldprobe; then
+    log "cold_compute_probe"
+    run coldprobe "$PY" bench/gpu/cold_compute_probe.py --layers "$LAYERS" --out "$OUT" >"$OUT/cold_compute_probe.log" 2>&1
+    log "cold_compute_probe rc=$?"; cat "$OUT/cold_compute_probe.log"
 fi
 if has repro; then
     log "large_array_repro"

@@ -76,6 +76,20 @@ def _pread_full(fd: int, buffers: list[memoryview], offset: int, path: Path) -> 
     return done
 
 
+def _copy_out(staging: mmap.mmap, dests: list[memoryview]) -> None:
+    """Copy the front of ``staging`` into ``dests``, laid end to end, without holding the GIL.
+
+    NumPy's copy releases the GIL (a memoryview slice assignment does not), so the I/O threads'
+    copies run side by side and the main thread keeps building the graph meanwhile: 8 threads
+    copying an expert's 7 MB each under the GIL would run one at a time.
+    """
+    src = np.frombuffer(staging, dtype=np.uint8)
+    pos = 0
+    for d in dests:
+        np.copyto(np.frombuffer(d, dtype=np.uint8), src[pos : pos + d.nbytes])
+        pos += d.nbytes
+
+
 def _read_failed(layer: int, expert: int, error: OSError) -> ExpertReadError:
     """The error a failed read of ``expert`` of ``layer`` raises (the OS error names the file)."""
     return ExpertReadError(f"layer {layer} expert {expert}: read failed: {error}")
@@ -236,10 +250,7 @@ class ExpertStore:
         if piece.direct:
             staging = self._staging(piece.nbytes)
             _pread_full(piece.fd, [memoryview(staging)[: piece.nbytes]], piece.offset, piece.path)
-            pos = 0
-            for d in piece.dests:
-                d[:] = memoryview(staging)[pos : pos + d.nbytes]
-                pos += d.nbytes
+            _copy_out(staging, piece.dests)
             return piece.nbytes
         n = _pread_full(piece.fd, piece.dests, piece.offset, piece.path)
         if self.cold:

@@ -130,6 +130,18 @@ def test_direct_pieces_are_aligned_and_fill_every_parameter(tmp_path: Path, monk
     assert all(off % ALIGNMENT == 0 and n % ALIGNMENT == 0 for off, n in seen)
 
 
+def test_the_staging_copy_fills_each_destination_from_its_place_in_the_block() -> None:
+    import mmap
+
+    staging = mmap.mmap(-1, 3 * ALIGNMENT)
+    block = np.random.default_rng(0).integers(0, 256, 3 * ALIGNMENT, dtype=np.uint8)
+    staging[:] = block.tobytes()
+    targets = [np.zeros(n, dtype=np.uint8) for n in (ALIGNMENT + 7, 0, 2 * ALIGNMENT - 50)]
+    # (what _slices gives: views into the slots, laid end to end; the block's tail is padding)
+    expert_store._copy_out(staging, [memoryview(t).cast("B") for t in targets])
+    assert b"".join(t.tobytes() for t in targets) == block[: 3 * ALIGNMENT - 43].tobytes()
+
+
 def test_a_corrupt_piece_fails_the_checksum_of_the_whole_expert(tmp_path: Path) -> None:
     payload = 3 * ALIGNMENT
     layer, blobs = _blob_file(tmp_path, 2, payload)
