@@ -19,6 +19,12 @@ routing sync does), median of ``--repeats``:
 - ``device_resident``: the same calls after the pool's pages moved to GPU memory (``to_device``):
   the floor, what the warm engine computes.
 
+And one exactness check: slots the GPU has read are written again by the host with other experts
+(two sets, alternating, ``--rewrite-rounds`` times) and computed in place; each output must equal,
+bit for bit, the same call on a fresh copy of the slots' bytes. A GPU that kept lines of the old
+experts cached would compute a slightly wrong expert (the suspect for the one bf16 row that still
+differs from mlx-lm: qwen3_moe with no cache, whose 4 slots are rewritten every token).
+
 Off CUDA nothing is placed and every variant reads the same memory (a smoke test of the script).
 
 Usage: python bench/gpu/cold_compute_probe.py [--layers 4] [--k 10] [--repeats 7] --out DIR
@@ -93,6 +99,7 @@ def main() -> int:
     p.add_argument("--bits", type=int, default=4)
     p.add_argument("--group", type=int, default=64)
     p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--rewrite-rounds", type=int, default=12)
     p.add_argument("--out", required=True)
     args = p.parse_args()
     out = Path(args.out)
@@ -165,6 +172,11 @@ def main() -> int:
     result["device_resident_ms"] = median_ms(compute_in_place, args.repeats)
     same = compute_outputs_equal(pool, layer_idx, compact_idx, experts_of)
     result["gathered_equals_in_place"] = same
+    other = random_experts(params, n, seed=1)
+    mismatches = rewrite_mismatches(pool, [blobs, other], layer_idx, experts_of, args.rewrite_rounds)
+    result["rewrite_rounds"] = args.rewrite_rounds
+    result["rewrite_mismatches"] = mismatches  # (round, layer, max |diff|) of outputs that differed
+    same = same and not mismatches
     (out / "cold_compute_probe.json").write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
     if cuda_memory.active():
@@ -182,6 +194,34 @@ def compute_outputs_equal(pool: SlotPool, layer_idx: list[mx.array], compact_idx
         if not mx.array_equal(a, b).item():
             return False
     return True
+
+
+def rewrite_mismatches(pool: SlotPool, sets: list[list[list[np.ndarray]]], layer_idx: list[mx.array],
+                       experts_of: Callable[[dict[str, mx.array], mx.array], mx.array],
+                       rounds: int) -> list[tuple[int, int, float]]:  # fmt: skip
+    """Write the sets into the slots in turn, compute in place, compare with a fresh copy.
+
+    The slots' pages stay where the probe left them (GPU memory after ``device_resident``); the
+    pool is put back on the host first, as a streaming pool is.
+    """
+    pool.prefer_host()
+    keys = [q.key for q in pool.params]
+    bad: list[tuple[int, int, float]] = []
+    for r in range(rounds):
+        experts = sets[r % len(sets)]
+        for slot, blob in enumerate(experts):
+            for src, dst in zip(blob, pool.dests(slot)):
+                np.copyto(dst, src)
+        fresh = {}
+        for key, view in zip(keys, pool._views):
+            arr = pool.arrays[key]
+            fresh[key] = mx.view(mx.array(view.copy()), arr.dtype).reshape(arr.shape)
+        for l, idx in enumerate(layer_idx):
+            a, b = experts_of(pool.arrays, idx), experts_of(fresh, idx)
+            if not mx.array_equal(a, b).item():
+                diff = mx.abs(a.astype(mx.float32) - b.astype(mx.float32)).max().item()
+                bad.append((r, l, float(diff)))
+    return bad
 
 
 if __name__ == "__main__":

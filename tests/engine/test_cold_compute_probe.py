@@ -26,6 +26,7 @@ def test_the_cold_compute_probe_times_every_variant_and_the_copy_is_exact(tmp_pa
     expert_bytes = sum(p.nbytes for p in probe.expert_params(128, 64, 4, 64))
     assert result["expert_mb"] == pytest.approx(expert_bytes / 1e6) and result["token_mb"] == pytest.approx(6 * expert_bytes / 1e6)
     assert result["gathered_equals_in_place"] is True
+    assert result["rewrite_rounds"] == 12 and result["rewrite_mismatches"] == []
     assert result["cuda_placement"] is False and result["moved_to_device"] is False  # (the CPU: nothing placed)
     for key in ("host_write_plain_ms", "host_write_pool_ms", "host_resident_unwritten_ms", "host_resident_rewritten_ms",
                 "gathered_first_unwritten_ms", "gathered_first_rewritten_ms", "device_resident_ms"):  # fmt: skip
