@@ -44,7 +44,7 @@ import mlx.core as mx
 import numpy as np
 
 from engine.model import cuda_memory
-from engine.model.expert_cache import SlotPool, _fp32_to_bf16_bits
+from engine.model.expert_cache import SlotPool
 from engine.storage.expert_layout import ExpertParam
 
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
@@ -73,8 +73,8 @@ def random_experts(params: list[ExpertParam], n: int, seed: int = 0) -> list[lis
             if p.dtype == "U32":
                 blobs.append(rng.integers(0, 256, p.nbytes, dtype=np.uint8))
             else:
-                values = rng.uniform(-0.02, 0.02, p.nbytes // 2).astype(np.float32)
-                blobs.append(_fp32_to_bf16_bits(values).view(np.uint8))
+                values = mx.array(rng.uniform(-0.02, 0.02, p.nbytes // 2).astype(np.float32)).astype(mx.bfloat16)
+                blobs.append(np.array(mx.view(values, mx.uint8)))
         experts.append(blobs)
     return experts
 
@@ -199,13 +199,13 @@ def compute_outputs_equal(pool: SlotPool, layer_idx: list[mx.array], compact_idx
 def rewrite_mismatches(pool: SlotPool, sets: list[list[list[np.ndarray]]], layer_idx: list[mx.array],
                        experts_of: Callable[[dict[str, mx.array], mx.array], mx.array],
                        rounds: int) -> list[tuple[int, int, float]]:  # fmt: skip
-    """Write the sets into the slots in turn, compute in place, compare with a fresh copy.
+    """Write the sets into the slots in turn, compute in place, compare with a fresh array made
+    from the same bytes (what the host meant the slots to hold).
 
     The slots' pages stay where the probe left them (GPU memory after ``device_resident``); the
     pool is put back on the host first, as a streaming pool is.
     """
     pool.prefer_host()
-    keys = [q.key for q in pool.params]
     bad: list[tuple[int, int, float]] = []
     for r in range(rounds):
         experts = sets[r % len(sets)]
@@ -213,9 +213,10 @@ def rewrite_mismatches(pool: SlotPool, sets: list[list[list[np.ndarray]]], layer
             for src, dst in zip(blob, pool.dests(slot)):
                 np.copyto(dst, src)
         fresh = {}
-        for key, view in zip(keys, pool._views):
-            arr = pool.arrays[key]
-            fresh[key] = mx.view(mx.array(view.copy()), arr.dtype).reshape(arr.shape)
+        for i, q in enumerate(pool.params):
+            arr = pool.arrays[q.key]
+            stacked = np.concatenate([blob[i] for blob in experts])
+            fresh[q.key] = mx.view(mx.array(stacked), arr.dtype).reshape(arr.shape)
         for l, idx in enumerate(layer_idx):
             a, b = experts_of(pool.arrays, idx), experts_of(fresh, idx)
             if not mx.array_equal(a, b).item():
