@@ -275,7 +275,7 @@ class ExpertStreamer:
         slots = cache.layer_slots(layer)
         if slots is None:
             return None
-        table = mx.array(slots)
+        table = mx.array(slots, dtype=mx.uint32)  # the routing's own dtype: no casts before the kernels
         self._luts[layer] = (cache.version, table)
         return table
 
@@ -473,7 +473,7 @@ class StreamedSwitch(nn.Module):
             extra = target - n
             rows = mx.concatenate([rows, mx.broadcast_to(rows[:1], (extra, rows.shape[-1]))])
             host_slots = np.concatenate([host_slots, np.repeat(host_slots[:1], extra, axis=0)])
-        y = self._call_inner(rows, host_slots, mx.array(host_slots))
+        y = self._call_inner(rows, host_slots, mx.array(host_slots, dtype=mx.uint32))
         return y[:n] if target > n else y
 
     def _slot_indices(self, host_idx: np.ndarray, unique: np.ndarray) -> tuple[np.ndarray, mx.array]:
@@ -482,7 +482,7 @@ class StreamedSwitch(nn.Module):
         lut = np.zeros(int(unique.max()) + 1, dtype=np.int32)
         lut[unique] = slots
         host_slots = lut[host_idx]
-        return host_slots, mx.array(host_slots)
+        return host_slots, mx.array(host_slots, dtype=mx.uint32)  # (as argpartition's: no casts)
 
     def _call_inner(self, x: mx.array, host_slots: np.ndarray, slot_idx: mx.array) -> mx.array:
         """The switch module on slot ids; long calls tell the expert projections their runs."""

@@ -167,6 +167,36 @@ def _run(engine: Engine, prompt: list[int], eos: set[int], max_tokens: int, take
     return [e.token for e in events], events[-1].finish_reason, cache_length(kv)
 
 
+def test_slot_ids_reach_the_expert_kernels_as_uint32_like_the_routers_own(tiny_model, monkeypatch) -> None:
+    """argpartition gives mlx-lm's switch uint32 ids; ids of another dtype cost a cast per
+    projection and layer on the device (three kernels more per MoE layer on CUDA)."""
+    import mlx.core as mx
+
+    from engine.model.streamed_moe import StreamedSwitch
+
+    engine, prompt = _preloaded(tiny_model)
+    try:
+        table = engine._loaded.streamer.device_table(0)
+        assert table is not None and table.dtype == mx.uint32
+    finally:
+        engine.close()
+    seen: list[mx.Dtype] = []
+    real = StreamedSwitch._call_inner
+
+    def spy(self: StreamedSwitch, x: mx.array, host_slots: np.ndarray, slot_idx: mx.array) -> mx.array:
+        seen.append(slot_idx.dtype)
+        return real(self, x, host_slots, slot_idx)
+
+    monkeypatch.setattr(StreamedSwitch, "_call_inner", spy)
+    path = tiny_model("qwen3_moe", 4)
+    engine = Engine.load(path, EngineOptions(cache_mb=0), measure_disk=False)  # host-synced routing, slots reused
+    try:
+        list(engine.generate(prompt, SamplingParams(max_tokens=3)))
+    finally:
+        engine.close()
+    assert seen and set(seen) == {mx.uint32}
+
+
 def test_steps_queued_ahead_are_taken_back_out_of_the_cache(tiny_model, monkeypatch) -> None:
     import engine.model.generate as generate_module
 
