@@ -17,7 +17,14 @@ routing sync does), median of ``--repeats``:
 - ``gathered_first``: the token's slots copied into a compact device array by ``mx.take`` (one
   bulk read over the host link), then the same calls on the copy: a candidate fix;
 - ``device_resident``: the same calls after the pool's pages moved to GPU memory (``to_device``):
-  the floor, what the warm engine computes.
+  what the warm engine computes;
+- ``plain_device``: the same calls on arrays MLX made on the GPU and the host never touched
+  (not managed memory: what mlx-lm's weights are). Against ``device_resident`` it says what
+  managed memory costs once its pages are on the GPU, for the warm engine too (0.87 of mlx-lm).
+
+``--pool-slots``: a pool larger than one token's experts, with the token's slots drawn across it
+(the warm 4-layer pools hold 1,024 slots, 7.2 GB, and a token reads 40 of them): where the
+pages' mapping granularity matters, the spread is what shows it.
 
 And one exactness check: slots the GPU has read are written again by the host with other experts
 (two sets, alternating, ``--rewrite-rounds`` times) and computed in place; each output must equal,
@@ -100,6 +107,7 @@ def main() -> int:
     p.add_argument("--group", type=int, default=64)
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--rewrite-rounds", type=int, default=12)
+    p.add_argument("--pool-slots", type=int, default=0, help="slots in the pool (0: one token's, layers x k)")
     p.add_argument("--out", required=True)
     args = p.parse_args()
     out = Path(args.out)
@@ -107,11 +115,13 @@ def main() -> int:
 
     params = expert_params(args.hidden, args.inner, args.bits, args.group)
     n = args.layers * args.k
-    pool = SlotPool(params, n)
+    n_slots = max(n, args.pool_slots)
+    pool = SlotPool(params, n_slots)
     placed = pool.prefer_host()
+    used = sorted(np.random.default_rng(0).choice(n_slots, n, replace=False).tolist())  # the token's slots
     blobs = random_experts(params, n)
     plain = [[np.empty_like(b) for b in e] for e in blobs]
-    views = [pool.dests(s) for s in range(n)]
+    views = [pool.dests(s) for s in used]
     expert_mb = sum(q.nbytes for q in params) / 1e6
 
     def write(targets: list[list[Any]]) -> None:
@@ -129,13 +139,17 @@ def main() -> int:
         h = mx.sigmoid(g := proj("gate_proj", x)) * g * proj("up_proj", x)
         return proj("down_proj", h)
 
-    layer_idx = [mx.arange(l * args.k, (l + 1) * args.k, dtype=mx.uint32).reshape(1, 1, -1) for l in range(args.layers)]
+    layer_idx = [mx.array(used[l * args.k : (l + 1) * args.k], dtype=mx.uint32).reshape(1, 1, -1)
+                 for l in range(args.layers)]  # fmt: skip
     compact_idx = mx.arange(args.k, dtype=mx.uint32).reshape(1, 1, -1)
     mx.eval(layer_idx, compact_idx)
 
-    def compute_in_place() -> None:
+    def compute_on(arrays: dict[str, mx.array]) -> None:
         for idx in layer_idx:
-            mx.eval(experts_of(pool.arrays, idx))  # one sync a layer, as the routing sync
+            mx.eval(experts_of(arrays, idx))  # one sync a layer, as the routing sync
+
+    def compute_in_place() -> None:
+        compute_on(pool.arrays)
 
     def compute_gathered() -> None:
         for idx in layer_idx:
@@ -170,10 +184,15 @@ def main() -> int:
     moved = pool.slots_to_device(wait=True)
     result["moved_to_device"] = moved
     result["device_resident_ms"] = median_ms(compute_in_place, args.repeats)
+    made_on_device = device_arrays(pool)
+    result["plain_device_ms"] = median_ms(lambda: compute_on(made_on_device), args.repeats)
+    del made_on_device
     same = compute_outputs_equal(pool, layer_idx, compact_idx, experts_of)
     result["gathered_equals_in_place"] = same
     other = random_experts(params, n, seed=1)
-    mismatches = rewrite_mismatches(pool, [blobs, other], layer_idx, experts_of, args.rewrite_rounds)
+    fresh_pool = SlotPool(params, n)  # (the check writes the token's experts into slots 0..n-1)
+    in_order = [mx.arange(l * args.k, (l + 1) * args.k, dtype=mx.uint32).reshape(1, 1, -1) for l in range(args.layers)]
+    mismatches = rewrite_mismatches(fresh_pool, [blobs, other], in_order, experts_of, args.rewrite_rounds)
     result["rewrite_rounds"] = args.rewrite_rounds
     result["rewrite_mismatches"] = mismatches  # (round, layer, max |diff|) of outputs that differed
     same = same and not mismatches
@@ -183,6 +202,19 @@ def main() -> int:
         print(f"GPU reads of host-resident slots: {result['host_resident_unwritten_ms'] - result['device_resident_ms']:.1f} ms "
               f"a token over the device-resident floor ({result['token_mb']:.0f} MB)")  # fmt: skip
     return 0 if same else 1
+
+
+def device_arrays(pool: SlotPool) -> dict[str, mx.array]:
+    """Arrays shaped as the pool's, filled by MLX on the default device (never host-touched)."""
+    out = {}
+    for key, arr in pool.arrays.items():
+        if arr.dtype == mx.uint32:
+            made = mx.random.randint(0, 2**31 - 1, arr.shape).astype(mx.uint32)
+        else:
+            made = mx.random.uniform(-0.02, 0.02, arr.shape).astype(arr.dtype)
+        mx.eval(made)
+        out[key] = made
+    return out
 
 
 def compute_outputs_equal(pool: SlotPool, layer_idx: list[mx.array], compact_idx: mx.array,

@@ -16,7 +16,8 @@
 #              and with every expert cached, pools split under engine.model.array_limits; with
 #              --prefill-matmul auto and on)
 #   coldprobe  bench/gpu/cold_compute_probe.py: a cold token's expert compute on host-resident slots,
-#              on a compact copy gathered first, and in GPU memory (no model needed: about a minute)
+#              on a compact copy gathered first, in GPU memory (managed and plain), and again with the
+#              token's slots spread over a 1,024-slot pool (no model needed: a minute or two)
 #   repro      bench/gpu/large_array_repro.py: gather_qmm on stacked arrays of 2 and 5 GiB, 2-, 4- and 8-bit, plain MLX
 #              and the engine's slot-pool path (REPRO_SIZES, REPRO_BITS, REPRO_PATHS) (the cause of the wrong logits with a 4 GiB pool)
 #   bench      moebar-engine bench at that shape: warm decode against mlx-lm, cold decode against
@@ -103,6 +104,10 @@ if has coldprobe; then
     log "cold_compute_probe"
     run coldprobe "$PY" bench/gpu/cold_compute_probe.py --layers "$LAYERS" --out "$OUT" >"$OUT/cold_compute_probe.log" 2>&1
     log "cold_compute_probe rc=$?"; cat "$OUT/cold_compute_probe.log"
+    # the token's slots spread over a pool the size of the warm bench's (1,024 slots, 7.2 GB)
+    run coldprobe "$PY" bench/gpu/cold_compute_probe.py --layers "$LAYERS" --pool-slots 1024 --rewrite-rounds 0 \
+        --out "$OUT/coldprobe_1024" >"$OUT/cold_compute_probe_1024.log" 2>&1
+    log "cold_compute_probe --pool-slots 1024 rc=$?"; cat "$OUT/cold_compute_probe_1024.log"
 fi
 if has repro; then
     log "large_array_repro"

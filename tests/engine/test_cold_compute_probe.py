@@ -20,7 +20,7 @@ def test_the_cold_compute_probe_times_every_variant_and_the_copy_is_exact(tmp_pa
     probe = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(probe)
     monkeypatch.setattr(sys, "argv", ["probe", "--layers", "2", "--k", "3", "--hidden", "128", "--inner", "64",
-                                      "--repeats", "1", "--out", str(tmp_path)])  # fmt: skip
+                                      "--repeats", "1", "--pool-slots", "10", "--out", str(tmp_path)])  # fmt: skip
     assert probe.main() == 0
     result = json.loads((tmp_path / "cold_compute_probe.json").read_text())
     expert_bytes = sum(p.nbytes for p in probe.expert_params(128, 64, 4, 64))
@@ -29,5 +29,6 @@ def test_the_cold_compute_probe_times_every_variant_and_the_copy_is_exact(tmp_pa
     assert result["rewrite_rounds"] == 12 and result["rewrite_mismatches"] == []
     assert result["cuda_placement"] is False and result["moved_to_device"] is False  # (the CPU: nothing placed)
     for key in ("host_write_plain_ms", "host_write_pool_ms", "host_resident_unwritten_ms", "host_resident_rewritten_ms",
-                "gathered_first_unwritten_ms", "gathered_first_rewritten_ms", "device_resident_ms"):  # fmt: skip
+                "gathered_first_unwritten_ms", "gathered_first_rewritten_ms", "device_resident_ms",
+                "plain_device_ms"):  # fmt: skip
         assert result[key] > 0, key
