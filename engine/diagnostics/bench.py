@@ -110,6 +110,14 @@ def _engine(model: Path, args: argparse.Namespace, measure_disk: bool = False, *
     return Engine.load(model, options, measure_disk=measure_disk)
 
 
+def _pieces_run_bytes(args: argparse.Namespace) -> int:
+    """The piece size of the cold runs in pieces: the setting, or 1 MiB (the other cold runs read
+    whole experts, so --read-piece-kb 0 still compares against pieces)."""
+    from engine.storage.expert_store import READ_PIECE_BYTES
+
+    return args.read_piece_kb * 1024 if args.read_piece_kb else READ_PIECE_BYTES
+
+
 def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     """Run every phase and return the results as a JSON-ready dict."""
     import random
@@ -118,10 +126,8 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     from engine.fast_blas import fast_blas_status
     from engine.model.loader import inspect_experts
     from engine.platform_info import measure_cold_read_speed, peak_rss_bytes, process_rss_bytes
-    from engine.storage.expert_store import READ_PIECE_BYTES
 
-    # the piece size of the cold runs in pieces (the other cold runs read whole experts)
-    cold_piece = args.read_piece_kb * 1024 if args.read_piece_kb else READ_PIECE_BYTES
+    cold_piece = _pieces_run_bytes(args)
     model = _model_dir(args)
     _ensure_packed(model, args.layout)
     baseline_rss = process_rss_bytes()
@@ -243,8 +249,6 @@ def _decode_side_by_side(
     from mlx_lm import stream_generate
     from mlx_lm.sample_utils import make_sampler
 
-    from engine.storage.expert_store import READ_PIECE_BYTES
-
     ref_model, tok = mlx_load(str(model))[:2]
     if not _has_gpu():
         ref_model.set_dtype(mx.float32)  # the same activation dtype the engine uses on CPU
@@ -252,7 +256,7 @@ def _decode_side_by_side(
     prefetch = _engine(model, args, cache_mb=0, cold=True, prefetch=True)
     warm = _engine(model, args, cache_mb=every_expert_cache_mb(expert_total))
     chosen = cold._loaded.store.piece_bytes  # the engine's own way (the "cold" figures are that run's)
-    cold_piece = args.read_piece_kb * 1024 if args.read_piece_kb else READ_PIECE_BYTES
+    cold_piece = _pieces_run_bytes(args)
     runs: dict[str, list[dict[str, Any]]] = {"cold_pieces": [], "cold_whole_reads": [], "cold_prefetch": [], "warm": [],
                                              "warm_host_sync": []}
     ref_tps: list[float] = []
