@@ -110,6 +110,11 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
              "other kernels than mlx-lm's, so the tokens may differ from mlx-lm's)",
     )  # fmt: skip
     p.add_argument(
+        "--gather-slots", choices=["auto", "on", "off"], default=EngineOptions.gather_slots,
+        help="copy a streaming layer's decode experts out of the slot pool into one compact array before "
+             "the expert kernels (auto: where the pools are CUDA managed memory; exact either way)",
+    )  # fmt: skip
+    p.add_argument(
         "--mlx-lm-shapes", choices=["auto", "on", "off"], default="auto",
         help="call MLX's kernels with mlx-lm's shapes (prompt steps of 2048, the last token alone), so "
              "the tokens equal mlx-lm's where a row's result depends on its call (auto: on a GPU)",
@@ -136,6 +141,7 @@ def engine_options(args: argparse.Namespace) -> EngineOptions:
         use_packed=not args.no_packed,
         prefill_matmul=args.prefill_matmul,
         mlx_lm_shapes=args.mlx_lm_shapes,
+        gather_slots=args.gather_slots,
         shrink_cache_under_pressure=args.shrink_cache_under_pressure,
     )
 

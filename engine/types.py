@@ -51,6 +51,11 @@ class EngineOptions:
     # calls padded to the whole call's kernel): "auto" where a row's result depends on its call
     # (the GPU), "on"/"off" to force it; see engine.model.kernel_shapes
     mlx_lm_shapes: str = "auto"
+    # before a decode call of a streaming layer, copy the call's experts out of the slot pool into
+    # one compact array, so that a GPU reads host-resident slots in one bulk copy instead of inside
+    # the expert kernels; the same kernels on the same bytes ("auto": where slot pools are CUDA
+    # managed memory; see engine.model.streamed_moe)
+    gather_slots: str = "off"
     # give the in-process expert cache's memory back under memory pressure (halve it on "critical"
     # or a lasting "warning", grow it back after a calm spell; engine.serving.pressure_policy);
     # False keeps the cache at the budget's size whatever the pressure

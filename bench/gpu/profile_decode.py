@@ -7,9 +7,10 @@ cProfile of each decode loop (top functions by own time). Writes JSON and a text
 
 With ``--cold``: a cold engine instead (no expert cache, reads past the page cache): where a
 cold token's time goes (expert I/O wait, routing syncs, the rest), and a cProfile of its decode
-loop, where the time MLX's ``eval`` waits for the device shows apart from Python's graph building.
+loop, where the time MLX's ``eval`` waits for the device shows apart from Python's graph building;
+one engine per ``--gather-slots`` setting, interleaved, with their tokens compared.
 
-Usage: python bench/gpu/profile_decode.py --model DIR [--device gpu] [--tokens 64] [--cold] --out DIR
+Usage: python bench/gpu/profile_decode.py --model DIR [--device gpu] [--tokens 64] [--cold [--gather-slots off,on]] --out DIR
 """
 
 from __future__ import annotations
@@ -70,6 +71,8 @@ def main() -> int:
     p.add_argument("--cold", action="store_true", help="profile a cold engine (cache 0, reads past the page cache)")
     p.add_argument("--io-threads", type=int, default=8)
     p.add_argument("--read-piece-kb", type=int, default=None, help="cold: KiB per read piece (0: whole experts)")
+    p.add_argument("--gather-slots", default="off,on",
+                   help="cold: the engines' gather_slots settings, compared side by side (comma-separated)")
     p.add_argument("--out", required=True)
     args = p.parse_args()
     out = Path(args.out)
@@ -130,37 +133,49 @@ def main() -> int:
 
 
 def profile_cold(args: argparse.Namespace, out: Path) -> int:
-    """A cold engine's decode: per-token figures of two runs, then a cProfile of a third."""
-    eng = Engine.load(args.model, EngineOptions(cache_mb=0, cold=True, io_threads=args.io_threads, device=args.device,
-                                   read_piece_kb=args.read_piece_kb),
-                      measure_disk=False)  # fmt: skip
+    """Cold engines' decode (one per ``--gather-slots`` setting): per-token figures of two
+    interleaved runs each and whether their tokens agree, then a cProfile of the last one's third."""
+    settings = args.gather_slots.split(",")
+    engines = {
+        g: Engine.load(args.model, EngineOptions(cache_mb=0, cold=True, io_threads=args.io_threads, device=args.device,
+                                                 read_piece_kb=args.read_piece_kb, gather_slots=g),
+                       measure_disk=False)
+        for g in settings
+    }  # fmt: skip
     prompt = list(range(1000, 1016))
+    tokens: dict[str, list[int]] = {}
 
-    def run() -> dict[str, Any]:
-        stamps = []
+    def run(g: str) -> dict[str, Any]:
+        stamps, ids = [], []
         stats = None
-        for ev in eng.generate(prompt, SamplingParams(max_tokens=args.tokens)):
+        for ev in engines[g].generate(prompt, SamplingParams(max_tokens=args.tokens)):
             stamps.append(time.perf_counter())
+            ids.append(ev.token)
             stats = ev.stats
         assert stats is not None
+        tokens.setdefault(g, ids)
         d, n = stats.decode, max(1, stats.decode.tokens)
         return {
+            "gather_slots": g,
             "decode_tps": decode_rate(stamps),
             "ms_per_token": {k: 1e3 * getattr(d, k) / n for k in ("io_wait_s", "sync_s", "compute_s", "elapsed_s")},
             "read_gbps": d.bytes_read / d.io_wait_s / 1e9 if d.io_wait_s else 0.0,
             "mb_per_token": d.bytes_read / n / 1e6,
         }
 
-    runs = [run() for _ in range(2)]
+    runs = [run(g) for _ in range(2) for g in settings]
+    first = tokens[settings[0]]
     result = {"device": str(mx.default_device()), "tokens": args.tokens, "cold_runs": runs,
-              "read_piece_kb": args.read_piece_kb}  # fmt: skip
-    profile = _profiled(run, top=30)
+              "read_piece_kb": args.read_piece_kb,
+              "same_tokens": {g: ids == first for g, ids in tokens.items()}}  # fmt: skip
+    profile = _profiled(lambda: run(settings[-1]), top=30)
     (out / "profile_cold.json").write_text(json.dumps(result, indent=2))
     (out / "profile_cold.txt").write_text(json.dumps(result, indent=2) + "\n\n== cold decode loop ==\n" + profile)
     print(json.dumps(result, indent=2))
     print(profile)
-    eng.close()
-    return 0
+    for eng in engines.values():
+        eng.close()
+    return 0 if all(result["same_tokens"].values()) else 1
 
 
 if __name__ == "__main__":

@@ -18,6 +18,8 @@
 #   coldprobe  bench/gpu/cold_compute_probe.py: a cold token's expert compute on host-resident slots,
 #              on a compact copy gathered first, in GPU memory (managed and plain), and again with the
 #              token's slots spread over a 1,024-slot pool (no model needed: a minute or two)
+#   coldprofile bench/gpu/profile_decode.py --cold: cold engines with gather_slots off and on,
+#              interleaved (per-token split, same tokens, a cProfile)
 #   repro      bench/gpu/large_array_repro.py: gather_qmm on stacked arrays of 2 and 5 GiB, 2-, 4- and 8-bit, plain MLX
 #              and the engine's slot-pool path (REPRO_SIZES, REPRO_BITS, REPRO_PATHS) (the cause of the wrong logits with a 4 GiB pool)
 #   bench      moebar-engine bench at that shape: warm decode against mlx-lm, cold decode against
@@ -27,7 +29,7 @@
 #   longruns   the same with --prefill-matmul on: each expert's routed rows in one quantized matmul
 #              (MLX's CUDA gather_qmm reads an expert once per routed pair)
 # Environment: OUT, LAYERS (4), LONG_PROMPT (4096), LONG_REPEATS (1 or 2: the bench takes at most 2),
-#   EXACT_ARGS (more check_long_prefill.py options), IO_THREADS (8), DECODE_TOKENS (24), REPEATS (3),
+#   EXACT_ARGS (more check_long_prefill.py options), GATHER_SLOTS (the bench's --gather-slots, off), IO_THREADS (8), DECODE_TOKENS (24), REPEATS (3),
 #   TIME_LIMIT (s for the whole script, 0: none), PTX_CACHE (a tarred MLX_PTX_CACHE_DIR to reuse).
 set -uo pipefail
 
@@ -109,6 +111,13 @@ if has coldprobe; then
         --out "$OUT/coldprobe_1024" >"$OUT/cold_compute_probe_1024.log" 2>&1
     log "cold_compute_probe --pool-slots 1024 rc=$?"; cat "$OUT/cold_compute_probe_1024.log"
 fi
+if has coldprofile && built coldprofile; then
+    drop_caches
+    log "profile_decode --cold (gather_slots off and on, interleaved)"
+    run coldprofile "$PY" bench/gpu/profile_decode.py --cold --model "$MODEL" --device "$DEVICE" --tokens "$DECODE_TOKENS" \
+        --io-threads "$IO_THREADS" --gather-slots off,on --out "$OUT/profile_cold" >"$OUT/profile_cold.log" 2>&1 || rc=1
+    head -n 60 "$OUT/profile_cold.log"
+fi
 if has repro; then
     log "large_array_repro"
     run repro "$PY" bench/gpu/large_array_repro.py --device "$DEVICE" --sizes "${REPRO_SIZES:-2,5}" --bits "${REPRO_BITS:-2,4,8}" --paths "${REPRO_PATHS:-plain,slot_pool}" --json "$OUT/large_array.json" \
@@ -120,7 +129,7 @@ if has bench && built bench; then
     log "bench (decode side by side)"
     run bench "$PY" -m engine.cli bench --preset "$PRESET" --layers "$LAYERS" --device "$DEVICE" --work-dir "$WORK" \
         --io-threads "$IO_THREADS" --decode-tokens "$DECODE_TOKENS" --prompt-tokens 24 --prefill-chunk 16 \
-        --repeats "$REPEATS" --disk-bytes $((2 << 30)) --json "$OUT/bench_397b.json" >"$OUT/bench_397b.log" 2>&1 || rc=1
+        --repeats "$REPEATS" --disk-bytes $((2 << 30)) --gather-slots "${GATHER_SLOTS:-off}" --json "$OUT/bench_397b.json" >"$OUT/bench_397b.log" 2>&1 || rc=1
     tail -n 25 "$OUT/bench_397b.log"
 fi
 if has long && built long; then

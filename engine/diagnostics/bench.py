@@ -105,7 +105,7 @@ def _engine(model: Path, args: argparse.Namespace, measure_disk: bool = False, *
     opts.setdefault("context_tokens", max(args.prompt_tokens, args.long_prompt or 0, 16) + args.decode_tokens + 16)
     options = EngineOptions(
         io_threads=args.io_threads, device=args.device, use_packed=args.layout == "packed",
-        prefill_matmul=args.prefill_matmul, cache_policy=args.cache_policy, **opts,
+        prefill_matmul=args.prefill_matmul, cache_policy=args.cache_policy, gather_slots=args.gather_slots, **opts,
     )  # fmt: skip
     return Engine.load(model, options, measure_disk=measure_disk)
 
@@ -149,6 +149,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         "decode_tokens": args.decode_tokens,
         "blas": fast_blas_status()[1],
         "prefill_matmul": args.prefill_matmul,
+        "gather_slots": args.gather_slots,
         "eviction_method": eviction_method(),  # how cold runs keep the page cache out
     }
 
@@ -378,6 +379,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefill-matmul", choices=["auto", "on", "off"], default="auto",
                    help="long prefill calls: on the CPU, dequantize + dense GEMM (auto: where MLX has a fast BLAS); "
                         "on a GPU, 'on' runs each expert's routed rows as one quantized matmul (auto: off there)")
+    p.add_argument("--gather-slots", choices=["auto", "on", "off"], default=EngineOptions.gather_slots,
+                   help="streaming layers copy a decode call's experts into one compact array first (see "
+                        "moebar-engine generate --help)")
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--long-prompt", type=int, default=0, metavar="TOKENS",
                    help="instead of the phases: time to first token of a prompt this long, cold, cache 0, in one "

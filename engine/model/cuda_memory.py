@@ -25,6 +25,8 @@ from functools import lru_cache
 import mlx.core as mx
 import numpy as np
 
+from engine.errors import RequestError
+
 log = logging.getLogger("moebar.engine")
 
 _ADVISE_SET_PREFERRED_LOCATION = 3
@@ -106,3 +108,13 @@ def to_device(buffers: list[np.ndarray], wait: bool = False) -> bool:
     if wait:
         ok &= _call("cudaStreamSynchronize", rt.cudaStreamSynchronize(None))
     return ok
+
+
+def gather_slots_enabled(setting: str) -> bool:
+    """Whether streaming layers copy a decode call's experts out of the slot pool first.
+
+    "on", "off", or "auto": where the pools are CUDA managed memory (their slots host-resident).
+    """
+    if setting not in ("auto", "on", "off"):
+        raise RequestError(f"gather_slots must be 'auto', 'on' or 'off', got {setting!r}")
+    return setting == "on" or (setting == "auto" and active())

@@ -23,6 +23,7 @@ from mlx.utils import tree_flatten
 
 from engine.model.cpu_parallel import cpu_streams, split_output_projection
 from engine.model.discovery import ExpertBank, k_fields, k_override, probe_banks
+from engine.model import cuda_memory
 from engine.model.array_limits import recommended_working_set_bytes
 from engine.model.kernel_shapes import MLX_LM_PREFILL_STEP, mirror_setting
 from engine.model.prefill_matmul import install_prefill_matmul
@@ -458,6 +459,7 @@ def load_streamed_model(model_dir: Path, options: EngineOptions, progress: Progr
         policy=options.cache_policy,
         slot_floats=floats,
     )
+    streamer.gather_slots = cuda_memory.gather_slots_enabled(options.gather_slots)
     switches: list[StreamedSwitch] = []
     parents: list[nn.Module] = []
     for i, (path, module, keys) in enumerate(found):

@@ -90,6 +90,8 @@ class ExpertStreamer:
         # "cpu": none to follow (rows are independent there, or mlx-lm's shapes are off)
         self.kernel_backend = "cpu"
         self.prefill_matmul = PrefillMatmul()  # long prefill calls off mlx-lm's kernels (see prefill_matmul)
+        # copy a streaming layer's decode call's experts into a compact array first (StreamedSwitch._gathered)
+        self.gather_slots = False
         # Called between the expert groups of a layer; raises to stop (generate sets it during a
         # prefill whose cache it can roll back; see prefill_progress).
         self.abort_check: Callable[[], None] | None = None
@@ -361,14 +363,17 @@ class StreamedSwitch(nn.Module):
     def bind_slots(self) -> None:
         """Point the replaced module's expert tensors at this layer's slot arrays (again after a
         cache resize has built new pools)."""
+        self._point_at(self._binding.streamer.cache_of_layer[self.layer].pool.arrays)
+
+    def _point_at(self, arrays: dict[str, mx.array]) -> None:
+        """Set the replaced module's expert tensors (``param_keys``) to these arrays."""
         b = self._binding
-        cache = b.streamer.cache_of_layer[self.layer]
         for key in b.param_keys:
             owner_name, attr = key.rsplit(".", 1)
             owner = b.inner
             for part in owner_name.split("."):
                 owner = getattr(owner, part)
-            setattr(owner, attr, cache.pool.arrays[key])
+            setattr(owner, attr, arrays[key])
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -489,12 +494,32 @@ class StreamedSwitch(nn.Module):
         b = self._binding
         mode = b.streamer.prefill_matmul
         if not mode.enabled or host_slots.size < mode.min_rows:
+            if b.streamer.gather_slots and not b.streamer.cache_of_layer[self.layer].holds_all:
+                return self._gathered(x, host_slots)
             return b.inner(x, slot_idx, *b.extra[0], **b.extra[1])
         mode.plan = np.unique(host_slots, return_counts=True)  # runs in the sorted call's order
         try:
             return b.inner(x, slot_idx, *b.extra[0], **b.extra[1])
         finally:
             mode.plan = None
+
+    def _gathered(self, x: mx.array, host_slots: np.ndarray) -> mx.array:
+        """The switch module on a compact copy of the call's slots (``gather_slots``).
+
+        On CUDA a streaming pool's slots stay in host memory and the expert kernels would read
+        them over the host link from inside the matmul; one ``take`` per parameter copies them
+        in bulk first. The kernels then run on the same bytes, with ids into the copy.
+        """
+        b = self._binding
+        used, compact = np.unique(host_slots, return_inverse=True)
+        take = mx.array(used, dtype=mx.uint32)
+        pool = b.streamer.cache_of_layer[self.layer].pool
+        self._point_at({key: mx.take(pool.arrays[key], take, axis=0) for key in b.param_keys})
+        try:
+            ids = mx.array(compact.reshape(host_slots.shape), dtype=mx.uint32)
+            return b.inner(x, ids, *b.extra[0], **b.extra[1])
+        finally:
+            self.bind_slots()
 
     def _run_group(self, x: mx.array, host_idx: np.ndarray, unique: np.ndarray) -> mx.array:
         return self._call_inner(x, *self._slot_indices(host_idx, unique))

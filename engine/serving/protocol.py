@@ -153,7 +153,7 @@ class LoadRequest:
             "load.options.device",
             f"must be auto, cpu or gpu, got {o.device!r}",
         )
-        for name in ("prefill_matmul", "mlx_lm_shapes"):
+        for name in ("prefill_matmul", "mlx_lm_shapes", "gather_slots"):
             value = getattr(o, name)
             _require(value in ("auto", "on", "off"), f"load.options.{name}", f"must be auto, on or off, got {value!r}")
         _require(
