@@ -54,8 +54,9 @@ class EngineOptions:
     # before a decode call of a streaming layer, copy the call's experts out of the slot pool into
     # one compact array, so that a GPU reads host-resident slots in one bulk copy instead of inside
     # the expert kernels; the same kernels on the same bytes ("auto": where slot pools are CUDA
-    # managed memory; see engine.model.streamed_moe)
-    gather_slots: str = "off"
+    # managed memory; on an H100 a cold token's expert compute fell from 39 to 15.5 ms, the same
+    # tokens; see engine.model.streamed_moe)
+    gather_slots: str = "auto"
     # give the in-process expert cache's memory back under memory pressure (halve it on "critical"
     # or a lasting "warning", grow it back after a calm spell; engine.serving.pressure_policy);
     # False keeps the cache at the budget's size whatever the pressure

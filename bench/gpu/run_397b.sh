@@ -29,7 +29,7 @@
 #   longruns   the same with --prefill-matmul on: each expert's routed rows in one quantized matmul
 #              (MLX's CUDA gather_qmm reads an expert once per routed pair)
 # Environment: OUT, LAYERS (4), LONG_PROMPT (4096), LONG_REPEATS (1 or 2: the bench takes at most 2),
-#   EXACT_ARGS (more check_long_prefill.py options), GATHER_SLOTS (the bench's --gather-slots, off), IO_THREADS (8), DECODE_TOKENS (24), REPEATS (3),
+#   EXACT_ARGS (more check_long_prefill.py options), GATHER_SLOTS (the bench's --gather-slots, auto), IO_THREADS (8), DECODE_TOKENS (24), REPEATS (3),
 #   TIME_LIMIT (s for the whole script, 0: none), PTX_CACHE (a tarred MLX_PTX_CACHE_DIR to reuse).
 set -uo pipefail
 
@@ -129,7 +129,7 @@ if has bench && built bench; then
     log "bench (decode side by side)"
     run bench "$PY" -m engine.cli bench --preset "$PRESET" --layers "$LAYERS" --device "$DEVICE" --work-dir "$WORK" \
         --io-threads "$IO_THREADS" --decode-tokens "$DECODE_TOKENS" --prompt-tokens 24 --prefill-chunk 16 \
-        --repeats "$REPEATS" --disk-bytes $((2 << 30)) --gather-slots "${GATHER_SLOTS:-off}" --json "$OUT/bench_397b.json" >"$OUT/bench_397b.log" 2>&1 || rc=1
+        --repeats "$REPEATS" --disk-bytes $((2 << 30)) --gather-slots "${GATHER_SLOTS:-auto}" --json "$OUT/bench_397b.json" >"$OUT/bench_397b.log" 2>&1 || rc=1
     tail -n 25 "$OUT/bench_397b.log"
 fi
 if has long && built long; then

@@ -508,7 +508,9 @@ class StreamedSwitch(nn.Module):
 
         On CUDA a streaming pool's slots stay in host memory and the expert kernels would read
         them over the host link from inside the matmul; one ``take`` per parameter copies them
-        in bulk first. The kernels then run on the same bytes, with ids into the copy.
+        in bulk first. The kernels then run on the same bytes, with ids into the copy. (H100,
+        the 397B expert shape, 40 experts a token: 32 ms in place, 10 ms gathered first, 0.8 ms
+        in GPU memory: bench/gpu/cold_compute_probe.py.)
         """
         b = self._binding
         used, compact = np.unique(host_slots, return_inverse=True)
