@@ -1,18 +1,23 @@
-"""Cold reads' staging copy, side by side: a memoryview slice assignment (holds the GIL) against
-NumPy's copy (releases it), as ``ExpertStore`` copies an ``O_DIRECT`` read into an expert's slots.
+"""Cold reads into the expert slots, side by side: ``O_DIRECT`` straight into page-aligned slots
+(``direct``) against a staging buffer copied out with NumPy (``numpy``: releases the GIL) or by a
+memoryview slice assignment (``memoryview``: holds it), as ``ExpertStore`` reads.
 
 Writes ``--experts`` random experts of Qwen3.5-397B's size (7,077,888 bytes, nine parameters) to
 a file in ``--dir``, then reads them cold in decode-shaped batches (``--k`` at a time on
-``--threads`` I/O threads, whole and in 1 MiB pieces), alternating the two copies, ``--rounds``
-times each. ``--busy mlx``: the main thread evaluates small matmuls meanwhile (as it computes while
-a prefill's next experts are read) and their rate is reported too. Linux only (``O_DIRECT``).
+``--threads`` I/O threads, whole and in 1 MiB pieces), alternating the variants, ``--rounds``
+times each. ``--slots``: where the experts land: ``pool`` (the engine's ``SlotPool``: CUDA managed
+memory kept on the host where MLX runs on CUDA; a direct read falls back to staging where its
+memory is not page-aligned or refuses it), ``aligned`` (page-aligned host memory), ``numpy``
+(``np.empty``: never aligned, so ``direct`` stages too). ``--busy mlx``: the main thread evaluates
+small matmuls meanwhile and their rate is reported too. Linux only (``O_DIRECT``).
 
-Usage: python bench/staging_copy_ab.py [--experts 60] [--threads 8] [--busy none|mlx] [--dir DIR]
+Usage: python bench/staging_copy_ab.py [--experts 60] [--threads 8] [--slots pool] [--busy none|mlx] [--dir DIR]
 """
 
 from __future__ import annotations
 
 import argparse
+import mmap
 import os
 import statistics
 import tempfile
@@ -27,6 +32,8 @@ import numpy as np
 
 from engine.storage import expert_store
 from engine.storage.expert_store import ExpertStore
+from engine.model.expert_cache import SlotPool
+from engine.storage.expert_layout import ExpertParam
 from engine.storage.packed_layout import PackedLayer, aligned
 
 EXPERT_BYTES = 7_077_888
@@ -41,6 +48,20 @@ def copy_holding_gil(staging: Any, dests: list[memoryview]) -> None:
         pos += d.nbytes
 
 
+def slot_buffers(kind: str, k: int) -> tuple[list[list[Any]], Any]:
+    """``k`` experts' destinations of nine parameters each, and what keeps them alive."""
+    if kind == "numpy":
+        return [[np.empty(n, np.uint8) for n in PARAM_BYTES] for _ in range(k)], None
+    if kind == "aligned":
+        maps = [[mmap.mmap(-1, n) for n in PARAM_BYTES] for _ in range(k)]
+        return [[np.frombuffer(m, np.uint8) for m in row] for row in maps], maps
+    names = [f"{proj}.{part}" for proj in ("gate_proj", "up_proj", "down_proj") for part in ("weight", "scales", "biases")]
+    params = [ExpertParam(name, "U8", (n,), n) for name, n in zip(names, PARAM_BYTES)]
+    pool = SlotPool(params, k)
+    pool.prefer_host()  # as a streaming pool (CUDA; nothing elsewhere)
+    return [pool.dests(s) for s in range(k)], pool
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--experts", type=int, default=60)
@@ -48,10 +69,11 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=8)
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--busy", choices=["none", "mlx"], default="none")
+    p.add_argument("--slots", choices=["pool", "aligned", "numpy"], default="pool")
     p.add_argument("--dir", default=".")
     args = p.parse_args()
     copies: dict[str, Callable[[Any, list[memoryview]], None]] = {
-        "memoryview": copy_holding_gil, "numpy": expert_store._copy_out,
+        "direct": expert_store._copy_out, "numpy": expert_store._copy_out, "memoryview": copy_holding_gil,
     }
     a = mx.random.normal((256, 256))
     mx.eval(a)
@@ -65,7 +87,10 @@ def main() -> int:
                 f.write(blob + bytes(stride - EXPERT_BYTES))
             os.fsync(f.fileno())
         layer = PackedLayer(path, stride, EXPERT_BYTES, tuple(sums))
-        slots = [[np.empty(n, np.uint8) for n in PARAM_BYTES] for _ in range(args.k)]
+        slots, keep = slot_buffers(args.slots, args.k)
+        starts = [np.frombuffer(memoryview(d).cast("B"), np.uint8).ctypes.data for row in slots for d in row]
+        print(f"slots: {args.slots}, {sum(a % mmap.PAGESIZE == 0 for a in starts)} of {len(starts)} destinations "
+              f"page-aligned (the others are staged), on {mx.default_device()}")  # fmt: skip
         for piece in (0, 1 << 20):
             rates: dict[str, list[float]] = {name: [] for name in copies}
             work: dict[str, float] = {name: 0.0 for name in copies}
@@ -75,6 +100,7 @@ def main() -> int:
                     expert_store._copy_out = copies[name]  # type: ignore[assignment]
                     store = ExpertStore([], packed=[layer], cold=True, io_threads=args.threads, verify="never",
                                         piece_bytes=piece)  # fmt: skip
+                    store.direct_into_dests = name == "direct"
                     if not store._use_direct:
                         store.close()
                         print("this filesystem refuses O_DIRECT: nothing to compare")
@@ -92,6 +118,8 @@ def main() -> int:
                     finally:
                         store.close()
                         expert_store._copy_out = copies["numpy"]  # type: ignore[assignment]
+                    if name == "direct" and not store.direct_into_dests:
+                        print("the slots refused O_DIRECT reads: 'direct' was staged")
                     rates[name].append(total / elapsed / 1e9)
                     waited[name] += elapsed
             label = "whole" if piece == 0 else "1 MiB pieces"

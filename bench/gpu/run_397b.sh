@@ -18,6 +18,8 @@
 #   coldprobe  bench/gpu/cold_compute_probe.py: a cold token's expert compute on host-resident slots,
 #              on a compact copy gathered first, in GPU memory (managed and plain), and again with the
 #              token's slots spread over a 1,024-slot pool (no model needed: a minute or two)
+#   readab     bench/staging_copy_ab.py --slots pool: cold reads straight into the slot pool's pages
+#              (O_DIRECT) against the staging copy (no model needed)
 #   coldprofile bench/gpu/profile_decode.py --cold: cold engines with gather_slots off and on,
 #              interleaved (per-token split, same tokens, a cProfile)
 #   repro      bench/gpu/large_array_repro.py: gather_qmm on stacked arrays of 2 and 5 GiB, 2-, 4- and 8-bit, plain MLX
@@ -110,6 +112,12 @@ if has coldprobe; then
     run coldprobe "$PY" bench/gpu/cold_compute_probe.py --layers "$LAYERS" --pool-slots 1024 --rewrite-rounds 0 \
         --out "$OUT/coldprobe_1024" >"$OUT/cold_compute_probe_1024.log" 2>&1
     log "cold_compute_probe --pool-slots 1024 rc=$?"; cat "$OUT/cold_compute_probe_1024.log"
+fi
+if has readab; then
+    log "staging_copy_ab --slots pool (O_DIRECT into the slots against the staging copy)"
+    run readab "$PY" bench/staging_copy_ab.py --slots pool --experts 120 --rounds 3 --dir "$WORK" \
+        >"$OUT/read_ab.log" 2>&1
+    log "staging_copy_ab rc=$?"; cat "$OUT/read_ab.log"
 fi
 if has coldprofile && built coldprofile; then
     drop_caches

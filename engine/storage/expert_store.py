@@ -4,8 +4,9 @@ Reads use ``os.preadv`` (which releases the GIL) on a pool of I/O threads, strai
 slot buffers of the expert cache. The unpacked layout costs one read per parameter (nine for a
 quantized SwitchGLU expert); the packed layout costs one. Cold mode keeps the OS page cache out
 of the way so that the figures are the disk's: ``O_DIRECT`` into an aligned staging buffer for
-the packed layout on Linux, ``F_NOCACHE`` on macOS, otherwise ``posix_fadvise(DONTNEED)`` after
-each read.
+the packed layout on Linux (straight into the slots where they are page-aligned, as CUDA's
+managed pools may be; else through an aligned staging buffer), ``F_NOCACHE`` on macOS, otherwise
+``posix_fadvise(DONTNEED)`` after each read.
 
 An expert's read can be cut into pieces of ``piece_bytes`` (by default 1 MiB for cold reads, or
 whole where a load measured that faster: engine.storage.read_choice; none through the page cache:
@@ -16,6 +17,8 @@ converted, counted) when its last piece lands.
 
 from __future__ import annotations
 
+import errno
+import logging
 import mmap
 import os
 import sys
@@ -31,6 +34,8 @@ from engine.errors import ExpertReadError
 from engine.storage.expert_layout import LayerExperts
 from engine.platform_info import advise_random_reads, drop_file_cache, set_macos_nocache
 from engine.storage.packed_layout import ALIGNMENT, PackedLayer, aligned
+
+log = logging.getLogger("moebar.engine")
 
 READ_PIECE_BYTES = 1 << 20  # the size of one read past the page cache; 0 reads each expert whole
 
@@ -103,7 +108,17 @@ class _Piece(NamedTuple):
     offset: int  # in the file
     nbytes: int  # bytes read from the file (a multiple of ALIGNMENT for O_DIRECT)
     dests: list[memoryview]  # where the payload part of the range goes, in order
-    direct: bool  # read into the thread's aligned staging buffer, then copied to dests
+    direct: bool  # an O_DIRECT read
+    staged: bool = False  # (direct) into the thread's aligned staging buffer, then copied to dests
+
+
+def _page_aligned(views: list[memoryview], nbytes: int) -> bool:
+    """Whether an ``O_DIRECT`` read of ``nbytes`` may land in ``views`` as they are: they cover it
+    exactly, and each starts and ends on a page boundary."""
+    if sum(v.nbytes for v in views) != nbytes:
+        return False
+    return all(v.nbytes % mmap.PAGESIZE == 0 and np.frombuffer(v, np.uint8).ctypes.data % mmap.PAGESIZE == 0
+               for v in views)  # fmt: skip
 
 
 def _slices(views: Sequence[memoryview], start: int, end: int) -> list[memoryview]:
@@ -162,6 +177,9 @@ class ExpertStore:
         self.reads = 0
         self._pool = ThreadPoolExecutor(max_workers=max(1, io_threads), thread_name_prefix="moebar-io")
         self._use_direct = cold and self.packed is not None and hasattr(os, "O_DIRECT")
+        # O_DIRECT reads straight into page-aligned destinations (no staging copy); turned off for
+        # good if the kernel refuses that memory (EFAULT, EINVAL)
+        self.direct_into_dests = True
         files = [p.file for p in self.packed] if self.packed else [s.file for l in self.layers for s in l.sources]
         for f in dict.fromkeys(files):
             self._fds[f] = self._open(f)
@@ -229,10 +247,12 @@ class ExpertStore:
             if direct_fd is not None:  # whole aligned blocks, the payload's padding included
                 span = min(aligned(payload), pl.stride)
                 step = aligned(self.piece_bytes) if self.piece_bytes else span
-                return [
-                    _Piece(direct_fd, pl.file, base + s, min(step, span - s), _slices(views, s, min(s + step, payload)), True)
-                    for s in range(0, span, step)
-                ]
+                pieces = []
+                for s in range(0, span, step):
+                    n, dests = min(step, span - s), _slices(views, s, min(s + step, payload))
+                    staged = not (self.direct_into_dests and _page_aligned(dests, n))
+                    pieces.append(_Piece(direct_fd, pl.file, base + s, n, dests, True, staged))
+                return pieces
             step = self.piece_bytes or max(1, payload)
             fd = self._fds[pl.file]
             return [_Piece(fd, pl.file, base + s, min(step, payload - s), _slices(views, s, s + step), False)
@@ -247,6 +267,14 @@ class ExpertStore:
 
     def _read_piece(self, piece: _Piece) -> int:
         """Read one piece into its destinations; return the bytes read from the file."""
+        if piece.direct and not piece.staged and self.direct_into_dests:
+            try:
+                return _pread_full(piece.fd, piece.dests, piece.offset, piece.path)
+            except OSError as e:
+                if e.errno not in (errno.EFAULT, errno.EINVAL):
+                    raise
+                self.direct_into_dests = False  # this memory refuses O_DIRECT: stage every read
+                log.info("O_DIRECT reads into the expert slots refused (%s): reading through a staging buffer", e)
         if piece.direct:
             staging = self._staging(piece.nbytes)
             _pread_full(piece.fd, [memoryview(staging)[: piece.nbytes]], piece.offset, piece.path)

@@ -130,6 +130,74 @@ def test_direct_pieces_are_aligned_and_fill_every_parameter(tmp_path: Path, monk
     assert all(off % ALIGNMENT == 0 and n % ALIGNMENT == 0 for off, n in seen)
 
 
+def _page_aligned_buffers(sizes: list[int]) -> list[np.ndarray]:
+    """Buffers that start on page boundaries (as CUDA's managed slot pools may)."""
+    import mmap
+
+    out = []
+    for n in sizes:
+        out.append(np.frombuffer(mmap.mmap(-1, n), dtype=np.uint8))
+        assert out[-1].ctypes.data % mmap.PAGESIZE == 0
+    return out
+
+
+def _direct_store(tmp_path: Path, payload: int) -> tuple[ExpertStore, PackedLayer, list[bytes]]:
+    if not hasattr(os, "O_DIRECT"):
+        pytest.skip("no O_DIRECT on this OS")
+    layer, blobs = _blob_file(tmp_path, 3, payload)
+    store = ExpertStore([], packed=[layer], cold=True, piece_bytes=2 * ALIGNMENT, io_threads=4, verify="always")
+    if not store._use_direct:
+        store.close()
+        pytest.skip("this filesystem refuses O_DIRECT")
+    return store, layer, blobs
+
+
+def test_direct_reads_land_in_page_aligned_slots_without_the_staging_copy(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    sizes = [2 * ALIGNMENT, ALIGNMENT // 2, ALIGNMENT // 2, 2 * ALIGNMENT]  # weights, scales, biases as a pool's
+    store, layer, blobs = _direct_store(tmp_path, sum(sizes))
+    copies: list[int] = []
+    real_copy = expert_store._copy_out
+    monkeypatch.setattr(expert_store, "_copy_out", lambda st, dests: copies.append(len(dests)) or real_copy(st, dests))
+    try:
+        aligned_bufs = _page_aligned_buffers(sizes)
+        assert store.submit(0, 2, aligned_bufs).result(timeout=30) == sum(sizes)
+        assert b"".join(b.tobytes() for b in aligned_bufs) == blobs[2] and copies == []
+        # a slot off the page boundary (malloc'd memory) goes through the staging buffer
+        shifted = [np.zeros(n + 1, dtype=np.uint8)[1:] for n in sizes]
+        assert store.submit(0, 1, shifted).result(timeout=30) == sum(sizes)
+        assert b"".join(b.tobytes() for b in shifted) == blobs[1] and copies
+    finally:
+        store.close()
+    assert store.direct_into_dests
+
+
+def test_memory_that_refuses_direct_reads_is_staged_from_then_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    sizes = [2 * ALIGNMENT, 2 * ALIGNMENT]
+    store, layer, blobs = _direct_store(tmp_path, sum(sizes))
+    bufs = _page_aligned_buffers(sizes)
+    targets = {b.ctypes.data for b in bufs}
+    real = os.preadv
+    refused: list[int] = []
+
+    def refusing(fd: int, buffers: list[memoryview], offset: int) -> int:
+        if any(np.frombuffer(b, np.uint8).ctypes.data in targets for b in buffers):
+            refused.append(offset)
+            raise OSError(errno.EFAULT, "Bad address")  # (as the kernel says of memory it cannot pin)
+        return real(fd, buffers, offset)
+
+    monkeypatch.setattr(expert_store.os, "preadv", refusing)
+    try:
+        assert store.submit(0, 0, bufs).result(timeout=30) == sum(sizes)
+        assert b"".join(b.tobytes() for b in bufs) == blobs[0]
+        assert not store.direct_into_dests and refused
+        before = len(refused)
+        assert store.submit(0, 2, bufs).result(timeout=30) == sum(sizes)  # staged straight away now
+        assert b"".join(b.tobytes() for b in bufs) == blobs[2] and len(refused) == before
+    finally:
+        store.close()
+
+
 def test_the_staging_copy_fills_each_destination_from_its_place_in_the_block() -> None:
     import mmap
 
