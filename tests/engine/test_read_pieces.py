@@ -172,6 +172,22 @@ def test_direct_reads_land_in_page_aligned_slots_without_the_staging_copy(tmp_pa
     assert store.direct_into_dests
 
 
+def test_converted_parameters_are_read_into_page_aligned_buffers() -> None:
+    """Scales read as stored and converted into the slot: their read buffer starts on a page, so
+    a cold read of a whole expert can still skip the staging copy where the slots are aligned."""
+    import mmap
+
+    from engine.model.expert_cache import SlotPool
+    from engine.storage.expert_layout import ExpertParam
+
+    params = [ExpertParam("w.weight", "U32", (64, 8), 2048), ExpertParam("w.scales", "BF16", (64, 4), 512)]
+    pool = SlotPool(params, 3, slot_floats="F32")
+    for slot in range(3):
+        weight, scales = pool.dests(slot)
+        assert isinstance(scales, ConvertBuffer) and scales.raw.nbytes == 512
+        assert scales.raw.ctypes.data % mmap.PAGESIZE == 0
+
+
 def test_memory_that_refuses_direct_reads_is_staged_from_then_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     sizes = [2 * ALIGNMENT, 2 * ALIGNMENT]
     store, layer, blobs = _direct_store(tmp_path, sum(sizes))
