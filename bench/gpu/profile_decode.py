@@ -72,7 +72,8 @@ def main() -> int:
     p.add_argument("--io-threads", type=int, default=8)
     p.add_argument("--read-piece-kb", type=int, default=None, help="cold: KiB per read piece (0: whole experts)")
     p.add_argument("--gather-slots", default="off,on",
-                   help="cold: the engines' gather_slots settings, compared side by side (comma-separated)")
+                   help="cold: the engines' gather_slots settings, compared side by side (comma-separated; "
+                        "SETTING-staged: O_DIRECT reads through the staging buffer, not straight into the slots)")
     p.add_argument("--out", required=True)
     args = p.parse_args()
     out = Path(args.out)
@@ -136,12 +137,12 @@ def profile_cold(args: argparse.Namespace, out: Path) -> int:
     """Cold engines' decode (one per ``--gather-slots`` setting): per-token figures of two
     interleaved runs each and whether their tokens agree, then a cProfile of the last one's third."""
     settings = args.gather_slots.split(",")
-    engines = {
-        g: Engine.load(args.model, EngineOptions(cache_mb=0, cold=True, io_threads=args.io_threads, device=args.device,
-                                                 read_piece_kb=args.read_piece_kb, gather_slots=g),
-                       measure_disk=False)
-        for g in settings
-    }  # fmt: skip
+    engines = {}
+    for g in settings:  # "SETTING" or "SETTING-staged": O_DIRECT reads through the staging buffer only
+        engines[g] = Engine.load(args.model, EngineOptions(cache_mb=0, cold=True, io_threads=args.io_threads, device=args.device,
+                                                           read_piece_kb=args.read_piece_kb, gather_slots=g.split("-")[0]),
+                                 measure_disk=False)  # fmt: skip
+        engines[g]._loaded.store.direct_into_dests = not g.endswith("-staged")
     prompt = list(range(1000, 1016))
     tokens: dict[str, list[int]] = {}
 
@@ -157,6 +158,7 @@ def profile_cold(args: argparse.Namespace, out: Path) -> int:
         d, n = stats.decode, max(1, stats.decode.tokens)
         return {
             "gather_slots": g,
+            "direct_into_slots": engines[g]._loaded.store.direct_into_dests,
             "decode_tps": decode_rate(stamps),
             "ms_per_token": {k: 1e3 * getattr(d, k) / n for k in ("io_wait_s", "sync_s", "compute_s", "elapsed_s")},
             "read_gbps": d.bytes_read / d.io_wait_s / 1e9 if d.io_wait_s else 0.0,

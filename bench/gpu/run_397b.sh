@@ -20,8 +20,9 @@
 #              token's slots spread over a 1,024-slot pool (no model needed: a minute or two)
 #   readab     bench/staging_copy_ab.py --slots pool: cold reads straight into the slot pool's pages
 #              (O_DIRECT) against the staging copy (no model needed)
-#   coldprofile bench/gpu/profile_decode.py --cold: cold engines with gather_slots off and on,
-#              interleaved (per-token split, same tokens, a cProfile)
+#   coldprofile bench/gpu/profile_decode.py --cold: cold engines side by side, interleaved (per-token
+#              split, same tokens, a cProfile): COLD_VARIANTS (on,on-staged: O_DIRECT straight into
+#              the slots against through the staging buffer; off,on: gather_slots)
 #   repro      bench/gpu/large_array_repro.py: gather_qmm on stacked arrays of 2 and 5 GiB, 2-, 4- and 8-bit, plain MLX
 #              and the engine's slot-pool path (REPRO_SIZES, REPRO_BITS, REPRO_PATHS) (the cause of the wrong logits with a 4 GiB pool)
 #   bench      moebar-engine bench at that shape: warm decode against mlx-lm, cold decode against
@@ -121,9 +122,9 @@ if has readab; then
 fi
 if has coldprofile && built coldprofile; then
     drop_caches
-    log "profile_decode --cold (gather_slots off and on, interleaved)"
+    log "profile_decode --cold (${COLD_VARIANTS:-on,on-staged}, interleaved)"
     run coldprofile "$PY" bench/gpu/profile_decode.py --cold --model "$MODEL" --device "$DEVICE" --tokens "$DECODE_TOKENS" \
-        --io-threads "$IO_THREADS" --gather-slots off,on --out "$OUT/profile_cold" >"$OUT/profile_cold.log" 2>&1 || rc=1
+        --io-threads "$IO_THREADS" --gather-slots "${COLD_VARIANTS:-on,on-staged}" --out "$OUT/profile_cold" >"$OUT/profile_cold.log" 2>&1 || rc=1
     head -n 60 "$OUT/profile_cold.log"
 fi
 if has repro; then
