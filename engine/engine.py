@@ -12,7 +12,7 @@ import mlx.core as mx
 import numpy as np
 
 from engine.storage.expert_layout import LayerExperts
-from engine.storage.expert_store import ExpertStore
+from engine.storage.expert_store import ExpertStore, page_aligned_empty, reads_land_directly
 from engine.storage.packed_layout import PackedLayer
 from engine.storage.read_choice import ReadChoice, choose_read_pieces
 from engine.errors import RequestError
@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 def measure_expert_read_speed(
     layers: Sequence[LayerExperts], *, io_threads: int = 4, samples: int = 32, seed: int = 0,
     packed: Sequence[PackedLayer] | None = None, piece_bytes: int | None = None, per_batch: int = 0,
-    drop_cache: bool = True,
+    drop_cache: bool = True, aligned: bool = False,
 ) -> float:
     """Read ``samples`` random experts cold, in parallel, through the store (``piece_bytes``: its read
     pieces, None for the cold default); return bytes/s.
@@ -45,19 +45,21 @@ def measure_expert_read_speed(
     ``packed``: read that layout (a rank's share has no other), only the experts it holds.
     ``per_batch`` > 0: submit that many at a time and wait for each batch, as decode waits for a
     layer's experts (0: all at once). ``drop_cache``: evict the store's files from the page cache
-    first (a later call may skip it: cold reads do not fill the cache).
+    first (a later call may skip it: cold reads do not fill the cache). ``aligned``: read into
+    page-aligned buffers, as the engine's slots are where O_DIRECT reads skip the staging copy.
     """
     rng = random.Random(seed)
     store = ExpertStore(layers, io_threads=io_threads, cold=True, packed=packed, piece_bytes=piece_bytes)
     try:  # (from here on, whatever raises still closes the store's files and I/O threads)
         picks = [(rng.randrange(len(layers)), 0) for _ in range(samples)]
         picks = [(l, rng.randrange(layers[l].num_experts)) for l, _ in picks]
-        if packed:  # a rank's share: the same draws, mapped onto the experts it holds
+        if packed:  # the packed layout: the same draws, mapped onto the experts it holds (a rank's share holds some)
             held = [range(p.rank, layer.num_experts, p.ranks) for p, layer in zip(packed, layers)]
             picks = [(l, e if store.holds(l, e) else held[l][e % len(held[l])]) for l, e in picks]
         if drop_cache:
             store.drop_page_cache()
-        buffers = [[np.empty(p.nbytes, dtype=np.uint8) for p in layers[l].params] for l, _ in picks]
+        buffers = [[page_aligned_empty(p.nbytes) if aligned else np.empty(p.nbytes + 1, dtype=np.uint8)[1:]
+                    for p in layers[l].params] for l, _ in picks]  # fmt: skip
         step = per_batch if per_batch > 0 else len(picks)
         total, elapsed = 0, 0.0
         for start in range(0, len(picks), step):
@@ -73,14 +75,16 @@ def measure_expert_read_speed(
 def _measure_reads(loaded: StreamedModel, options: EngineOptions) -> ReadChoice:
     """Cold reads of the model's experts, whole and in pieces, in batches of K as decode reads them
     (two batches a measurement, three measurements each way: 6K experts both ways together)."""
-    share = loaded.store.packed if loaded.store.packed and loaded.store.packed[0].ranks > 1 else None
+    packed = loaded.store.packed  # the layout the engine reads (O_DIRECT where packed), a rank's share included
     k = max(1, loaded.k)
+    caches = loaded.streamer.caches
+    aligned = bool(caches) and reads_land_directly(caches[0].pool.dests(0))  # as the engine's reads will land
     dropped: list[bool] = []  # the page cache is evicted once (on a Mac that walks every expert file)
 
     def measure(piece_bytes: int, round_: int) -> float:
         rate = measure_expert_read_speed(loaded.layers, io_threads=options.io_threads, samples=2 * k, seed=round_,
-                                         packed=share, piece_bytes=piece_bytes, per_batch=k,
-                                         drop_cache=not dropped)  # fmt: skip
+                                         packed=packed, piece_bytes=piece_bytes, per_batch=k,
+                                         drop_cache=not dropped, aligned=aligned)  # fmt: skip
         dropped.append(True)
         return rate
 

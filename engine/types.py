@@ -51,9 +51,10 @@ class EngineOptions:
     # calls padded to the whole call's kernel): "auto" where a row's result depends on its call
     # (the GPU), "on"/"off" to force it; see engine.model.kernel_shapes
     mlx_lm_shapes: str = "auto"
-    # before a decode call of a streaming layer, copy the call's experts out of the slot pool into
-    # one compact array, so that a GPU reads host-resident slots in one bulk copy instead of inside
-    # the expert kernels; the same kernels on the same bytes ("auto": where slot pools are CUDA
+    # before a call of a streaming layer on at most 2K experts (decode, a cold prefill's groups),
+    # copy them out of the slot pool into one compact array, so that a GPU reads host-resident
+    # slots in one bulk copy instead of inside the expert kernels; the same kernels on the same
+    # bytes ("auto": where slot pools are CUDA
     # managed memory; on an H100 a cold token's expert compute fell from 39 to 15.5 ms, the same
     # tokens; see engine.model.streamed_moe)
     gather_slots: str = "auto"

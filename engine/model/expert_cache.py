@@ -14,7 +14,6 @@ The cache's own state is guarded by a lock for that.
 
 from __future__ import annotations
 
-import mmap
 import threading
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ import numpy as np
 from engine.model import cuda_memory
 from engine.model.cache_policies import POLICIES, Key, LRUPolicy, ReplacementPolicy, make_policy
 from engine.storage.expert_layout import ExpertParam
+from engine.storage.expert_store import page_aligned_empty
 
 _MX_DTYPES = {
     "BOOL": mx.bool_, "U8": mx.uint8, "I8": mx.int8, "U16": mx.uint16, "I16": mx.int16,
@@ -103,14 +103,6 @@ class ConvertBuffer:
 SlotDest = Union[np.ndarray, ConvertBuffer]
 
 
-def _page_aligned_empty(nbytes: int) -> np.ndarray:
-    """An uninitialised uint8 buffer starting on a page boundary (an O_DIRECT read may land in it
-    without a staging copy: engine.storage.expert_store)."""
-    spare = np.empty(nbytes + mmap.PAGESIZE, dtype=np.uint8)
-    start = -spare.ctypes.data % mmap.PAGESIZE
-    return spare[start : start + nbytes]
-
-
 class SlotPool:
     """Stacked MLX arrays with ``n_slots`` expert slots, writable from NumPy without copies.
 
@@ -152,7 +144,7 @@ class SlotPool:
         """Where to read each parameter of ``slot``, in parameter order: the slot's bytes, or a
         ConvertBuffer whose ``finish()`` converts what was read into the slot."""
         return [
-            ConvertBuffer(_page_aligned_empty(p.nbytes), v[slot], p.dtype, held) if held != p.dtype else v[slot]
+            ConvertBuffer(page_aligned_empty(p.nbytes), v[slot], p.dtype, held) if held != p.dtype else v[slot]
             for p, v, held in zip(self.params, self._views, self._held)
         ]
 

@@ -34,6 +34,10 @@ from engine.storage.expert_store import ExpertStore
 from engine.types import StepFigures
 
 
+# gather_slots copies a call's experts only where they are at most this many times K (a decode
+# step's K, a cold prefill's small groups): a long call on a large pool is not doubled in memory
+GATHER_MAX_EXPERTS_PER_K = 2
+
 
 @dataclass
 class _Binding:
@@ -495,7 +499,9 @@ class StreamedSwitch(nn.Module):
         mode = b.streamer.prefill_matmul
         if not mode.enabled or host_slots.size < mode.min_rows:
             if b.streamer.gather_slots and not b.streamer.cache_of_layer[self.layer].holds_all:
-                return self._gathered(x, host_slots)
+                used, compact = np.unique(host_slots, return_inverse=True)
+                if len(used) <= GATHER_MAX_EXPERTS_PER_K * b.streamer.k:  # (the copy's memory is bounded)
+                    return self._gathered(x, used, compact.reshape(host_slots.shape))
             return b.inner(x, slot_idx, *b.extra[0], **b.extra[1])
         mode.plan = np.unique(host_slots, return_counts=True)  # runs in the sorted call's order
         try:
@@ -503,8 +509,8 @@ class StreamedSwitch(nn.Module):
         finally:
             mode.plan = None
 
-    def _gathered(self, x: mx.array, host_slots: np.ndarray) -> mx.array:
-        """The switch module on a compact copy of the call's slots (``gather_slots``).
+    def _gathered(self, x: mx.array, used: np.ndarray, compact: np.ndarray) -> mx.array:
+        """The switch module on a compact copy of slots ``used``, ids ``compact`` into it (``gather_slots``).
 
         On CUDA a streaming pool's slots stay in host memory and the expert kernels would read
         them over the host link from inside the matmul; one ``take`` per parameter copies them
@@ -513,12 +519,11 @@ class StreamedSwitch(nn.Module):
         in GPU memory: bench/gpu/cold_compute_probe.py.)
         """
         b = self._binding
-        used, compact = np.unique(host_slots, return_inverse=True)
         take = mx.array(used, dtype=mx.uint32)
         pool = b.streamer.cache_of_layer[self.layer].pool
         self._point_at({key: mx.take(pool.arrays[key], take, axis=0) for key in b.param_keys})
         try:
-            ids = mx.array(compact.reshape(host_slots.shape), dtype=mx.uint32)
+            ids = mx.array(compact, dtype=mx.uint32)
             return b.inner(x, ids, *b.extra[0], **b.extra[1])
         finally:
             self.bind_slots()

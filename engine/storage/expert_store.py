@@ -112,6 +112,20 @@ class _Piece(NamedTuple):
     staged: bool = False  # (direct) into the thread's aligned staging buffer, then copied to dests
 
 
+def page_aligned_empty(nbytes: int) -> np.ndarray:
+    """An uninitialised uint8 buffer starting on a page boundary (an O_DIRECT read lands in it
+    without the staging copy)."""
+    spare = np.empty(nbytes + mmap.PAGESIZE, dtype=np.uint8)
+    start = -spare.ctypes.data % mmap.PAGESIZE
+    return spare[start : start + nbytes]
+
+
+def reads_land_directly(dests: Sequence[Any]) -> bool:
+    """Whether cold reads into these destinations (one expert's) skip the staging copy."""
+    views = [memoryview(getattr(d, "raw", d)).cast("B") for d in dests]
+    return _page_aligned(views, sum(v.nbytes for v in views))
+
+
 def _page_aligned(views: list[memoryview], nbytes: int) -> bool:
     """Whether an ``O_DIRECT`` read of ``nbytes`` may land in ``views`` as they are: they cover it
     exactly, and each starts and ends on a page boundary."""

@@ -69,6 +69,42 @@ def test_gathered_decode_equals_mlx_lm_and_takes_the_gathered_path(
     assert got["on"] == expected and got["off"] == expected
 
 
+def test_only_calls_of_few_experts_are_gathered(tiny_model, monkeypatch) -> None:
+    """A prefill call over many experts of a large pool keeps the pool's own path (its copy
+    would double the pool's memory); decode steps are gathered."""
+    from engine.model.streamed_moe import GATHER_MAX_EXPERTS_PER_K
+
+    path = tiny_model("qwen3_moe", 4)
+    layers = inspect_experts(path).layers
+    sizes = {"gathered": [], "calls": []}
+    real_inner, real_gathered = StreamedSwitch._call_inner, StreamedSwitch._gathered
+
+    def inner(self: StreamedSwitch, x: Any, host_slots: Any, slot_idx: Any) -> Any:
+        import numpy as np
+
+        sizes["calls"].append(len(np.unique(host_slots)))
+        return real_inner(self, x, host_slots, slot_idx)
+
+    def gathered(self: StreamedSwitch, x: Any, used: Any, compact: Any) -> Any:
+        sizes["gathered"].append(len(used))
+        return real_gathered(self, x, used, compact)
+
+    monkeypatch.setattr(StreamedSwitch, "_call_inner", inner)
+    monkeypatch.setattr(StreamedSwitch, "_gathered", gathered)
+    half = sum(l.expert_bytes * l.num_experts for l in layers) / 2 / 2**20  # half of every expert: no device routing
+    engine = Engine.load(path, EngineOptions(cache_mb=half, gather_slots="on"), measure_disk=False)
+    try:
+        k = engine._loaded.streamer.k
+        prompt = list(range(10, 90))  # 80 tokens route to most of a layer's experts at once
+        list(engine.generate(prompt, SamplingParams(max_tokens=4)))
+    finally:
+        engine.close()
+    bound = GATHER_MAX_EXPERTS_PER_K * k
+    assert max(sizes["calls"]) > bound  # the prompt's calls
+    assert sizes["gathered"] and max(sizes["gathered"]) <= bound
+    assert len(sizes["gathered"]) == sum(n <= bound for n in sizes["calls"])
+
+
 def test_a_pool_that_keeps_every_expert_is_not_gathered(tiny_model, monkeypatch) -> None:
     path = tiny_model("qwen3_moe", 4)
     total = sum(l.expert_bytes * l.num_experts for l in inspect_experts(path).layers)
