@@ -111,8 +111,9 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     p.add_argument(
         "--gather-slots", choices=["auto", "on", "off"], default=EngineOptions.gather_slots,
-        help="copy a streaming layer's decode experts out of the slot pool into one compact array before "
-             "the expert kernels (auto: where the pools are CUDA managed memory; exact either way)",
+        help="copy the experts of a streaming layer's call (at most 2K: decode, a cold prefill's groups) out of "
+             "the slot pool into one compact array before the expert kernels (auto: where the pools are CUDA "
+             "managed memory; exact either way)",
     )  # fmt: skip
     p.add_argument(
         "--mlx-lm-shapes", choices=["auto", "on", "off"], default="auto",

@@ -58,6 +58,7 @@ def measure_expert_read_speed(
             picks = [(l, e if store.holds(l, e) else held[l][e % len(held[l])]) for l, e in picks]
         if drop_cache:
             store.drop_page_cache()
+        # (off the page boundary unless aligned: such reads go through the staging buffer, as the slots' would)
         buffers = [[page_aligned_empty(p.nbytes) if aligned else np.empty(p.nbytes + 1, dtype=np.uint8)[1:]
                     for p in layers[l].params] for l, _ in picks]  # fmt: skip
         step = per_batch if per_batch > 0 else len(picks)

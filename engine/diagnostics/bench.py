@@ -380,7 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="long prefill calls: on the CPU, dequantize + dense GEMM (auto: where MLX has a fast BLAS); "
                         "on a GPU, 'on' runs each expert's routed rows as one quantized matmul (auto: off there)")
     p.add_argument("--gather-slots", choices=["auto", "on", "off"], default=EngineOptions.gather_slots,
-                   help="streaming layers copy a decode call's experts into one compact array first (see "
+                   help="streaming layers copy a call's experts (at most 2K) into one compact array first (see "
                         "moebar-engine generate --help)")
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--long-prompt", type=int, default=0, metavar="TOKENS",

@@ -111,7 +111,7 @@ def to_device(buffers: list[np.ndarray], wait: bool = False) -> bool:
 
 
 def gather_slots_enabled(setting: str) -> bool:
-    """Whether streaming layers copy a decode call's experts out of the slot pool first.
+    """Whether streaming layers copy a call's experts out of the slot pool first (StreamedSwitch._gathered).
 
     "on", "off", or "auto": where the pools are CUDA managed memory (their slots host-resident).
     """

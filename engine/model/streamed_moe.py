@@ -94,7 +94,7 @@ class ExpertStreamer:
         # "cpu": none to follow (rows are independent there, or mlx-lm's shapes are off)
         self.kernel_backend = "cpu"
         self.prefill_matmul = PrefillMatmul()  # long prefill calls off mlx-lm's kernels (see prefill_matmul)
-        # copy a streaming layer's decode call's experts into a compact array first (StreamedSwitch._gathered)
+        # copy a streaming layer's call's experts into a compact array first (StreamedSwitch._gathered)
         self.gather_slots = False
         # Called between the expert groups of a layer; raises to stop (generate sets it during a
         # prefill whose cache it can roll back; see prefill_progress).
