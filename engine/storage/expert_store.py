@@ -122,7 +122,7 @@ def page_aligned_empty(nbytes: int) -> np.ndarray:
 
 def reads_land_directly(dests: Sequence[Any]) -> bool:
     """Whether cold reads into these destinations (one expert's) skip the staging copy."""
-    views = [memoryview(getattr(d, "raw", d)).cast("B") for d in dests]
+    views = ExpertStore._views(dests)
     return _page_aligned(views, sum(v.nbytes for v in views))
 
 
